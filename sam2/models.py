@@ -1,0 +1,298 @@
+"""Loading SAM2 models: by short name, from a local Hugging Face directory, or from the HF cache.
+
+One loader serves the interactive path, the bulk path, the video tracker and the CLI. Models are
+the `transformers` implementations (`Sam2Model` for images, `Sam2VideoModel` for video); both
+load from the same checkpoint directory (official `facebook/sam2*-hiera-*` repositories hold a
+`sam2_video` checkpoint, which `Sam2Model` reads the image part of).
+
+Tests and benchmarks never download weights: `tiny_config()` builds a small model of the real
+architecture that runs on CPU in milliseconds, `write_test_model()` saves one to a directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SIZES = ("tiny", "small", "base-plus", "large")
+RELEASES = ("sam2", "sam2.1")
+DEFAULT_MODEL = "facebook/sam2.1-hiera-tiny"
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested weights cannot be loaded; the message says how to provide them."""
+
+
+def hub_id(release: str, size: str) -> str:
+    """`("sam2.1", "tiny") -> "facebook/sam2.1-hiera-tiny"`."""
+    if release not in RELEASES or size not in SIZES:
+        raise ValueError(f"unknown SAM2 model {release}-{size}: releases {RELEASES}, sizes {SIZES}")
+    return f"facebook/{release}-hiera-{size}"
+
+
+_SHORT = re.compile(
+    r"^(?:facebook/)?(?P<rel>sam2(?:\.1)?)?[-_ ]?(?:hiera[-_])?(?P<size>tiny|small|base[-_]?plus|b\+|large)$"
+)
+
+
+def resolve(spec: str | os.PathLike | None) -> str:
+    """Turn what a user wrote into something `from_pretrained` understands.
+
+    Accepted: an existing directory; a Meta `.pt` checkpoint (converted once into a directory next
+    to it); a hub id (`facebook/sam2.1-hiera-tiny`); a short name (`tiny`, `sam2.1-large`,
+    `sam2-base-plus`, `sam2.1_hiera_small`). A bare size means SAM2.1.
+    """
+    spec = str(spec or DEFAULT_MODEL).strip()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if spec.endswith(".pt"):
+        if not path.is_file():
+            raise ModelUnavailable(f"checkpoint {spec} does not exist")
+        from sam2.convert import convert_checkpoint  # lazy: only .pt users pay for it
+
+        out = path.with_suffix("")
+        out = out.parent / (out.name + "-hf")
+        if not (out / "config.json").is_file():
+            log.info("converting Meta checkpoint %s -> %s", path, out)
+            convert_checkpoint(path, out)
+        return str(out)
+    m = _SHORT.match(spec.lower())
+    if m:
+        size = m.group("size").replace("_", "-")
+        size = {"baseplus": "base-plus", "b+": "base-plus"}.get(size, size)
+        return hub_id(m.group("rel") or "sam2.1", size)
+    if "/" in spec and not path.exists():
+        return spec  # another hub id (a fine-tuned model, say)
+    raise ModelUnavailable(
+        f"model {spec!r} is neither a directory, a .pt checkpoint, a hub id nor a short name "
+        f"(sam2|sam2.1 and {'|'.join(SIZES)})"
+    )
+
+
+def pick_device(preference: str | None = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    pref = (preference or "auto").lower()
+    if pref == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable("DEVICE=cuda but torch sees no CUDA GPU (is this the CPU wheel of torch?)")
+    return torch.device(pref)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that have it, fp16 on older GPUs, none (fp32) elsewhere: bf16 autocast on
+    CPU was measured 11x slower here."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class LoadedModel:
+    """A model on its device, with what callers need to know about it."""
+
+    model: torch.nn.Module
+    source: str  # what it was loaded from (directory or hub id)
+    model_id: str  # stable identifier: goes into cache keys and model_version
+    device: torch.device
+    image_size: int  # the square input side the encoder expects (1024 for released models)
+    autocast: torch.dtype | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def autocast_context(self):
+        if self.autocast is None:
+            return torch.autocast(device_type="cpu", enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+
+def _model_id(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        # A directory's identity is its weights, not its path: hash the config and weight sizes
+        # cheaply so two copies of one model share cache entries and a retrained one does not.
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json" or f.stat().st_size < 64 << 20:
+                h.update(f.read_bytes())
+        return f"{path.name}-{h.hexdigest()[:10]}"
+    return source.split("/")[-1]
+
+
+def _from_pretrained(cls, source: str, **kwargs):
+    """Load offline first (the HF cache or a directory); go to the hub only when allowed."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the sam2_video -> sam2 type note is expected here
+    try:
+        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+    except OSError as offline_error:
+        if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise _unavailable(source, offline_error) from offline_error
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except Exception as online_error:  # network, auth, missing repo: all mean "provide weights"
+        raise _unavailable(source, online_error) from online_error
+
+
+def _unavailable(source: str, error: Exception) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"cannot load SAM2 weights {source!r}: {type(error).__name__}: {str(error).splitlines()[0][:200]}. "
+        "Provide them in one of these ways: (1) run once with network access so they land in the "
+        "Hugging Face cache (HF_HOME), (2) SAM2_MODEL=/path/to/dir (or --model) pointing at a "
+        "directory saved with save_pretrained, (3) SAM2_MODEL=/path/to/sam2.1_hiera_tiny.pt, a Meta "
+        "checkpoint, converted on first use (or `python -m backend convert CKPT.pt DIR`). For a "
+        "smoke test without weights: `python -m backend make-test-model DIR`."
+    )
+
+
+def load_image_model(spec: str | None = None, device: str | None = "auto") -> LoadedModel:
+    """Load a `Sam2Model` (image predictor) in eval mode on the chosen device.
+
+    Raises `ModelUnavailable` with instructions when the weights cannot be had.
+    """
+    from transformers import Sam2Model
+
+    source = resolve(spec)
+    dev = pick_device(device)
+    model = _from_pretrained(Sam2Model, source).eval().to(dev)
+    image_size = int(model.config.prompt_encoder_config.image_size)
+    return LoadedModel(model, source, _model_id(source), dev, image_size, autocast_dtype(dev))
+
+
+def load_video_model(
+    spec: str | None = None, device: str | None = "auto", share_with: LoadedModel | None = None
+) -> LoadedModel:
+    """Load a `Sam2VideoModel` for tracking.
+
+    `share_with`: an image model loaded from the same weights; its vision encoder is reused so
+    the encoder's weights are held in memory once, and both share one lock (one model in use at a
+    time per process).
+    """
+    from transformers import Sam2VideoModel
+
+    source = resolve(spec)
+    dev = pick_device(device)
+    model = _from_pretrained(Sam2VideoModel, source).eval().to(dev)
+    loaded = LoadedModel(
+        model, source, _model_id(source), dev, int(model.config.image_size), autocast_dtype(dev)
+    )
+    if share_with is not None and share_with.source == source:
+        model.vision_encoder = share_with.model.vision_encoder
+        loaded.lock = share_with.lock
+    return loaded
+
+
+# --- tiny models for tests, smoke runs and benchmarks ----------------------------------------
+
+
+def tiny_config(image_size: int = 256, fpn_hidden: int = 128):
+    """A small `Sam2VideoConfig` of the real architecture (~2.5 M parameters at 256 px).
+
+    The same config serves `Sam2Model` (image) and `Sam2VideoModel`. Hidden sizes are multiples
+    of 64 and > 64 as the attention kernels need; the input side is `image_size`, so
+    preprocessing must read it from the config rather than assume 1024.
+    """
+    from transformers import Sam2VideoConfig
+
+    s = image_size
+    backbone = dict(
+        model_type="sam2_hiera_det_model",
+        hidden_size=32,
+        num_attention_heads=1,
+        image_size=[s, s],
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[32, 64, 128, 256],
+        num_attention_heads_per_stage=[1, 1, 2, 4],
+        window_size_per_stage=[8, 4, 8, 4],
+        global_attention_blocks=[3],  # never the first block of a stage (query pooling)
+        window_positional_embedding_background_size=[4, 4],
+    )
+    vision = dict(
+        model_type="sam2_vision_model",
+        backbone_config=backbone,
+        backbone_channel_list=[256, 128, 64, 32],
+        backbone_feature_sizes=[[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]],
+        fpn_hidden_size=fpn_hidden,
+    )
+    return Sam2VideoConfig(
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=fpn_hidden, image_size=s, patch_size=16),
+        mask_decoder_config=dict(
+            hidden_size=fpn_hidden, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=fpn_hidden
+        ),
+        image_size=s,
+        memory_attention_hidden_size=fpn_hidden,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=256,
+        memory_attention_rope_feat_sizes=[s // 16, s // 16],
+        memory_encoder_hidden_size=fpn_hidden,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=fpn_hidden,
+        memory_fuser_embed_dim=fpn_hidden,
+        memory_fuser_intermediate_dim=256,
+    )
+
+
+def real_config(release: str = "sam2.1", size: str = "tiny"):
+    """The config of a released model, without its weights (benchmarks: real latency, random
+    masks). Only hiera-tiny's numbers are written down here; other sizes differ in the backbone."""
+    from transformers import Sam2VideoConfig
+
+    if size != "tiny":
+        raise ValueError("only the hiera-tiny architecture is described offline")
+    backbone = dict(
+        model_type="sam2_hiera_det_model",
+        blocks_per_stage=[1, 2, 7, 2],
+        embed_dim_per_stage=[96, 192, 384, 768],
+        num_attention_heads_per_stage=[1, 2, 4, 8],
+        global_attention_blocks=[5, 7, 9],
+        window_positional_embedding_background_size=[7, 7],
+    )
+    return Sam2VideoConfig(vision_config=dict(model_type="sam2_vision_model", backbone_config=backbone))
+
+
+def write_test_model(directory: str | os.PathLike, seed: int = 0, image_size: int = 256) -> Path:
+    """Save a tiny randomly initialised SAM2 (image + video parts) to `directory`."""
+    from transformers import Sam2VideoModel
+
+    torch.manual_seed(seed)
+    model = Sam2VideoModel(tiny_config(image_size)).eval()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out
+
+
+def random_model(config, kind: str = "image") -> LoadedModel:
+    """A randomly initialised model from a config, on CPU (tests and benchmarks)."""
+    from transformers import Sam2Config, Sam2Model, Sam2VideoModel
+
+    if kind == "image":
+        cfg = Sam2Config(
+            vision_config=config.vision_config,
+            prompt_encoder_config=config.prompt_encoder_config,
+            mask_decoder_config=config.mask_decoder_config,
+        )
+        model = Sam2Model(cfg).eval()
+        size = int(cfg.prompt_encoder_config.image_size)
+    else:
+        model = Sam2VideoModel(config).eval()
+        size = int(config.image_size)
+    return LoadedModel(model, "random", f"random-{kind}-{size}", torch.device("cpu"), size)
