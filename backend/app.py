@@ -1,0 +1,322 @@
+"""Flask app factory: the Label Studio ML backend protocol.
+
+/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it)
+/setup   POST -> {"model_version": ...}   (cheap: LS gives it 3 s; the label config is remembered)
+/predict POST -> {"results": [one entry per task]}
+/webhook POST -> 200 for any event (LS creates the webhook itself)
+/metrics GET  -> Prometheus text format
+
+Views parse, call and serialise; the work is in backend.segment (images) and backend.video.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from base64 import b64decode
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from backend.errors import BackendError, BadRequest, TaskError, Unavailable
+from backend.media import LabelStudioAuth, MediaClient, MediaLimits
+from backend.metrics import Metrics
+from backend.protocol import PromptMemory, parse_context, parse_label_config
+from backend.segment import ImageSegmenter, answer_each
+from backend.settings import Settings
+
+log = logging.getLogger("backend")
+
+MODEL_CLASS = "SAM2"
+
+
+class Runtime:
+    """The model and everything built around it, loaded once per process (in a thread, so
+    /health answers while weights load)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, loaded=None):
+        self.settings = settings
+        self.metrics = metrics
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.segmenter: ImageSegmenter | None = None
+        self.image_model = None
+        self._video_tracker = None
+        self._video_lock = threading.Lock()
+        limits = MediaLimits(
+            max_bytes=settings.max_download_mb << 20,
+            max_pixels=int(settings.max_image_mp * 1e6),
+            timeout_s=settings.download_timeout_s,
+            allowed_hosts=settings.media_allowed_hosts,
+        )
+        self.media = MediaClient(
+            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
+        )
+        self.memory = PromptMemory(settings.prompt_memory_s)
+        if loaded is not None:
+            self._build(loaded)
+        elif settings.preload:
+            threading.Thread(target=self.load, name="model-loader", daemon=True).start()
+
+    @property
+    def model_version(self) -> str:
+        if self.image_model is None:
+            return "sam2"
+        mid = self.image_model.model_id
+        return mid if mid.startswith("sam2") else f"sam2-{mid}"
+
+    def load(self) -> None:
+        try:
+            from sam2.models import load_image_model
+
+            start = time.perf_counter()
+            loaded = load_image_model(self.settings.model, self.settings.device)
+            log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
+            self._build(loaded)
+        except Exception as e:  # ModelUnavailable and anything else: /predict reports it
+            self.error = str(e)
+            log.error("model not loaded: %s", e)
+            self.ready.set()
+
+    def _build(self, loaded) -> None:
+        from sam2.image import EmbeddingCache, ImagePredictor
+
+        self.image_model = loaded
+        cache = EmbeddingCache(self.settings.cache_mb << 20)
+        predictor = ImagePredictor(loaded, cache)
+        predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
+        self.metrics.watch(
+            lambda: [
+                ("sam2_embedding_cache_hits", "Embedding cache hits", cache.hits),
+                ("sam2_embedding_cache_misses", "Embedding cache misses", cache.misses),
+                ("sam2_embedding_cache_bytes", "Bytes held by the embedding cache", cache.bytes),
+                ("sam2_embedding_cache_entries", "Images in the embedding cache", len(cache)),
+            ]
+        )
+        self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
+        self.ready.set()
+
+    def require(self, timeout_s: float = 120.0) -> ImageSegmenter:
+        if not self.ready.wait(timeout_s):
+            raise Unavailable("the SAM2 model is still loading; try again in a moment")
+        if self.segmenter is None:
+            raise Unavailable(f"the SAM2 model could not be loaded: {self.error}")
+        return self.segmenter
+
+    def video_tracker(self):
+        """The video model, loaded on the first video task (sharing the image encoder)."""
+        with self._video_lock:
+            if self._video_tracker is None:
+                from sam2.video import VideoTracker
+
+                from sam2.models import load_video_model
+
+                loaded = load_video_model(
+                    self.image_model.source, self.settings.device, share_with=self.image_model
+                )
+                self._video_tracker = VideoTracker(loaded)
+            return self._video_tracker
+
+
+def _check_basic_auth(settings: Settings) -> Response | None:
+    if not settings.basic_auth_user:
+        return None
+    header = request.headers.get("Authorization", "")
+    ok = False
+    if header.startswith("Basic "):
+        try:
+            user, _, password = b64decode(header[6:]).decode("utf-8").partition(":")
+            ok = hmac.compare_digest(user.encode(), settings.basic_auth_user.encode()) & hmac.compare_digest(
+                password.encode(), (settings.basic_auth_pass or "").encode()
+            )
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+    if ok:
+        return None
+    resp = jsonify(
+        error="authentication required: set the backend's basic auth user/password in Label Studio"
+    )
+    resp.status_code = 401
+    resp.headers["WWW-Authenticate"] = 'Basic realm="label-studio-sam2"'
+    return resp
+
+
+def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
+    """Build the app. `loaded_model` (a sam2.models.LoadedModel) skips loading from settings
+    (tests pass a tiny in-process model)."""
+    settings = settings or Settings.from_env()
+    app = Flask("label-studio-sam2")
+    app.config["MAX_CONTENT_LENGTH"] = 64 << 20  # a /predict body is JSON: tasks and regions
+    metrics = Metrics()
+    runtime = Runtime(settings, metrics, loaded_model)
+    app.extensions["sam2"] = runtime
+    schemas: dict[str, str] = {}  # project id -> label config from /setup
+
+    @app.before_request
+    def _auth():
+        request.environ["sam2.start"] = time.perf_counter()
+        if request.path == "/health":
+            return None
+        return _check_basic_auth(settings)
+
+    @app.after_request
+    def _count(resp):
+        endpoint = (
+            request.path
+            if request.path in ("/health", "/setup", "/predict", "/webhook", "/metrics")
+            else "other"
+        )
+        outcome = "ok" if resp.status_code < 400 else str(resp.status_code)
+        metrics.requests.labels(endpoint, outcome).inc()
+        start = request.environ.get("sam2.start")
+        if start is not None:
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return resp
+
+    @app.errorhandler(BackendError)
+    def _backend_error(e: BackendError):
+        resp = jsonify(error=e.message)
+        resp.status_code = e.status if e.status >= 400 else 500
+        if isinstance(e, Unavailable):
+            resp.headers["Retry-After"] = "10"
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        resp = jsonify(error=f"{e.name}: {e.description}")
+        resp.status_code = e.code or 500
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        log.exception("unexpected error on %s", request.path)
+        resp = jsonify(error=f"internal error ({type(e).__name__}); see the backend's log")
+        resp.status_code = 500
+        return resp
+
+    def _json_body() -> dict:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return body
+
+    @app.get("/health")
+    @app.get("/")
+    def health():
+        return jsonify(
+            status="UP",
+            model_class=MODEL_CLASS,
+            model_loaded=runtime.segmenter is not None,
+            model_version=runtime.model_version,
+            error=runtime.error,
+        )
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        schema = body.get("schema")
+        project = str(body.get("project", "")).split(".")[0]
+        if isinstance(schema, str) and schema:
+            parse_label_config(schema)  # a broken config is reported now, not at the first click
+            if project:
+                schemas[project] = schema
+        return jsonify(model_version=runtime.model_version)
+
+    @app.post("/webhook")
+    def webhook():
+        body = request.get_json(silent=True)
+        action = body.get("action") if isinstance(body, dict) else None
+        log.debug("webhook %s", action)
+        return jsonify(status="ok", action=action)
+
+    @app.get("/metrics")
+    def metrics_view():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = body.get("tasks")
+        project = str(body.get("project", "")).split(".")[0]
+        xml = body.get("label_config") or schemas.get(project)
+        config = parse_label_config(xml)
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context") if params.get("context") is not None else body.get("context")
+        # Video regions are read by backend.video; image regions become SAM2 prompts here.
+        objects = [] if config.videos() else parse_context(context, config)
+        runtime.require()
+        deadline = time.monotonic() + settings.predict_deadline_s
+        metrics.in_flight.inc()
+        try:
+            work = _task_worker(runtime, settings, config, xml, context, objects, deadline)
+            results = answer_each(tasks, work, runtime.model_version)
+        finally:
+            metrics.in_flight.dec()
+        for entry in results:
+            metrics.tasks.labels("error" if entry.get("error") else "ok").inc()
+        log.info(
+            "predict: %d task(s), %d region(s) in context, %d result region(s), %.3f s",
+            len(results),
+            len(objects),
+            sum(len(e["result"]) for e in results),
+            time.perf_counter() - request.environ["sam2.start"],
+        )
+        return jsonify(results=results, model_version=runtime.model_version)
+
+    return app
+
+
+def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
+    """What /predict does for one task, chosen by the label config and the context."""
+    segmenter = runtime.segmenter
+    videos = config.videos()
+
+    def work(task: dict) -> dict[str, Any]:
+        if videos:
+            return _video_task(runtime, settings, task, config, xml, context, deadline)
+        if objects:
+            return segmenter.interactive(task, config, objects)
+        mode = settings.retrieve_mode
+        if mode == "boxes":
+            return segmenter.boxes_to_masks(task, config)
+        if mode == "auto":
+            return _auto_task(runtime, task, config)
+        return segmenter.interactive(task, config, [])
+
+    return work
+
+
+def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:
+    try:
+        from backend.video import predict_video_task
+    except ImportError:
+        raise TaskError("video tracking is not available in this build") from None
+    from backend.protocol import task_data_url
+
+    regions = context.get("result") if isinstance(context, dict) else None
+    url = task_data_url(task, config, config.videos()[0].name)
+    path = runtime.media.download_to_file(url, task.get("id"))
+    try:
+        return predict_video_task(
+            task,
+            regions,
+            xml,
+            str(path),
+            runtime.video_tracker(),
+            deadline_s=max(1.0, deadline - time.monotonic()),
+            max_frames=settings.video_max_frames,
+        )
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _auto_task(runtime: Runtime, task, config) -> dict:
+    try:
+        from backend.preannotate import auto_masks_entry
+    except ImportError:
+        raise TaskError("automatic masks are not available in this build") from None
+    return auto_masks_entry(runtime, task, config)

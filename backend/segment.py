@@ -1,0 +1,153 @@
+"""The work behind /predict for images: regions in, masks out, one entry per task.
+
+Plain functions and one small class that tests call directly; the Flask views only parse and
+serialise. The model side is `sam2.image.ImagePredictor` (stateless per call, embeddings cached
+by image content), so concurrent labelers never see each other's images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.errors import BadRequest, TaskError
+from backend.media import ImageFile, MediaClient
+from backend.protocol import (
+    LabelConfig,
+    ObjectRequest,
+    PromptMemory,
+    Remembered,
+    points_key,
+    rectangles_of_annotation,
+    task_data_url,
+)
+from backend.results import mask_result, task_entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskOutcome:
+    entry: dict
+    encoded: bool = False  # the encoder ran for this task (cache miss)
+
+
+class ImageSegmenter:
+    """Turns Label Studio image tasks + regions into brush/polygon results."""
+
+    def __init__(self, predictor, media: MediaClient, model_version: str, memory: PromptMemory | None = None):
+        self.predictor = predictor  # sam2.image.ImagePredictor
+        self.media = media
+        self.model_version = model_version
+        self.memory = memory or PromptMemory()
+
+    # --- entry points ----------------------------------------------------------------------
+
+    def interactive(self, task: dict, config: LabelConfig, objects: list[ObjectRequest]) -> dict:
+        """Masks for the regions a labeler just made (smart keypoints / rectangles)."""
+        if not objects:
+            return task_entry([], self.model_version)
+        to_name = objects[0].to_name
+        image = self._image(task, config, to_name)
+        prompts, keys = [], []
+        for obj in objects:
+            prompts.append(self._prompt(task, obj, image))
+            keys.append(obj)
+        preds = self.predictor.predict(image.key, image.load, prompts)
+        result = []
+        for obj, prompt, pred in zip(keys, prompts, preds, strict=True):
+            self._remember(task, obj, prompt, pred)
+            control = config.output_control(obj.to_name, obj.label)
+            result += mask_result(pred.mask, obj.label, control, pred.score)
+        return task_entry(result, self.model_version)
+
+    def boxes_to_masks(self, task: dict, config: LabelConfig, use: str = "annotation") -> dict:
+        """One mask per rectangle of the task's latest annotation (or prediction), all boxes of
+        the image decoded in one batched decoder call after one encoder pass."""
+        objects = rectangles_of_annotation(task, config, use)
+        if not objects:
+            return task_entry([], self.model_version)
+        image = self._image(task, config, objects[0].to_name)
+        from sam2.image import Prompt
+
+        prompts = [Prompt(box_xyxy=o.box_px(image.width, image.height)) for o in objects]
+        preds = self.predictor.predict(image.key, image.load, prompts)
+        result = []
+        for obj, pred in zip(objects, preds, strict=True):
+            control = config.output_control(obj.to_name, obj.label)
+            result += mask_result(pred.mask, obj.label, control, pred.score)
+        return task_entry(result, self.model_version)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _image(self, task: dict, config: LabelConfig, to_name: str) -> ImageFile:
+        url = task_data_url(task, config, to_name)
+        return self.media.load_image(url, task.get("id"))
+
+    def _memory_key(self, task: dict, obj: ObjectRequest) -> tuple:
+        return (task.get("id"), obj.to_name, obj.label)
+
+    def _prompt(self, task: dict, obj: ObjectRequest, image: ImageFile):
+        from sam2.image import Prompt
+
+        w, h = image.width, image.height
+        if obj.rect_pct is not None:
+            return Prompt(box_xyxy=obj.box_px(w, h))
+        remembered = self.memory.get(self._memory_key(task, obj))
+        box = None
+        logits = None
+        if remembered is not None:
+            if remembered.box_pct is not None:
+                box = ObjectRequest(
+                    obj.to_name, obj.label, "", rect_pct=remembered.box_pct, rotation=remembered.rotation
+                ).box_px(w, h)
+            # Refine the previous mask only when this call adds clicks to the previous ones
+            # (a removed click means the user is undoing: start from the prompts alone).
+            if remembered.logits is not None and remembered.points < points_key(obj):
+                logits = remembered.logits
+        return Prompt(
+            points_xy=obj.points_px(w, h).astype(np.float32),
+            point_labels=obj.point_labels.astype(np.int64),
+            box_xyxy=box,
+            mask_logits=logits,
+        )
+
+    def _remember(self, task: dict, obj: ObjectRequest, prompt, pred) -> None:
+        key = self._memory_key(task, obj)
+        if obj.rect_pct is not None:
+            self.memory.put(
+                key,
+                Remembered(obj.rect_pct, obj.rotation, frozenset(), pred.low_res_logits, time.monotonic()),
+            )
+            return
+        previous = self.memory.get(key)
+        self.memory.put(
+            key,
+            Remembered(
+                previous.box_pct if previous else None,
+                previous.rotation if previous else 0.0,
+                points_key(obj),
+                pred.low_res_logits,
+                time.monotonic(),
+            ),
+        )
+
+
+def answer_each(tasks: list, work, model_version: str) -> list[dict]:
+    """Run `work(task)` for every task; a TaskError becomes that task's error entry, the other
+    tasks are still answered. Exactly one entry per task, in order."""
+    if not isinstance(tasks, list) or not tasks:
+        raise BadRequest("'tasks' must be a non-empty list of task objects")
+    if not all(isinstance(t, dict) for t in tasks):
+        raise BadRequest("every item of 'tasks' must be a task object")
+    entries = []
+    for task in tasks:
+        try:
+            entries.append(work(task))
+        except TaskError as e:
+            log.warning("task %s: %s", task.get("id"), e.message)
+            entries.append(task_entry([], model_version, 0.0, error=e.message))
+    return entries

@@ -1,0 +1,66 @@
+"""Settings from the environment (Label Studio ML backend conventions) and the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+@dataclass
+class Settings:
+    model: str = "facebook/sam2.1-hiera-tiny"  # SAM2_MODEL: short name, hub id, directory or .pt
+    device: str = "auto"  # DEVICE: auto | cpu | cuda | cuda:1 | mps
+    label_studio_url: str | None = None  # LABEL_STUDIO_URL
+    label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
+    basic_auth_user: str | None = None  # BASIC_AUTH_USER
+    basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
+    cache_mb: int = 1024  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
+    prompt_memory_s: float = 300.0  # PROMPT_MEMORY_S: how long a box is remembered for later clicks
+    max_image_mp: float = 120.0  # MAX_IMAGE_MP: decompression-bomb guard
+    max_download_mb: int = 200  # MAX_DOWNLOAD_MB
+    download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT_S
+    media_allowed_hosts: tuple[str, ...] = ()  # MEDIA_ALLOWED_HOSTS: comma-separated; empty = any
+    predict_deadline_s: float = 90.0  # PREDICT_DEADLINE_S: answer before LS's 100 s timeout
+    video_max_frames: int = 300  # VIDEO_MAX_FRAMES: tracked frames each way from the prompts
+    retrieve_mode: str = "boxes"  # RETRIEVE_MODE: boxes | auto | none, for "Retrieve predictions"
+    output: str = "auto"  # OUTPUT: auto (the config's control) | brush | polygon
+    log_level: str = "INFO"  # LOG_LEVEL
+    preload: bool = True  # load the model when the app starts (in a thread: /health answers at once)
+
+    @classmethod
+    def from_env(cls, **overrides) -> Settings:
+        s = cls(
+            model=_env("SAM2_MODEL", cls.model),
+            device=_env("DEVICE", cls.device),
+            label_studio_url=(_env("LABEL_STUDIO_URL") or _env("LABEL_STUDIO_HOST") or None),
+            label_studio_api_key=_env("LABEL_STUDIO_API_KEY") or _env("LABEL_STUDIO_ACCESS_TOKEN"),
+            basic_auth_user=_env("BASIC_AUTH_USER"),
+            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            cache_mb=int(_env("EMBEDDING_CACHE_MB", str(cls.cache_mb))),
+            prompt_memory_s=float(_env("PROMPT_MEMORY_S", str(cls.prompt_memory_s))),
+            max_image_mp=float(_env("MAX_IMAGE_MP", str(cls.max_image_mp))),
+            max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),
+            download_timeout_s=float(_env("DOWNLOAD_TIMEOUT_S", str(cls.download_timeout_s))),
+            media_allowed_hosts=tuple(
+                h.strip() for h in (_env("MEDIA_ALLOWED_HOSTS", "") or "").split(",") if h.strip()
+            ),
+            predict_deadline_s=float(_env("PREDICT_DEADLINE_S", str(cls.predict_deadline_s))),
+            video_max_frames=int(_env("VIDEO_MAX_FRAMES", str(cls.video_max_frames))),
+            retrieve_mode=_env("RETRIEVE_MODE", cls.retrieve_mode),
+            output=_env("OUTPUT", cls.output),
+            log_level=_env("LOG_LEVEL", cls.log_level),
+        )
+        names = {f.name for f in fields(cls)}
+        for k, v in overrides.items():
+            if k not in names:
+                raise TypeError(f"unknown setting {k}")
+            if v is not None:
+                setattr(s, k, v)
+        if s.label_studio_url:
+            s.label_studio_url = s.label_studio_url.rstrip("/")
+        return s

@@ -1,0 +1,294 @@
+"""Interactive image segmentation: an embedding cache and a stateless predictor.
+
+Unlike `SAM2ImagePredictor` (which keeps the current image's features on `self`, so a shared
+instance mixes two users' images), `ImagePredictor.predict()` takes the image's key with every
+call and looks its embedding up in an LRU cache bounded in bytes. The first prompt on an image
+runs the encoder once; every further prompt on it runs only the prompt encoder and mask decoder.
+
+Shapes and units: points and boxes are continuous original-image pixels (see transforms.py);
+masks come back at the original size as (H, W) bool arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sam2.models import LoadedModel
+from sam2.transforms import preprocess, to_model_coords, upscale_logits
+
+log = logging.getLogger(__name__)
+
+PAD_LABEL = -10  # transformers' "ignore this point" label, used to batch prompts of unequal length
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the user asked for one object.
+
+    points_xy: (N, 2) float, continuous pixels XY of the original image (N may be 0).
+    point_labels: (N,) int, 1 = positive (foreground), 0 = negative (background).
+    box_xyxy: (4,) float pixels x1, y1, x2, y2, or None.
+    mask_logits: low-res logits of an earlier prediction of this object (`MaskPrediction.low_res_logits`),
+        fed back as a dense prompt to refine it, or None.
+    """
+
+    points_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+    point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    box_xyxy: np.ndarray | None = None
+    mask_logits: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if len(self.points_xy) != len(self.point_labels):
+            raise ValueError("points_xy and point_labels differ in length")
+        if len(self.points_xy) == 0 and self.box_xyxy is None:
+            raise ValueError("a prompt needs at least one point or a box")
+
+    @property
+    def multimask(self) -> bool:
+        """A single click is ambiguous (part, object, group): ask for 3 candidates and keep the
+        best by predicted IoU. More points or a box say which one is meant."""
+        return len(self.points_xy) == 1 and self.box_xyxy is None
+
+
+@dataclass
+class MaskPrediction:
+    """One object's mask.
+
+    mask: (H, W) bool at the original image size.
+    score: the decoder's predicted IoU of the chosen mask, in [0, 1] (clipped).
+    object_score: probability that the object is present (sigmoid of the object-score logit).
+    low_res_logits: (1, h, w) logits for refinement (`Prompt.mask_logits`).
+    """
+
+    mask: np.ndarray
+    score: float
+    object_score: float
+    low_res_logits: torch.Tensor
+
+
+@dataclass
+class ImageEmbedding:
+    """The encoder's output for one image, enough to decode any prompt on it."""
+
+    features: list[torch.Tensor]  # multiscale feature maps, each (1, C, h, w)
+    original_hw: tuple[int, int]
+    nbytes: int
+
+    @classmethod
+    def of(cls, features: list[torch.Tensor], original_hw: tuple[int, int]) -> ImageEmbedding:
+        features = [f.detach() for f in features]
+        return cls(features, tuple(original_hw), sum(f.numel() * f.element_size() for f in features))
+
+
+class EmbeddingCache:
+    """Thread-safe LRU of image embeddings, bounded by total bytes (not by count: a 1024 px
+    hiera embedding is ~6 MB whatever the image size)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> ImageEmbedding | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def peek(self, key: str) -> ImageEmbedding | None:
+        """Like get() without touching the hit/miss counters."""
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: str, item: ImageEmbedding) -> None:
+        if item.nbytes > self.max_bytes:
+            return  # caching would evict everything and still not fit
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+            self._items[key] = item
+            self.bytes += item.nbytes
+            while self.bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= evicted.nbytes
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+ImageLoader = Callable[[], np.ndarray]
+
+
+@dataclass
+class Timings:
+    """Seconds spent in the encoder and decoder by the last calls (for logs and metrics)."""
+
+    encoder_s: float = 0.0
+    decoder_s: float = 0.0
+    encoded: bool = False
+
+
+class ImagePredictor:
+    """Stateless per call: every method takes the image key; embeddings live in the cache.
+
+    `image_key` must identify the image's content (e.g. a hash of its bytes); the model id is
+    added here, so two models never share entries.
+    """
+
+    def __init__(self, loaded: LoadedModel, cache: EmbeddingCache | None = None, store=None):
+        self.loaded = loaded
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.store = store  # optional persistent second level: .get(key) / .put(key, ImageEmbedding)
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+        self.on_timing: Callable[[str, float], None] | None = None
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    def _key(self, image_key: str) -> str:
+        return f"{self.loaded.model_id}:{image_key}"
+
+    def is_cached(self, image_key: str) -> bool:
+        return self._key(image_key) in self.cache
+
+    def embedding(self, image_key: str, image: np.ndarray | ImageLoader) -> ImageEmbedding:
+        """The embedding of an image: from the cache, the store, or the encoder (in that order).
+
+        `image` is the (H, W, 3) uint8 RGB array, or a function returning it (called only on a
+        miss, so a cache hit skips decoding the image too).
+        """
+        key = self._key(image_key)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        with self.loaded.lock:
+            hit = self.cache.peek(key)  # another thread may have encoded it while we waited
+            if hit is not None:
+                return hit
+            if self.store is not None:
+                stored = self.store.get(key)
+                if stored is not None:
+                    stored = ImageEmbedding.of(
+                        [f.to(self.loaded.device) for f in stored.features], stored.original_hw
+                    )
+                    self.cache.put(key, stored)
+                    return stored
+            rgb = image() if callable(image) else image
+            emb = self._encode(rgb)
+            self.cache.put(key, emb)
+            if self.store is not None:
+                self.store.put(key, emb)
+            return emb
+
+    @torch.inference_mode()
+    def _encode(self, rgb: np.ndarray) -> ImageEmbedding:
+        start = time.perf_counter()
+        pixel_values = preprocess(rgb, self.loaded.image_size, self.loaded.device)
+        with self.loaded.autocast_context():
+            features = self.loaded.model.get_image_embeddings(pixel_values)
+        self.encoder_calls += 1
+        self._timed("encoder", start)
+        return ImageEmbedding.of(list(features), rgb.shape[:2])
+
+    def _timed(self, what: str, start: float) -> None:
+        if self.on_timing is not None:
+            self.on_timing(what, time.perf_counter() - start)
+
+    # --- decoding ---------------------------------------------------------------------------
+
+    def predict(
+        self, image_key: str, image: np.ndarray | ImageLoader, prompts: list[Prompt]
+    ) -> list[MaskPrediction]:
+        """One mask per prompt, in order. Prompts of the same shape are decoded in one batch."""
+        if not prompts:
+            return []
+        emb = self.embedding(image_key, image)
+        out: list[MaskPrediction | None] = [None] * len(prompts)
+        # Group prompts that can share a decoder call: same kind (box or not), same multimask,
+        # mask input or not. Points of unequal count are padded with the ignore label.
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault((p.box_xyxy is not None, p.multimask, p.mask_logits is not None), []).append(i)
+        for (_, _, with_mask), idx in groups.items():
+            chunk = [prompts[i] for i in idx]
+            if with_mask:  # dense prompts differ per object: decode one at a time
+                results = [r for p in chunk for r in self._decode(emb, [p])]
+            else:
+                results = self._decode(emb, chunk)
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _decode(self, emb: ImageEmbedding, prompts: list[Prompt]) -> list[MaskPrediction]:
+        """Decode prompts that share kind and multimask setting in one batched call."""
+        lm = self.loaded
+        dev = lm.device
+        n = len(prompts)
+        hw = emb.original_hw
+        kwargs: dict = {}
+        max_pts = max(len(p.points_xy) for p in prompts)
+        if max_pts:
+            pts = np.zeros((n, max_pts, 2), np.float32)
+            labels = np.full((n, max_pts), PAD_LABEL, np.int64)
+            for i, p in enumerate(prompts):
+                k = len(p.points_xy)
+                pts[i, :k] = to_model_coords(p.points_xy, hw, lm.image_size)
+                labels[i, :k] = p.point_labels
+            # (batch=1 image, n objects, points, 2)
+            kwargs["input_points"] = torch.from_numpy(pts)[None].to(dev)
+            kwargs["input_labels"] = torch.from_numpy(labels)[None].to(dev)
+        if prompts[0].box_xyxy is not None:
+            boxes = np.stack([np.asarray(p.box_xyxy, np.float64).reshape(2, 2) for p in prompts])
+            boxes = to_model_coords(boxes, hw, lm.image_size).reshape(n, 4)
+            kwargs["input_boxes"] = torch.from_numpy(boxes)[None].to(dev)
+        if prompts[0].mask_logits is not None:
+            kwargs["input_masks"] = (
+                prompts[0].mask_logits.reshape(1, 1, *prompts[0].mask_logits.shape[-2:]).to(dev)
+            )
+        multimask = prompts[0].multimask
+        start = time.perf_counter()
+        with lm.lock, lm.autocast_context():
+            out = lm.model(
+                image_embeddings=[f.to(dev) for f in emb.features], multimask_output=multimask, **kwargs
+            )
+        self.decoder_calls += 1
+        logits = out.pred_masks[0].float()  # (n, k, h, w)
+        iou = out.iou_scores[0].float()  # (n, k)
+        best = iou.argmax(dim=-1)  # (n,)
+        rows = torch.arange(n, device=logits.device)
+        chosen = logits[rows, best]  # (n, h, w)
+        masks = upscale_logits(chosen, hw) > 0
+        presence = torch.sigmoid(out.object_score_logits[0].float().reshape(n))
+        self._timed("decoder", start)
+        scores = iou[rows, best].clamp(0, 1)
+        return [
+            MaskPrediction(
+                mask=masks[i].cpu().numpy(),
+                score=float(scores[i]),
+                object_score=float(presence[i]),
+                low_res_logits=chosen[i : i + 1].detach().cpu(),
+            )
+            for i in range(n)
+        ]
