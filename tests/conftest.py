@@ -1,0 +1,172 @@
+"""Shared fixtures: tiny in-process models, a loopback media server, an app around a model."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+IMAGE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/><Label value="car"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/><Label value="car"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="object"/><Label value="car"/></RectangleLabels>
+</View>"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random SAM2 saved in HF format, as `make-test-model` writes it."""
+    from sam2.models import write_test_model
+
+    return write_test_model(tmp_path_factory.mktemp("tiny-sam2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from sam2.models import load_image_model
+
+    return load_image_model(str(tiny_model_dir), "cpu")
+
+
+class MediaServer:
+    """Serves files from a directory on 127.0.0.1 (a stand-in for any media host)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, name: str, data: bytes) -> str:
+        (self.root / name).write_bytes(data)
+        return f"{self.url}/{name}"
+
+    def add_image(
+        self, name: str, rgb: np.ndarray, exif_orientation: int | None = None, fmt: str = "PNG"
+    ) -> str:
+        return self.add(name, encode_image(rgb, exif_orientation, fmt))
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def encode_image(rgb: np.ndarray, exif_orientation: int | None = None, fmt: str = "PNG") -> bytes:
+    im = Image.fromarray(rgb)
+    buf = io.BytesIO()
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        im.save(buf, format=fmt, exif=exif)
+    else:
+        im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def media_server(tmp_path):
+    server = MediaServer(tmp_path)
+    yield server
+    server.close()
+
+
+def noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def app_factory(tiny_model):
+    """Build an app around the tiny model with settings overrides."""
+    from backend.app import create_app
+    from backend.settings import Settings
+
+    def make(**overrides):
+        settings = Settings.from_env(**{"preload": False, **overrides})
+        return create_app(settings, loaded_model=tiny_model)
+
+    return make
+
+
+@pytest.fixture
+def client(app_factory):
+    return app_factory().test_client()
+
+
+def keypoint(
+    x: float, y: float, label: str = "object", positive: bool | None = True, w: int = 64, h: int = 48
+) -> dict:
+    """A smart keypoint region as the 1.23 UI sends it (percent coordinates)."""
+    region = {
+        "id": f"kp{x:.0f}_{y:.0f}",
+        "type": "keypointlabels",
+        "from_name": "kp",
+        "to_name": "image",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "origin": "manual",
+        "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": [label], "labels": [label]},
+    }
+    if positive is not None:
+        region["is_positive"] = positive
+    return region
+
+
+def rectangle(x, y, width, height, label="object", rotation=0, w=64, h=48) -> dict:
+    return {
+        "id": f"r{x:.0f}_{y:.0f}",
+        "type": "rectanglelabels",
+        "from_name": "box",
+        "to_name": "image",
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": {
+            "x": x,
+            "y": y,
+            "width": width,
+            "height": height,
+            "rotation": rotation,
+            "rectanglelabels": [label],
+        },
+    }
+
+
+def predict_body(tasks: list[dict], regions: list[dict] | None, config: str = IMAGE_CONFIG) -> dict:
+    return {
+        "tasks": tasks,
+        "project": "1.1795498385",
+        "label_config": config,
+        "params": {
+            "login": None,
+            "password": None,
+            "context": {"result": regions} if regions is not None else None,
+        },
+    }
+
+
+def decode_brush(result: dict) -> np.ndarray:
+    """A brushlabels result -> (H, W) bool mask, with the SDK's reference decoder."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    h, w = result["original_height"], result["original_width"]
+    flat = np.asarray(decode_rle(result["value"]["rle"]))
+    assert flat.size == h * w * 4, f"RLE holds {flat.size} bytes, the image needs {h * w * 4}"
+    return flat.reshape(h, w, 4)[:, :, 3] > 0
