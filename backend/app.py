@@ -45,6 +45,7 @@ class Runtime:
         self.error: str | None = None
         self.segmenter: ImageSegmenter | None = None
         self.image_model = None
+        self.store = None
         self._video_tracker = None
         self._video_lock = threading.Lock()
         limits = MediaLimits(
@@ -87,7 +88,25 @@ class Runtime:
 
         self.image_model = loaded
         cache = EmbeddingCache(self.settings.cache_mb << 20)
-        predictor = ImagePredictor(loaded, cache)
+        store = None
+        if self.settings.store_dir:
+            from sam2.store import EmbeddingStore
+
+            store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            self.metrics.watch(
+                lambda: [
+                    ("sam2_embedding_store_hits", "Embedding store (disk) hits", store.hits),
+                    ("sam2_embedding_store_misses", "Embedding store (disk) misses", store.misses),
+                    ("sam2_embedding_store_bytes", "Bytes in the embedding store", store.bytes),
+                    (
+                        "sam2_embedding_store_corrupt",
+                        "Corrupt store entries found (re-encoded)",
+                        store.corrupt,
+                    ),
+                ]
+            )
+        self.store = store
+        predictor = ImagePredictor(loaded, cache, store)
         predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
         self.metrics.watch(
             lambda: [
@@ -111,9 +130,8 @@ class Runtime:
         """The video model, loaded on the first video task (sharing the image encoder)."""
         with self._video_lock:
             if self._video_tracker is None:
-                from sam2.video import VideoTracker
-
                 from sam2.models import load_video_model
+                from sam2.video import VideoTracker
 
                 loaded = load_video_model(
                     self.image_model.source, self.settings.device, share_with=self.image_model

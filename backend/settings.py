@@ -20,6 +20,9 @@ class Settings:
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
     cache_mb: int = 1024  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
+    store_dir: str | None = None  # EMBEDDING_STORE_DIR: persistent embedding store shared by workers
+    store_gb: float = 20.0  # EMBEDDING_STORE_GB: its size bound
+    prefetch_tasks: int = 0  # PREFETCH_TASKS: pre-encode this many next tasks in idle time (needs the store)
     prompt_memory_s: float = 300.0  # PROMPT_MEMORY_S: how long a box is remembered for later clicks
     max_image_mp: float = 120.0  # MAX_IMAGE_MP: decompression-bomb guard
     max_download_mb: int = 200  # MAX_DOWNLOAD_MB
@@ -42,6 +45,9 @@ class Settings:
             basic_auth_user=_env("BASIC_AUTH_USER"),
             basic_auth_pass=_env("BASIC_AUTH_PASS"),
             cache_mb=int(_env("EMBEDDING_CACHE_MB", str(cls.cache_mb))),
+            store_dir=_env("EMBEDDING_STORE_DIR"),
+            store_gb=float(_env("EMBEDDING_STORE_GB", str(cls.store_gb))),
+            prefetch_tasks=int(_env("PREFETCH_TASKS", str(cls.prefetch_tasks))),
             prompt_memory_s=float(_env("PROMPT_MEMORY_S", str(cls.prompt_memory_s))),
             max_image_mp=float(_env("MAX_IMAGE_MP", str(cls.max_image_mp))),
             max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),

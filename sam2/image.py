@@ -182,24 +182,24 @@ class ImagePredictor:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
+        if self.store is not None:
+            stored = self.store.get(key)  # disk read and checksum outside the model lock
+            if stored is not None:
+                stored = ImageEmbedding.of(
+                    [f.to(self.loaded.device) for f in stored.features], stored.original_hw
+                )
+                self.cache.put(key, stored)
+                return stored
         with self.loaded.lock:
             hit = self.cache.peek(key)  # another thread may have encoded it while we waited
             if hit is not None:
                 return hit
-            if self.store is not None:
-                stored = self.store.get(key)
-                if stored is not None:
-                    stored = ImageEmbedding.of(
-                        [f.to(self.loaded.device) for f in stored.features], stored.original_hw
-                    )
-                    self.cache.put(key, stored)
-                    return stored
             rgb = image() if callable(image) else image
             emb = self._encode(rgb)
             self.cache.put(key, emb)
-            if self.store is not None:
-                self.store.put(key, emb)
-            return emb
+        if self.store is not None:
+            self.store.put(key, emb)  # never raises; a full disk only skips storing
+        return emb
 
     @torch.inference_mode()
     def _encode(self, rgb: np.ndarray) -> ImageEmbedding:

@@ -1,0 +1,128 @@
+"""The persistent embedding store: first click without the encoder, safety on disk."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import pytest
+
+from sam2.image import EmbeddingCache, ImagePredictor, Prompt
+from sam2.store import EmbeddingStore
+from tests.conftest import noise_image
+
+
+def click(x, y):
+    return [Prompt(np.array([[x, y]], np.float32), np.array([1]))]
+
+
+def test_pre_encoded_image_needs_no_encoder_after_a_restart(tiny_model, tmp_path):
+    img = noise_image(60, 80)
+    warm = ImagePredictor(tiny_model, EmbeddingCache(), EmbeddingStore(tmp_path))
+    warm.embedding("img", img)
+    (fresh,) = warm.predict("img", img, click(30, 20))
+
+    # a new process: empty memory cache, same directory
+    server = ImagePredictor(tiny_model, EmbeddingCache(), EmbeddingStore(tmp_path))
+
+    def must_not_decode():
+        raise AssertionError("the image was decoded although its embedding is stored")
+
+    (from_store,) = server.predict("img", must_not_decode, click(30, 20))
+    assert server.encoder_calls == 0 and server.store.hits == 1
+    # fp16 on disk: the mask may differ only in a few boundary pixels
+    agree = (from_store.mask == fresh.mask).mean()
+    assert agree > 0.995
+    assert from_store.score == pytest.approx(fresh.score, abs=0.01)
+
+
+def test_store_is_fp16_and_bounded_lru(tiny_model, tmp_path):
+    probe = ImagePredictor(tiny_model).embedding("p", noise_image(8, 8))
+    store = EmbeddingStore(tmp_path, max_bytes=10**12)
+    store.put("a", probe)
+    one = store.bytes
+    assert one < probe.nbytes * 0.6  # half of fp32, plus a small header
+    store = EmbeddingStore(tmp_path, max_bytes=int(2.5 * one))
+    store.put("b", probe)
+    past = time.time() - 100
+    os.utime(store.path("a"), (past, past))  # a is the least recently used
+    store.put("c", probe)
+    assert "a" not in store and "b" in store and "c" in store
+    assert store.bytes <= store.max_bytes
+    assert EmbeddingStore(tmp_path).bytes == store.bytes  # a restart counts the same bytes
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupt_entry_is_detected_and_re_encoded(tiny_model, tmp_path, damage):
+    img = noise_image(30, 30)
+    ImagePredictor(tiny_model, store=EmbeddingStore(tmp_path)).embedding("img", img)
+    path = EmbeddingStore(tmp_path).path(f"{tiny_model.model_id}:img")
+    data = path.read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data = bytearray(data)
+        data[-100] ^= 0xFF
+        data = bytes(data)
+    elif damage == "garbage":
+        data = b"not an embedding at all"
+    else:
+        data = b""
+    path.write_bytes(data)
+    server = ImagePredictor(tiny_model, store=EmbeddingStore(tmp_path))
+    (m,) = server.predict("img", img, click(10, 10))
+    assert m.mask.shape == (30, 30)
+    assert server.encoder_calls == 1 and server.store.corrupt == 1
+    assert EmbeddingStore(tmp_path).get(f"{tiny_model.model_id}:img") is not None  # re-stored, whole
+
+
+def test_disk_full_does_not_fail_the_click(tiny_model, tmp_path, monkeypatch):
+    store = EmbeddingStore(tmp_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sam2.store.tempfile.mkstemp", full)
+    pred = ImagePredictor(tiny_model, store=store)
+    (m,) = pred.predict("img", noise_image(20, 20), click(5, 5))
+    assert m.mask.shape == (20, 20)
+    assert store.write_errors == 1 and store.bytes == 0
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def _writer(directory: str, worker: int, rounds: int, queue) -> None:
+    import torch
+
+    from sam2.image import ImageEmbedding
+
+    store = EmbeddingStore(directory)
+    bad = 0
+    for i in range(rounds):
+        value = float(worker * 1000 + i)
+        emb = ImageEmbedding.of(
+            [torch.full((1, 8, 16, 16), value), torch.full((1, 4, 8, 8), value)], (10, 20)
+        )
+        store.put("shared", emb)
+        store.put(f"own-{worker}-{i % 3}", emb)
+        got = store.get("shared")
+        if got is None or len({float(f.flatten()[0]) for f in got.features}) != 1:
+            bad += 1  # absent, corrupt, or a mix of two writers' bytes
+    queue.put(bad)
+
+
+def test_concurrent_writers_in_several_processes_never_corrupt(tmp_path):
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 40, queue)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert sum(queue.get() for _ in procs) == 0
+    store = EmbeddingStore(tmp_path)
+    assert store.get("shared") is not None and store.corrupt == 0
+    assert not list(tmp_path.rglob(".tmp-*"))
