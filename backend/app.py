@@ -46,6 +46,7 @@ class Runtime:
         self.segmenter: ImageSegmenter | None = None
         self.image_model = None
         self.store = None
+        self.prefetcher = None
         self._video_tracker = None
         self._video_lock = threading.Lock()
         limits = MediaLimits(
@@ -106,6 +107,10 @@ class Runtime:
                 ]
             )
         self.store = store
+        if store is not None and self.settings.prefetch_tasks > 0:
+            from backend.warm import Prefetcher
+
+            self.prefetcher = Prefetcher(self.settings, loaded.source)
         predictor = ImagePredictor(loaded, cache, store)
         predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
         self.metrics.watch(
@@ -276,6 +281,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             metrics.in_flight.dec()
         for entry in results:
             metrics.tasks.labels("error" if entry.get("error") else "ok").inc()
+        if objects and runtime.prefetcher is not None and project.isdigit():
+            # the labeler is working here: pre-encode the next tasks while the CPU/GPU is idle
+            runtime.prefetcher.after_click(int(project), tasks[0].get("id"))
         log.info(
             "predict: %d task(s), %d region(s) in context, %d result region(s), %.3f s",
             len(results),

@@ -132,6 +132,11 @@ class EmbeddingCache:
         with self._lock:
             return key in self._items
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)

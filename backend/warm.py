@@ -1,0 +1,256 @@
+"""Pre-encoding: fill the embedding store so a labeler's first click on an image is instant.
+
+`python -m backend warm --project ID` encodes every image of a project into the persistent store
+(EMBEDDING_STORE_DIR) with a progress bar; it is resumable (images already stored are skipped,
+and an index of URL -> content key lets a second run skip even the download). The server starts
+the same job for the next few tasks after a labeler's click (PREFETCH_TASKS), as a separate
+process at the lowest CPU priority (nice 19), so it only uses time the server leaves idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backend.errors import BackendError
+from backend.protocol import LabelConfig, parse_label_config
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INDEX = "urls.jsonl"
+
+
+def ls_client(settings: Settings):
+    """A label-studio-sdk client (it exchanges personal access tokens itself)."""
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise SystemExit(
+            "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token or legacy token)"
+        )
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, timeout=60)
+
+
+def iter_task_data(client, project: int, after_task: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(task id, task data) of a project in id order, starting after `after_task`."""
+    tasks = []
+    for t in client.tasks.list(project=project, page_size=500, fields="task_only"):
+        if after_task is None or t.id > after_task:
+            tasks.append((t.id, dict(t.data or {})))
+    yield from sorted(tasks, key=lambda x: x[0])
+
+
+class UrlIndex:
+    """URL -> image content key, appended to a file in the store (lines are whole or ignored)."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / INDEX
+        self.keys: dict[str, str] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    url, key = json.loads(line)
+                except (ValueError, TypeError):
+                    continue  # a line cut short by a crash
+                self.keys[url] = key
+
+    def add(self, url: str, key: str) -> None:
+        if self.keys.get(url) == key:
+            return
+        self.keys[url] = key
+        with self.path.open("a") as f:  # one short append per line: atomic enough across processes
+            f.write(json.dumps([url, key]) + "\n")
+
+
+@dataclass
+class WarmSummary:
+    encoded: int = 0
+    skipped: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"encoded {self.encoded}, already stored {self.skipped}, failed {len(self.failed)} "
+            f"in {self.seconds:.1f} s"
+        )
+
+
+def warm_project(
+    settings: Settings,
+    project: int,
+    *,
+    after_task: int | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    client=None,
+    loaded=None,
+) -> WarmSummary:
+    """Encode the images of a project's tasks into the store. Downloads overlap encoding."""
+    from backend.app import Runtime  # the same media client, model and store the server builds
+    from backend.metrics import Metrics
+
+    if not settings.store_dir:
+        raise SystemExit("set EMBEDDING_STORE_DIR (or --store DIR): pre-encoding fills that store")
+    client = client or ls_client(settings)
+    config: LabelConfig = parse_label_config(client.projects.get(id=project).label_config)
+    images = config.images()
+    if not images:
+        raise SystemExit(f"project {project}'s label config has no <Image>: nothing to pre-encode")
+    settings.preload = False
+    runtime = Runtime(settings, Metrics(), loaded)
+    if loaded is None:
+        runtime.load()
+    segmenter = runtime.require(0)
+    predictor, store = segmenter.predictor, runtime.store
+    index = UrlIndex(store.dir)
+    todo = []
+    for task_id, data in iter_task_data(client, project, after_task):
+        url = data.get(images[0].value_key)
+        if isinstance(url, str) and url:
+            todo.append((task_id, url))
+        if limit and len(todo) >= limit:
+            break
+    summary = WarmSummary()
+    start = time.perf_counter()
+
+    def stored(url: str) -> bool:
+        key = index.keys.get(url)
+        return key is not None and f"{predictor.loaded.model_id}:{key}" in store
+
+    def fetch(item):
+        task_id, url = item
+        if stored(url):
+            return task_id, url, None
+        try:
+            return task_id, url, runtime.media.load_image(url, task_id)
+        except BackendError as e:
+            return task_id, url, e
+
+    bar = _progress(len(todo), progress)
+    with ThreadPoolExecutor(2) as pool:  # the next download runs while this image encodes
+        for task_id, url, image in pool.map(fetch, todo):
+            if image is None:
+                summary.skipped += 1
+            elif isinstance(image, BackendError):
+                summary.failed[task_id] = image.message
+            else:
+                index.add(url, image.key)
+                if predictor.is_cached(image.key) or f"{predictor.loaded.model_id}:{image.key}" in store:
+                    summary.skipped += 1
+                else:
+                    predictor.embedding(image.key, image.load)
+                    predictor.cache.clear()  # the store holds it; don't grow this process
+                    summary.encoded += 1
+            bar.update(1)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    for task_id, reason in summary.failed.items():
+        log.warning("task %s not encoded: %s", task_id, reason)
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, desc="pre-encoding")
+
+
+class Prefetcher:
+    """Starts `warm --after-task T --limit N` at nice 19 after a click; at most one at a time."""
+
+    def __init__(self, settings: Settings, model_source: str):
+        self.settings = settings
+        self.model_source = model_source
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._done: set[tuple[int, int]] = set()
+        self.started = 0
+
+    @property
+    def enabled(self) -> bool:
+        s = self.settings
+        return bool(s.prefetch_tasks > 0 and s.store_dir and s.label_studio_url and s.label_studio_api_key)
+
+    def after_click(self, project: int | None, task_id: int | None) -> bool:
+        if not self.enabled or project is None or task_id is None:
+            return False
+        with self._lock:
+            if (project, task_id) in self._done:
+                return False
+            if self._proc is not None and self._proc.poll() is None:
+                return False  # one job at a time; the next click will try again
+            self._done.add((project, task_id))
+            cmd = [
+                sys.executable,
+                "-m",
+                "backend",
+                "warm",
+                "--project",
+                str(project),
+                "--after-task",
+                str(task_id),
+                "--limit",
+                str(self.settings.prefetch_tasks),
+                "--quiet",
+            ]
+            env = {
+                **os.environ,
+                "SAM2_MODEL": self.model_source,
+                "EMBEDDING_STORE_DIR": self.settings.store_dir,
+            }
+            self._proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_lowest_priority,
+            )
+            self.started += 1
+            return True
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        proc = self._proc
+        return None if proc is None else proc.wait(timeout_s)
+
+
+def _lowest_priority() -> None:
+    os.nice(19)  # only CPU time the server leaves idle; a click never waits for pre-encoding
+
+
+def cmd_warm(args) -> None:
+    from backend.cli import setup_logging
+
+    settings = Settings.from_env(model=args.model, device=args.device, store_dir=args.store)
+    setup_logging("WARNING" if args.quiet else settings.log_level)
+    summary = warm_project(
+        settings, args.project, after_task=args.after_task, limit=args.limit, progress=not args.quiet
+    )
+    print(summary.line())
+    for task_id, reason in summary.failed.items():
+        print(f"  task {task_id}: {reason}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser(
+        "warm", help="pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)"
+    )
+    w.add_argument("--project", type=int, required=True)
+    w.add_argument("--store", default=None, help="store directory (EMBEDDING_STORE_DIR)")
+    w.add_argument("--model", default=None)
+    w.add_argument("--device", default=None)
+    w.add_argument("--after-task", type=int, default=None, help="only tasks with a larger id")
+    w.add_argument("--limit", type=int, default=None, help="at most this many tasks")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(fn=cmd_warm)

@@ -1,0 +1,92 @@
+"""Label configs and regions in the shapes Label Studio 1.23.2 sends and stores, for E2E tests."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+IMAGE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="object"/></RectangleLabels>
+</View>"""
+
+VIDEO_CONFIG = """<View>
+  <Video name="video" value="$video" framerate="25"/>
+  <VideoRectangle name="box" toName="video"/>
+  <Labels name="videoLabels" toName="video"><Label value="car"/></Labels>
+</View>"""
+
+
+def region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def keypoint(scene, positive: bool = True) -> dict:
+    """A smart keypoint on the scene's object, in the shape the 1.23.2 UI sends."""
+    x, y = scene.center_pct()
+    return {
+        "id": region_id(),
+        "type": "keypointlabels",
+        "from_name": "kp",
+        "to_name": "image",
+        "original_width": scene.width,
+        "original_height": scene.height,
+        "image_rotation": 0,
+        "origin": "manual",
+        "is_positive": positive,
+        "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["object"], "labels": ["object"]},
+    }
+
+
+def rectangle(scene) -> dict:
+    return {
+        "id": region_id(),
+        "type": "rectanglelabels",
+        "from_name": "box",
+        "to_name": "image",
+        "original_width": scene.width,
+        "original_height": scene.height,
+        "image_rotation": 0,
+        "origin": "manual",
+        "value": {**scene.box_pct(), "rectanglelabels": ["object"]},
+    }
+
+
+def brush_masks(result: list[dict], width: int, height: int) -> list[np.ndarray]:
+    """Decode every brush region of a result with the SDK's reference decoder; check its size."""
+    brushes = [r for r in result if r["type"] == "brushlabels"]
+    assert brushes, f"no brushlabels region in {result}"
+    masks = []
+    for r in brushes:
+        assert (r["original_width"], r["original_height"]) == (width, height)
+        assert (r["from_name"], r["to_name"]) == ("tag", "image")
+        assert r["value"]["format"] == "rle"
+        assert r["value"]["brushlabels"] == ["object"]
+        data = decode_rle(r["value"]["rle"])
+        assert data.size == width * height * 4, "RLE must decode to the displayed image's RGBA size"
+        masks.append(data.reshape(height, width, 4)[:, :, 3] > 0)
+    return masks
+
+
+def videorectangle(video, frame: int = 1) -> dict:
+    """A user's box on one frame, as the video labeling UI keeps it."""
+    return {
+        "id": region_id(),
+        "type": "videorectangle",
+        "from_name": "box",
+        "to_name": "video",
+        "origin": "manual",
+        "value": {
+            "framesCount": len(video.boxes_px),
+            "duration": len(video.boxes_px) / video.fps,
+            "labels": ["car"],
+            "sequence": [
+                {"frame": frame, "enabled": True, "rotation": 0, "time": (frame - 1) / video.fps}
+                | video.rect_pct(frame)
+            ],
+        },
+    }
