@@ -74,6 +74,11 @@ def _body(url: str, task_id: int, clicks: int) -> dict:
     }
 
 
+def _key_and_loader(url: str, app):
+    image = app.extensions["sam2"].media.load_image(url)
+    return image.key, image.load
+
+
 def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: int = 768) -> dict:
     from backend.app import create_app
     from backend.settings import Settings
@@ -109,6 +114,17 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
         predictor.cache._items.clear()
         predictor.cache.bytes = 0
         baseline.append(click(f"{base}/img0.jpg", 1, n + 1))
+    # Pre-encoded: `warm` filled the store; a restarted server (empty memory cache) gets a click.
+    store_dir = tempfile.mkdtemp()
+    warm_app = create_app(Settings.from_env(preload=False, store_dir=store_dir), loaded_model=loaded)
+    warm_app.extensions["sam2"].segmenter.predictor.embedding(*_key_and_loader(f"{base}/img0.jpg", warm_app))
+    store_bytes = warm_app.extensions["sam2"].store.bytes
+    pre_encoded = []
+    for n in range(clicks):
+        fresh = create_app(Settings.from_env(preload=False, store_dir=store_dir), loaded_model=loaded)
+        client = fresh.test_client()
+        pre_encoded.append(click(f"{base}/img0.jpg", 1, n + 1))
+        assert fresh.extensions["sam2"].segmenter.predictor.encoder_calls == 0
     httpd.shutdown()
 
     from bench.rle import run as rle_run
@@ -126,6 +142,9 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
         "reencode_baseline_s": baseline_s,
         "speedup_cached_vs_baseline": baseline_s / cached_s,
         "embedding_bytes": predictor.cache.bytes,
+        "pre_encoded_first_click_s": statistics.median(pre_encoded),
+        "pre_encoded_vs_cached": statistics.median(pre_encoded) / cached_s,
+        "store_bytes_per_image": store_bytes,
         "rle": rle,
     }
 
@@ -144,7 +163,10 @@ def main() -> None:
         ("cached click (decode only), median", f"{r['cached_click_s']:.3f} s", ""),
         ("re-encode every click (reference examples)", f"{r['reencode_baseline_s']:.3f} s", ""),
         ("  cached click speed-up vs re-encode", f"{r['speedup_cached_vs_baseline']:.1f}x", "target >= 20x"),
-        ("embedding held per image", f"{r['embedding_bytes'] / 2**20:.1f} MB", "fp32"),
+        ("first click on a pre-encoded image, median", f"{r['pre_encoded_first_click_s']:.3f} s", ""),
+        ("  pre-encoded vs cached click", f"{r['pre_encoded_vs_cached']:.2f}x", "target <= 1.5x"),
+        ("embedding held per image in memory", f"{r['embedding_bytes'] / 2**20:.1f} MB", "fp32"),
+        ("embedding store bytes per image", f"{r['store_bytes_per_image'] / 2**20:.1f} MB", "fp16 on disk"),
         ("RLE 12 MP object mask, ours", f"{rle['ours_s'] * 1000:.1f} ms", ""),
         (
             "RLE, SDK encode_rle",
