@@ -1,0 +1,498 @@
+"""Streaming video tracker: SAM2 (`transformers` Sam2VideoModel) over frames read one at a time.
+
+One `track()` call follows every object of a request in one inference session:
+
+1. Prompts. Each prompted frame is decoded and run once; every object prompted there gets a
+   conditioning output (box -> mask -> memory), as SAM2's `add_new_points_or_box` does. All
+   prompts go in before tracking, so tracking between two prompts of an object remembers both.
+2. Forward pass, frame by frame from the earliest prompted frame, up to `max_frames_each_way`
+   past each object's last prompt; objects join at their first prompt.
+3. Backward pass, from just before the latest first prompt down to `max_frames_each_way` before
+   each object's first prompt (SAM2's reverse tracking: memories of the following frames).
+
+An object whose presence score stays <= 0 for `lost_after` consecutive frames is given up in that
+direction (instead of drifting onto the background); it resumes at its next prompt, if any.
+
+Bounded memory: frames come from a `FrameSource` one at a time (sam2/frames.py bounds the
+decoder's share). The `transformers` session keeps every frame's outputs unless told otherwise;
+here each step drops what SAM2's memory bank will not read again. Per object it keeps the
+prompted frames' outputs, the mask memories of the last `num_maskmem - 1` tracked frames and the
+object pointers of the last `max_object_pointers_in_encoder - 1` (6 and 15 for released models);
+the preprocessed frame and the high-resolution masks go as soon as the step is done, and one
+frame's image features stay cached. So the state is flat in video length
+(`TrackProgress.state_bytes`).
+
+The model is locked per frame, not per call: a long track leaves room for other requests'
+clicks between its frames. Coordinates: continuous pixels (sam2/transforms.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sam2.frames import FrameSource, UnreadableVideo
+from sam2.models import LoadedModel
+from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
+from sam2.transforms import preprocess, to_model_coords, upscale_logits
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ObjectPrompt", "ObjectTrack", "TrackProgress", "TrackResult", "VideoTracker"]
+
+
+class VideoTracker:
+    """Tracks boxed objects through a video with a loaded `Sam2VideoModel`. Stateless between
+    calls (each call has its own session), so one instance serves every request."""
+
+    def __init__(self, loaded: LoadedModel, *, max_prompt_frames_attended: int = 8):
+        """`max_prompt_frames_attended`: how many of an object's prompted frames (the temporally
+        closest) its memory attention reads on each frame; bounds the cost when a user has drawn
+        many keyframes. With fewer prompts than this, tracking is exactly SAM2's."""
+        self.loaded = loaded
+        config = loaded.model.config
+        self.num_maskmem = int(config.num_maskmem)
+        self.max_pointers = int(config.max_object_pointers_in_encoder)
+        self.max_prompt_frames_attended = int(max_prompt_frames_attended)
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.model_id
+
+    def track(
+        self,
+        frames: FrameSource,
+        objects: list[ObjectPrompt],
+        *,
+        max_frames_each_way: int = 300,
+        deadline: float | None = None,
+        lost_after: int | None = 5,
+        on_progress: Callable[[TrackProgress], None] | None = None,
+    ) -> TrackResult:
+        """Track `objects` through `frames`.
+
+        Arguments:
+            frames: the video (sam2.frames.VideoReader or any FrameSource).
+            objects: one prompt per object (ids unique); frame indices are 0-based.
+            max_frames_each_way: how far to follow each object past its last prompt and before
+                its first one.
+            deadline: a `time.monotonic()` value; the tracker stops before a frame it expects to
+                finish after it and returns what it has, `partial=True`.
+            lost_after: consecutive frames without the object before giving it up (None or 0:
+                never).
+            on_progress: called after every processed frame.
+        Returns:
+            TrackResult with one ObjectTrack per object.
+        """
+        ids = [o.obj_id for o in objects]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"object ids must be unique, got {ids}")
+        for o in objects:
+            bad = [f for f in o.boxes if not 0 <= f < frames.num_frames]
+            if bad:
+                raise ValueError(
+                    f"object {o.obj_id}: prompt on frame {bad[0]}, the video has frames 0..{frames.num_frames - 1}"
+                )
+        run = _Run(self, frames, objects, max(0, int(max_frames_each_way)), deadline, lost_after, on_progress)
+        return run.execute()
+
+
+# --- one call's work -------------------------------------------------------------------------
+
+
+@dataclass
+class _Seen:
+    box: Box | None  # None: absent (presence score <= 0 or an empty mask)
+    score: float  # presence probability
+
+
+@dataclass
+class _ObjectPlan:
+    """One object's frames, and where it stands in the current pass."""
+
+    prompt: ObjectPrompt
+    track: ObjectTrack
+    prompt_frames: list[int]
+    forward_end: int  # last frame the forward pass follows it to
+    backward_end: int  # first frame the backward pass follows it to
+    absent_run: int = 0
+    paused_until: int | None = None  # lost: skip frames until this prompt frame
+    done: bool = False  # nothing left in this pass
+
+    @property
+    def first(self) -> int:
+        return self.prompt_frames[0]
+
+    @property
+    def last(self) -> int:
+        return self.prompt_frames[-1]
+
+    def next_prompt_after(self, frame: int) -> int | None:
+        return next((p for p in self.prompt_frames if p > frame), None)
+
+
+@dataclass
+class _Clock:
+    deadline: float | None
+    step_s: float = 0.0  # running estimate of one frame's cost
+    stopped: bool = False
+
+    def allows_another_step(self) -> bool:
+        if self.deadline is None:
+            return True
+        if time.monotonic() + 1.2 * self.step_s > self.deadline:
+            self.stopped = True
+        return not self.stopped
+
+    @contextmanager
+    def timing(self):
+        t0 = time.monotonic()
+        yield
+        took = time.monotonic() - t0
+        self.step_s = took if self.step_s == 0 else max(took, 0.7 * self.step_s + 0.3 * took)
+
+
+@dataclass
+class _Run:
+    tracker: VideoTracker
+    frames: FrameSource
+    objects: list[ObjectPrompt]
+    max_frames: int
+    deadline: float | None
+    lost_after: int | None
+    on_progress: Callable[[TrackProgress], None] | None
+    plans: list[_ObjectPlan] = field(default_factory=list)
+    frames_done: int = 0
+    frames_total: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        last = self.frames.num_frames - 1
+        for o in self.objects:
+            prompt_frames = sorted(o.boxes)
+            fwd = min(last, prompt_frames[-1] + self.max_frames) if o.track_forward else prompt_frames[-1]
+            bwd = max(0, prompt_frames[0] - self.max_frames) if o.track_backward else prompt_frames[0]
+            track = ObjectTrack(o.obj_id)
+            self.plans.append(_ObjectPlan(o, track, prompt_frames, fwd, bwd))
+        self.clock = _Clock(self.deadline)
+        prompted = {f for p in self.plans for f in p.prompt_frames}
+        forward = {
+            f for p in self.plans for f in range(p.first + 1, p.forward_end + 1) if f not in p.prompt.boxes
+        }
+        backward = {f for p in self.plans for f in range(p.backward_end, p.first)}
+        self.frames_total = len(prompted) + len(forward) + len(backward)
+
+    def execute(self) -> TrackResult:
+        session = _Session(
+            self.tracker, self.frames.height, self.frames.width, [o.obj_id for o in self.objects]
+        )
+        t0 = time.monotonic()
+        self._prompts(session)
+        if not self.clock.stopped:
+            self._pass(session, reverse=False)
+        session.forget_tracked()
+        if not self.clock.stopped:
+            self._pass(session, reverse=True)
+        session.close()
+        tracks = {p.prompt.obj_id: p.track for p in self.plans}
+        partial = self.clock.stopped
+        message = f"tracked {len(tracks)} object(s) over {self.frames_done} frame(s) in {time.monotonic() - t0:.1f} s"
+        if partial:
+            message += f"; partial: stopped before the deadline after {self.frames_done} of {self.frames_total} frames"
+        if self.notes:
+            message += "; " + "; ".join(self.notes)
+        return TrackResult(tracks, self.frames_done, partial, message)
+
+    # --- the three phases ----------------------------------------------------------------------
+
+    def _prompts(self, session: _Session) -> None:
+        by_frame: dict[int, list[_ObjectPlan]] = {}
+        for plan in self.plans:
+            for f in plan.prompt_frames:
+                by_frame.setdefault(f, []).append(plan)
+        for f in sorted(by_frame):
+            if not self.clock.allows_another_step():
+                return
+            with self.clock.timing():
+                session.load(f, self.frames.frame(f))
+                seen = session.prompt(f, {p.prompt.obj_id: p.prompt.boxes[f] for p in by_frame[f]})
+            for plan in by_frame[f]:
+                self._record(plan, f, seen[plan.prompt.obj_id])
+            self._progress(session, f)
+
+    def _pass(self, session: _Session, reverse: bool) -> None:
+        for plan in self.plans:
+            plan.absent_run, plan.paused_until, plan.done = 0, None, False
+            if reverse and (plan.backward_end >= plan.first):
+                plan.done = True
+        if reverse:
+            todo = [p for p in self.plans if not p.done]
+            if not todo:
+                return
+            indices = range(max(p.first for p in todo) - 1, min(p.backward_end for p in todo) - 1, -1)
+        else:
+            indices = range(min(p.first for p in self.plans), max(p.forward_end for p in self.plans) + 1)
+        try:
+            for f, rgb in self.frames.frames(indices):
+                due = [p for p in self.plans if self._due(p, f, reverse)]
+                tracked = [p for p in due if f not in p.prompt.boxes]
+                if tracked:
+                    if not self.clock.allows_another_step():
+                        return
+                    with self.clock.timing():
+                        session.load(f, rgb)
+                        seen = session.track(f, [p.prompt.obj_id for p in tracked], reverse)
+                        session.prune(f, reverse)
+                    for plan in tracked:
+                        self._record(plan, f, seen[plan.prompt.obj_id])
+                        self._follow(plan, f, seen[plan.prompt.obj_id], reverse)
+                    self._progress(session, f)
+                if all(p.done for p in self.plans):
+                    return
+        except UnreadableVideo as e:
+            self.notes.append(f"{'backward' if reverse else 'forward'} pass ended early: {e}")
+            log.warning("video became unreadable while tracking: %s", e)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _due(self, plan: _ObjectPlan, f: int, reverse: bool) -> bool:
+        """Whether the pass runs this object on frame f (a prompted frame counts: it resumes)."""
+        if plan.done:
+            return False
+        if reverse:
+            if f >= plan.first:
+                return False
+            if f < plan.backward_end:
+                plan.done = True
+                return False
+            return True
+        if f <= plan.first:
+            return False
+        if f > plan.forward_end:
+            plan.done = True
+            return False
+        if plan.paused_until is not None:
+            if f < plan.paused_until:
+                return False
+            plan.paused_until, plan.absent_run = None, 0
+        if f in plan.prompt.boxes:
+            plan.absent_run = 0
+        return True
+
+    def _record(self, plan: _ObjectPlan, f: int, seen: _Seen) -> None:
+        plan.track.mark(f)
+        plan.track.scores[f] = seen.score
+        if seen.box is not None:
+            plan.track.boxes[f] = seen.box
+
+    def _follow(self, plan: _ObjectPlan, f: int, seen: _Seen, reverse: bool) -> None:
+        """Count absent frames; give the object up after `lost_after` of them in a row."""
+        if seen.box is not None:
+            plan.absent_run = 0
+            return
+        plan.absent_run += 1
+        if not self.lost_after or plan.absent_run < self.lost_after:
+            return
+        first_absent = f + (plan.absent_run - 1) * (1 if reverse else -1)
+        if reverse:
+            plan.track.lost_backward_at = first_absent
+            plan.done = True
+            return
+        resume = plan.next_prompt_after(f)
+        if resume is None:
+            plan.track.lost_forward_at = first_absent
+            plan.done = True
+        else:
+            plan.paused_until = resume
+
+    def _progress(self, session: _Session, f: int) -> None:
+        self.frames_done += 1
+        if self.on_progress is not None:
+            self.on_progress(TrackProgress(self.frames_done, self.frames_total, f, session.state_bytes()))
+
+
+# --- the transformers session, and what it keeps ----------------------------------------------
+
+
+class _Session:
+    """A `Sam2VideoInferenceSession` fed one frame at a time, pruned to what memory reads.
+
+    It drives the model's per-object steps itself (the public `forward` runs every object of the
+    session on every frame, and fails for objects whose first prompt is still ahead).
+    """
+
+    def __init__(self, tracker: VideoTracker, height: int, width: int, obj_ids: list[int]):
+        from transformers import Sam2VideoInferenceSession
+
+        self.tracker = tracker
+        self.loaded = tracker.loaded
+        self.model = tracker.loaded.model
+        self.device = tracker.loaded.device
+        self.hw = (height, width)
+        self.inner = Sam2VideoInferenceSession(
+            video_height=height,
+            video_width=width,
+            inference_device=self.device,
+            inference_state_device=self.device,
+            video_storage_device=self.device,
+            dtype=torch.float32,
+        )
+        self.idx = {obj_id: self.inner.obj_id_to_idx(obj_id) for obj_id in obj_ids}
+
+    def load(self, frame: int, rgb: np.ndarray) -> None:
+        if rgb.shape[:2] != self.hw:
+            raise ValueError(
+                f"frame {frame} is {rgb.shape[1]}x{rgb.shape[0]}, the video {self.hw[1]}x{self.hw[0]}"
+            )
+        pixels = preprocess(rgb, self.loaded.image_size, self.device)
+        self.inner.add_new_frame(pixels, frame)
+
+    def prompt(self, frame: int, boxes: dict[int, Box]) -> dict[int, _Seen]:
+        """Conditioning outputs for the objects boxed on this frame (no memory: SAM2's rule for a
+        frame that gets a prompt before it was tracked)."""
+        outs = {}
+        with self._model_step():
+            for obj_id, box in boxes.items():
+                corners = to_model_coords(
+                    np.asarray(box, dtype=np.float64).reshape(2, 2), self.hw, self.loaded.image_size
+                )
+                point_inputs = {
+                    "point_coords": torch.as_tensor(corners, device=self.device).view(1, 1, 2, 2),
+                    "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=self.device),
+                }
+                outs[obj_id] = self.model._run_single_frame_inference(
+                    inference_session=self.inner,
+                    frame_idx=frame,
+                    obj_idx=self.idx[obj_id],
+                    batch_size=1,
+                    is_init_cond_frame=True,
+                    point_inputs=point_inputs,
+                    mask_inputs=None,
+                    reverse=False,
+                    streaming=True,
+                )
+            return self._finish(frame, outs, conditioning=True)
+
+    def track(self, frame: int, obj_ids: list[int], reverse: bool) -> dict[int, _Seen]:
+        """One tracking step on a loaded frame for these objects (memory-conditioned)."""
+        outs = {}
+        with self._model_step():
+            for obj_id in obj_ids:
+                outs[obj_id] = self.model._run_single_frame_inference(
+                    inference_session=self.inner,
+                    frame_idx=frame,
+                    obj_idx=self.idx[obj_id],
+                    batch_size=1,
+                    is_init_cond_frame=False,
+                    point_inputs=None,
+                    mask_inputs=None,
+                    reverse=reverse,
+                    streaming=True,
+                )
+            return self._finish(frame, outs, conditioning=False)
+
+    def _finish(self, frame: int, outs: dict[int, dict], conditioning: bool) -> dict[int, _Seen]:
+        """Store outputs, encode their memories (batched), drop what memory never reads, and
+        turn masks into boxes."""
+        obj_idxs = [self.idx[obj_id] for obj_id in outs]
+        for obj_idx, out in zip(obj_idxs, outs.values(), strict=True):
+            self.inner.store_output(obj_idx, frame, output_value=out, is_conditioning_frame=conditioning)
+        self.model._batch_encode_memories(
+            inference_session=self.inner,
+            frame_idx=frame,
+            objects_needing_memory_encoding=obj_idxs,
+            high_res_masks_for_memory=[out["high_res_masks"] for out in outs.values()],
+            object_score_logits_for_memory=[out["object_score_logits"] for out in outs.values()],
+            is_mask_from_pts_per_obj=[conditioning] * len(outs),
+        )
+        key = "cond_frame_outputs" if conditioning else "non_cond_frame_outputs"
+        for obj_idx in obj_idxs:
+            stored = self.inner.output_dict_per_obj[obj_idx][key][frame]
+            stored.pop("high_res_masks", None)
+            stored.pop("pred_masks", None)
+        self.inner.processed_frames.pop(frame, None)
+
+        low_res = torch.cat(
+            [out["pred_masks"].reshape(1, *out["pred_masks"].shape[-2:]) for out in outs.values()]
+        )
+        masks = upscale_logits(low_res, self.hw) > 0  # (N, H, W)
+        scores = torch.cat([out["object_score_logits"].reshape(1) for out in outs.values()]).float()
+        present = (scores > 0).tolist()
+        probs = torch.sigmoid(scores).tolist()
+        rows, cols = masks.any(dim=2).cpu().numpy(), masks.any(dim=1).cpu().numpy()
+        seen = {}
+        for i, obj_id in enumerate(outs):
+            box = _tight_box(rows[i], cols[i]) if present[i] else None
+            seen[obj_id] = _Seen(box, float(probs[i]))
+        return seen
+
+    def prune(self, frame: int, reverse: bool) -> None:
+        """Drop tracked-frame outputs the memory bank will not read after `frame`: the next frame
+        reads mask memories from the `num_maskmem - 1` frames before it and object pointers from
+        the `max_object_pointers - 1` frames before it (after it, when tracking backwards)."""
+        step = -1 if reverse else 1
+        keep_memory = self.tracker.num_maskmem - 1
+        keep_pointer = self.tracker.max_pointers - 1
+        for per_obj in self.inner.output_dict_per_obj.values():
+            tracked = per_obj["non_cond_frame_outputs"]
+            for f in list(tracked):
+                distance = (frame - f) * step  # frames behind the current one
+                if distance >= keep_pointer or distance < 0:
+                    del tracked[f]
+                elif distance >= keep_memory:
+                    tracked[f].pop("maskmem_features", None)
+                    tracked[f].pop("maskmem_pos_enc", None)
+
+    def forget_tracked(self) -> None:
+        """Between passes: keep only the prompted frames' outputs."""
+        for per_obj in self.inner.output_dict_per_obj.values():
+            per_obj["non_cond_frame_outputs"].clear()
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors the session holds (outputs, frames, cached image features)."""
+        inner = self.inner
+        held = [inner.output_dict_per_obj, inner.processed_frames, inner.cache._vision_features]
+        return sum(_nbytes(x) for x in held)
+
+    def close(self) -> None:
+        self.inner.reset_inference_session()
+        self.inner.processed_frames = None
+
+    @contextmanager
+    def _model_step(self):
+        """The model's lock for one frame, inference mode, autocast, and the cap on how many
+        prompted frames memory attention reads."""
+        model = self.model
+        with self.loaded.lock, torch.inference_mode(), self.loaded.autocast_context():
+            saved = model.config.max_cond_frame_num
+            cap = self.tracker.max_prompt_frames_attended
+            if cap > 0 and (saved < 0 or saved > cap):
+                model.config.max_cond_frame_num = cap
+            try:
+                yield
+            finally:
+                model.config.max_cond_frame_num = saved
+
+
+def _tight_box(rows: np.ndarray, cols: np.ndarray) -> Box | None:
+    """Rows/cols that hold mask pixels -> (x1, y1, x2, y2) continuous pixels, or None if empty."""
+    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
+    if ys.size == 0 or xs.size == 0:
+        return None
+    return (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
+
+
+def _nbytes(obj: object) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0

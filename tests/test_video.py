@@ -1,0 +1,483 @@
+"""Video tracking: frame reader, streaming tracker, Label Studio video tasks.
+
+A random model cannot track, so tracker tests check structure (which frames, both directions,
+1-based numbering), the deadline and memory; the model's presence score is pinned (always there,
+or never) by setting the bias of its object-score head. Tracking quality is tested elsewhere with
+a trained fixture model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from backend.video import (
+    SIGNATURE_KEY,
+    FrameClock,
+    VideoError,
+    is_video_config,
+    parse_video_config,
+    predict_video_task,
+)
+from sam2.frames import UnreadableVideo, VideoReader
+from sam2.models import random_model, tiny_config
+from sam2.tracks import ObjectPrompt, ObjectTrack, TrackResult
+from sam2.video import VideoTracker
+from tests.videos import Shape, moving_shapes, write_video
+
+W, H, N, FPS = 96, 64, 40, 24
+RED = Shape((230, 20, 20), (8, 10, 28, 30), (1.0, 0.5))
+BLUE = Shape((20, 20, 230), (70, 30, 88, 50), (-1.0, 0.0), first_frame=8)
+
+CONFIG = f"""<View>
+  <Labels name="videoLabels" toName="video"><Label value="Car"/><Label value="Person"/></Labels>
+  <Video name="video" value="$video" frameRate="{FPS}"/>
+  <VideoRectangle name="box" toName="video" smart="true"/>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def video_path(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("video") / "shapes.mp4"
+    return write_video(path, moving_shapes(N, H, W, [RED, BLUE]), fps=FPS, gop=12)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: two threads can be slower than one
+    yield
+    torch.set_num_threads(before)
+
+
+def make_tracker(presence: float) -> VideoTracker:
+    """A tiny random model whose object-presence logit is always `presence`."""
+    torch.manual_seed(0)
+    loaded = random_model(tiny_config(128), "video")
+    head = loaded.model.mask_decoder.pred_obj_score_head.proj_out
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(presence)
+    return VideoTracker(loaded)
+
+
+@pytest.fixture(scope="module")
+def present_tracker() -> VideoTracker:
+    return make_tracker(10.0)
+
+
+def centroid(rgb: np.ndarray, color) -> tuple[float, float]:
+    near = np.abs(rgb.astype(int) - np.array(color)).sum(axis=2) < 120
+    ys, xs = np.nonzero(near)
+    return float(xs.mean()), float(ys.mean())
+
+
+def box_of(shape: Shape, index: int) -> tuple[float, float, float, float]:
+    return tuple(float(v) for v in shape.box(index))
+
+
+# --- frame reader -----------------------------------------------------------------------------
+
+
+def test_reader_counts_frames_and_numbers_them_from_zero(video_path):
+    with VideoReader(video_path) as reader:
+        assert (reader.num_frames, reader.width, reader.height) == (N, W, H)
+        assert reader.fps == pytest.approx(FPS)
+        assert reader.times_s[:3] == pytest.approx([0, 1 / FPS, 2 / FPS])
+        assert reader.duration_s == pytest.approx(N / FPS)
+        for index, rgb in reader.frames(range(0, 20)):  # before the shapes meet
+            assert rgb.shape == (H, W, 3) and rgb.dtype == np.uint8
+            x1, y1, x2, y2 = RED.box(index)
+            assert centroid(rgb, RED.color) == pytest.approx(((x1 + x2 - 1) / 2, (y1 + y2 - 1) / 2), abs=1.0)
+
+
+def test_reader_goes_backwards_in_bounded_chunks_with_the_same_frames(video_path):
+    # Chunks of 5 frames against keyframes every 12: every chunk re-decodes from a keyframe.
+    with VideoReader(video_path, chunk_bytes=W * H * 3 // 2 * 5) as reader:
+        forward = dict(reader.frames(range(3, 33)))
+        backward = list(reader.frames(range(32, 2, -1)))
+        assert [i for i, _ in backward] == list(range(32, 2, -1))
+        assert all(np.array_equal(forward[i], rgb) for i, rgb in backward)
+        assert np.array_equal(reader.frame(17), forward[17])
+
+
+def test_reader_counts_frames_without_the_containers_count(tmp_path):
+    # Matroska/WebM store no frame count: the reader counts from the packets.
+    path = write_video(tmp_path / "v.webm", moving_shapes(23, H, W, [RED]), fps=FPS, codec="libvpx")
+    with VideoReader(path) as reader:
+        assert reader.num_frames == 23
+        assert len(list(reader.frames(range(22, -1, -1)))) == 23
+
+
+def test_reader_turns_rotated_videos_upright(tmp_path):
+    # Phones store portrait video as landscape frames plus a display rotation (here 90 deg clockwise).
+    path = write_video(tmp_path / "r.mp4", moving_shapes(3, H, W, [RED]), fps=FPS, rotation=-90)
+    with VideoReader(path) as reader:
+        assert (reader.width, reader.height) == (H, W)
+        rgb = reader.frame(0)
+        assert rgb.shape == (W, H, 3)
+        x, y = centroid(rgb, RED.color)
+        assert (x, y) == pytest.approx((H - 1 - 19.5, 17.5), abs=1.0)  # (x, y) -> (H - 1 - y, x)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"this is not a video" * 100])
+def test_reader_rejects_missing_empty_and_garbage_files(tmp_path, content):
+    path = tmp_path / "bad.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UnreadableVideo):
+        VideoReader(path)
+
+
+def test_reader_rejects_a_video_without_frames(tmp_path):
+    path = write_video(tmp_path / "empty.mp4", [], fps=FPS)
+    with pytest.raises(UnreadableVideo):
+        VideoReader(path)
+
+
+# --- tracker ----------------------------------------------------------------------------------
+
+
+def test_tracks_two_objects_forwards_and_backwards_from_mid_video(video_path, present_tracker, one_thread):
+    progress = []
+    with VideoReader(video_path) as reader:
+        result = present_tracker.track(
+            reader,
+            [ObjectPrompt(0, {10: box_of(RED, 10)}), ObjectPrompt(7, {20: box_of(BLUE, 20)})],
+            max_frames_each_way=6,
+            lost_after=None,
+            on_progress=progress.append,
+        )
+    assert not result.partial
+    red, blue = result.tracks[0], result.tracks[7]
+    assert red.span == (4, 16) and set(red.scores) == set(range(4, 17))
+    assert blue.span == (14, 26) and set(blue.scores) == set(range(14, 27))
+    for track in (red, blue):
+        assert set(track.boxes) <= set(track.scores)
+        assert all(0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H for x1, y1, x2, y2 in track.boxes.values())
+        assert track.lost_forward_at is None and track.lost_backward_at is None
+    # Two prompted frames; forward 11..16 (red) and 21..26 (blue); backward 19..14 and 9..4.
+    assert result.frames_processed == 2 + 12 + 12
+    assert [p.frame for p in progress][:2] == [10, 20]
+    assert progress[-1].frames_done == result.frames_processed <= progress[-1].frames_total
+
+
+def test_gives_up_a_lost_object_and_resumes_at_its_next_prompt(video_path, one_thread):
+    absent = make_tracker(-10.0)
+    with VideoReader(video_path) as reader:
+        result = absent.track(
+            reader,
+            [ObjectPrompt(0, {5: box_of(RED, 5), 20: box_of(RED, 20)})],
+            max_frames_each_way=30,
+            lost_after=3,
+        )
+    track = result.tracks[0]
+    assert track.boxes == {}  # never there
+    # forward: 6, 7, 8 absent -> wait for the prompt on 20; 21, 22, 23 absent -> lost at 21
+    # backward: 4, 3, 2 absent -> lost at 4
+    assert set(track.scores) == {2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23}
+    assert (track.lost_forward_at, track.lost_backward_at) == (21, 4)
+    assert track.span == (2, 23)
+
+
+def test_stops_before_the_deadline_and_says_partial(video_path, present_tracker, one_thread):
+    with VideoReader(video_path) as reader:
+        started = time.monotonic()
+        result = present_tracker.track(
+            reader, [ObjectPrompt(0, {0: box_of(RED, 0)})], max_frames_each_way=N, deadline=started + 0.5
+        )
+        took = time.monotonic() - started
+        assert result.partial and "partial" in result.message
+        assert 1 <= result.frames_processed < N
+        assert took < 0.5 + 0.3
+        assert result.tracks[0].span[1] == result.frames_processed - 1
+
+        late = present_tracker.track(
+            reader, [ObjectPrompt(0, {0: box_of(RED, 0)})], deadline=time.monotonic() - 1
+        )
+        assert late.partial and late.frames_processed == 0 and late.tracks[0].span is None
+
+
+def test_session_state_stays_flat_as_the_video_gets_longer(video_path, present_tracker, one_thread):
+    progress = []
+    with VideoReader(video_path) as reader:
+        present_tracker.track(
+            reader,
+            [ObjectPrompt(0, {20: box_of(RED, 20)})],
+            max_frames_each_way=N,
+            lost_after=None,
+            on_progress=progress.append,
+        )
+    forward = [p.state_bytes for p in progress if p.frame > 20]
+    backward = [p.state_bytes for p in progress if p.frame < 20]
+    assert len(forward) == 19 and len(backward) == 20
+    # Pointers are kept for 15 frames, mask memories for 6: the state stops growing after that.
+    for states in (forward, backward):
+        assert max(states[15:]) <= states[14]
+        assert states[14] < 2 * states[0]
+
+
+def test_rejects_prompts_outside_the_video(video_path, present_tracker):
+    with VideoReader(video_path) as reader, pytest.raises(ValueError, match="frame 40"):
+        present_tracker.track(reader, [ObjectPrompt(0, {40: (1, 1, 5, 5)})])
+
+
+# --- Label Studio side ------------------------------------------------------------------------
+
+
+class FakeTracker:
+    """Records the prompts; answers with `boxes_for(prompt) -> {frame: box}` and a span."""
+
+    model_id = "fake-1"
+
+    def __init__(self, boxes_for=None, span_for=None, lost_forward=None):
+        self.calls = []
+        self.boxes_for = boxes_for or (lambda p: dict(p.boxes))
+        self.span_for = span_for or (lambda p: (min(p.boxes), max(p.boxes)))
+        self.lost_forward = lost_forward or {}
+
+    def track(self, frames, objects, *, max_frames_each_way, deadline, lost_after):
+        self.calls.append((objects, max_frames_each_way, deadline))
+        tracks = {}
+        for p in objects:
+            boxes = self.boxes_for(p)
+            tracks[p.obj_id] = ObjectTrack(
+                p.obj_id,
+                boxes=boxes,
+                scores=dict.fromkeys(boxes, 0.9),
+                span=self.span_for(p),
+                lost_forward_at=self.lost_forward.get(p.obj_id),
+            )
+        return TrackResult(tracks, 3, False, "fake")
+
+
+def keyframe(frame: int, box_px, enabled=True) -> dict:
+    x1, y1, x2, y2 = box_px
+    return {
+        "frame": frame,
+        "enabled": enabled,
+        "rotation": 0,
+        "x": x1 / W * 100,
+        "y": y1 / H * 100,
+        "width": (x2 - x1) / W * 100,
+        "height": (y2 - y1) / H * 100,
+        "time": frame / FPS,
+    }
+
+
+def region(region_id: str, *keyframes: dict, labels=("Car",)) -> dict:
+    return {
+        "id": region_id,
+        "type": "videorectangle",
+        "from_name": "box",
+        "to_name": "video",
+        "origin": "manual",
+        "value": {"framesCount": N, "duration": N / FPS, "sequence": list(keyframes), "labels": list(labels)},
+    }
+
+
+TASK = {"id": 1, "data": {"video": "/data/upload/1/shapes.mp4"}}
+
+
+def test_parses_the_video_config_and_its_frame_rate():
+    config = parse_video_config(CONFIG)
+    assert (config.video_name, config.value_key, config.control_name, config.frame_rate) == (
+        "video",
+        "video",
+        "box",
+        FPS,
+    )
+    for attr, data, rate in [
+        ("", {}, 24.0),
+        ('framerate="29.97"', {}, 29.97),
+        ('frameRate="$fps"', {"fps": 25}, 25.0),
+        ('frameRate="0.5"', {}, 2.0),
+        ('frameRate="abc"', {}, 24.0),
+    ]:
+        xml = f'<View><Video name="v" value="$v" {attr}/><VideoRectangle name="b" toName="v"/></View>'
+        assert parse_video_config(xml, data).frame_rate == rate
+    assert is_video_config(CONFIG)
+    assert not is_video_config('<View><Image name="i" value="$i"/></View>')
+
+
+def test_label_studio_frame_numbers_map_to_decoded_frames():
+    times = np.arange(N) / FPS
+    clock = FrameClock(FPS, times, N / FPS)
+    assert [clock.index(f) for f in (1, 2, N)] == [0, 1, N - 1]
+    assert [clock.ls_frame(i) for i in (0, 1, N - 1)] == [1, 2, N]
+    assert clock.frames_count == N and clock.is_last(N) and not clock.is_last(N - 1)
+    with pytest.raises(ValueError):
+        clock.index(N + 1)
+    with pytest.raises(ValueError):
+        clock.index(0)
+    # The config says 12 fps for a 24 fps video: Label Studio's frame F shows second (F-1)/12.
+    slow = FrameClock(12.0, times, N / FPS)
+    assert [slow.index(f) for f in (1, 2, 20)] == [0, 2, 38]
+    assert [slow.ls_frame(i) for i in (0, 2, 3, 38)] == [1, 2, 3, 20]
+
+
+def test_video_task_turns_regions_into_prompts_and_tracks_into_keyframes(video_path):
+    # Frames 1-based in Label Studio: the user's box on frame 11 is decoded frame 10.
+    red_user = keyframe(11, box_of(RED, 10))
+    blue_user = keyframe(21, box_of(BLUE, 20))
+
+    def boxes_for(p):
+        lo, hi = min(p.boxes) - 3, max(p.boxes) + 4
+        boxes = {i: (10.0 + i, 5.0, 30.0 + i, 25.0) for i in range(lo, hi + 1)}
+        boxes.pop(hi - 1 if p.obj_id == 0 else lo + 1)  # a frame where the object is absent
+        return boxes
+
+    tracker = FakeTracker(
+        boxes_for, span_for=lambda p: (min(p.boxes) - 3, max(p.boxes) + 4), lost_forward={0: 15}
+    )
+    context = [region("red1", red_user), region("blue2", blue_user, labels=("Person",))]
+    out = predict_video_task(TASK, context, CONFIG, video_path, tracker, deadline_s=30, max_frames=50)
+
+    ((objects, max_frames, deadline),) = tracker.calls
+    assert max_frames == 50 and deadline == pytest.approx(time.monotonic() + 30, abs=5)
+    assert [o.obj_id for o in objects] == [0, 1]
+    assert list(objects[0].boxes) == [10] and objects[0].boxes[10] == pytest.approx(box_of(RED, 10))
+    assert list(objects[1].boxes) == [20] and objects[1].boxes[20] == pytest.approx(box_of(BLUE, 20))
+
+    assert out["model_version"] == "fake-1" and out["score"] == pytest.approx(0.9)
+    red, blue = out["result"]
+    assert (red["id"], red["from_name"], red["to_name"], red["type"]) == (
+        "red1",
+        "box",
+        "video",
+        "videorectangle",
+    )
+    assert red["value"]["labels"] == ["Car"] and blue["value"]["labels"] == ["Person"]
+    assert red["value"]["framesCount"] == N and red["value"]["duration"] == pytest.approx(N / FPS)
+
+    seq = red["value"]["sequence"]
+    frames = [k["frame"] for k in seq]
+    assert frames == [8, 9, 10, 11, 12, 13, 15]  # decoded 7..14, absent on 13 -> LS 14 missing
+    assert seq[3] == red_user  # the user's keyframe, untouched
+    k8 = seq[0]
+    assert k8["x"] == pytest.approx((10 + 7) / W * 100, abs=1e-3) and k8["width"] == pytest.approx(
+        20 / W * 100, abs=1e-3
+    )
+    assert k8["time"] == pytest.approx(8 / FPS) and k8["rotation"] == 0
+    enabled = {k["frame"]: k["enabled"] for k in seq}
+    assert enabled[13] is False  # the object is absent on the next frame
+    assert enabled[15] is False  # lost after it (and not the video's end)
+    assert enabled[12] is True
+
+    blue_frames = [k["frame"] for k in blue["value"]["sequence"]]
+    assert blue_frames == [18, 20, 21, 22, 23, 24, 25]  # decoded 17..24, absent on 18 -> LS 19 missing
+    assert {k["frame"]: k["enabled"] for k in blue["value"]["sequence"]}[18] is False
+
+
+def test_tracked_keyframes_are_not_prompts_on_the_next_run_unless_the_user_edits_them(video_path):
+    def boxes_for(p):
+        first = min(p.boxes)
+        return {i: (10.0 + i, 5.0, 30.0 + i, 25.0) for i in range(first, first + 6)}
+
+    tracker = FakeTracker(boxes_for, span_for=lambda p: (min(p.boxes), min(p.boxes) + 5))
+    first = predict_video_task(
+        TASK,
+        [region("r", keyframe(3, box_of(RED, 2)))],
+        CONFIG,
+        video_path,
+        tracker,
+        deadline_s=30,
+        max_frames=5,
+    )
+    tracked = first["result"][0]
+    assert sum(SIGNATURE_KEY in k for k in tracked["value"]["sequence"]) == 5
+
+    predict_video_task(TASK, [tracked], CONFIG, video_path, tracker, deadline_s=30, max_frames=5)
+    assert list(tracker.calls[-1][0][0].boxes) == [2]  # only the user's keyframe
+
+    edited = {
+        **tracked,
+        "value": {**tracked["value"], "sequence": [dict(k) for k in tracked["value"]["sequence"]]},
+    }
+    edited["value"]["sequence"][4]["x"] += 3.0  # the user moves the box on frame 7
+    predict_video_task(TASK, [edited], CONFIG, video_path, tracker, deadline_s=30, max_frames=5)
+    assert sorted(tracker.calls[-1][0][0].boxes) == [2, 6]
+
+
+def test_a_disabled_last_keyframe_ends_the_object(video_path):
+    tracker = FakeTracker()
+    predict_video_task(
+        TASK,
+        [region("r", keyframe(3, box_of(RED, 2)), keyframe(9, box_of(RED, 8), enabled=False))],
+        CONFIG,
+        video_path,
+        tracker,
+        deadline_s=30,
+        max_frames=5,
+    )
+    (prompt,) = tracker.calls[0][0]
+    assert sorted(prompt.boxes) == [2, 8] and not prompt.track_forward and prompt.track_backward
+
+
+def test_retrieve_predictions_tracks_the_latest_annotation(video_path):
+    old = {
+        "id": 1,
+        "updated_at": "2026-01-01T00:00:00Z",
+        "result": [region("old", keyframe(2, box_of(RED, 1)))],
+    }
+    new = {
+        "id": 2,
+        "updated_at": "2026-02-01T00:00:00Z",
+        "result": [region("new", keyframe(5, box_of(RED, 4)))],
+    }
+    task = {**TASK, "annotations": [new, old]}
+    tracker = FakeTracker()
+    out = predict_video_task(task, None, CONFIG, video_path, tracker, deadline_s=30, max_frames=5)
+    assert [r["id"] for r in out["result"]] == ["new"]
+    assert list(tracker.calls[0][0][0].boxes) == [4]
+
+
+@pytest.mark.parametrize(
+    "regions, match",
+    [
+        ([], "no VideoRectangle region"),
+        ([region("r")], "no keyframes"),
+        ([region("r", keyframe(N + 1, (1, 1, 9, 9)))], "past the video's end"),
+        ([region("r", {"frame": 3, "x": 10})], "lacks x, y, width or height"),
+        ([region("r", keyframe(3, (1, 1, 9, 9)) | {"width": 0})], "empty"),
+    ],
+)
+def test_bad_regions_are_task_errors(video_path, regions, match):
+    with pytest.raises(VideoError, match=match):
+        predict_video_task(TASK, regions, CONFIG, video_path, FakeTracker(), deadline_s=30, max_frames=5)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"<html>404 Not Found</html>"])
+def test_unreadable_videos_are_task_errors(tmp_path, content):
+    path = tmp_path / "v.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(VideoError, match="cannot read the video"):
+        predict_video_task(
+            TASK,
+            [region("r", keyframe(3, (1, 1, 9, 9)))],
+            CONFIG,
+            path,
+            FakeTracker(),
+            deadline_s=30,
+            max_frames=5,
+        )
+
+
+def test_video_task_end_to_end_with_a_tiny_model(video_path, present_tracker, one_thread):
+    context = [region("red", keyframe(11, box_of(RED, 10))), region("blue", keyframe(21, box_of(BLUE, 20)))]
+    out = predict_video_task(TASK, context, CONFIG, video_path, present_tracker, deadline_s=60, max_frames=4)
+    red, blue = out["result"]
+    assert out["model_version"] == present_tracker.model_id and "tracked 2 object(s)" in out["message"]
+    for result, user_frame in ((red, 11), (blue, 21)):
+        frames = [k["frame"] for k in result["value"]["sequence"]]
+        assert frames == sorted(frames) and user_frame in frames
+        assert min(frames) >= user_frame - 4 and max(frames) <= user_frame + 4
+        assert any(f < user_frame for f in frames) and any(f > user_frame for f in frames)  # both directions
+        for k in result["value"]["sequence"]:
+            assert 0 <= k["x"] <= 100 and 0 <= k["y"] <= 100
+            assert k["x"] + k["width"] <= 100 + 1e-6 and k["y"] + k["height"] <= 100 + 1e-6
+            assert k["time"] == pytest.approx(k["frame"] / FPS)
