@@ -37,3 +37,6 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Label Studio E2E tests, Chromium and `make run` (the demo).
+include mk/e2e.mk

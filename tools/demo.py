@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     # Ctrl-C reaches only this process (the servers run in their own sessions): stop both here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     backend = ls = None
     try:

@@ -179,6 +179,12 @@ def _log_tail(path: Path, chars: int = 4000) -> str:
         return "(no log)"
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C semantics even when our parent ignores SIGINT (a
+    background job of a non-interactive shell does, and exec would pass that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
     """SIGINT the process group we started (Ctrl-C semantics), then SIGKILL it if it lingers."""
     if process.poll() is not None:
@@ -198,7 +204,20 @@ def _stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
 def _wait_healthy(
     url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str, ok=None
 ) -> float:
-    """Poll `url` until it answers 200 (and `ok(response)`); return the seconds it took."""
+    """Poll `url` until it answers 200 (and `ok(response)`); return the seconds it took.
+
+    The process is stopped when this fails or is interrupted (Ctrl-C), so nothing is left behind.
+    """
+    try:
+        return _poll_healthy(url, process, log_path, timeout_s, what, ok)
+    except BaseException:
+        _stop_process(process)
+        raise
+
+
+def _poll_healthy(
+    url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str, ok
+) -> float:
     start = time.monotonic()
     while True:
         if process.poll() is not None:
@@ -209,10 +228,9 @@ def _wait_healthy(
             response = requests.get(url, timeout=2)
             if response.status_code == 200 and (ok is None or ok(response)):
                 return time.monotonic() - start
-        except requests.RequestException:
+        except (requests.RequestException, ValueError):  # not up yet, or not JSON yet
             pass
         if time.monotonic() - start > timeout_s:
-            _stop_process(process)
             raise LabelStudioError(
                 f"{what} did not answer {url} within {timeout_s:.0f} s; log:\n{_log_tail(log_path)}"
             )
@@ -328,6 +346,7 @@ def start_label_studio(
             stdin=subprocess.DEVNULL,
             cwd=data_dir,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
     url = f"http://{host}:{port}"
     boot_s = _wait_healthy(f"{url}/health", process, log_path, timeout_s, "Label Studio")
@@ -425,6 +444,7 @@ def start_backend(
             stdin=subprocess.DEVNULL,
             cwd=REPO_ROOT,
             start_new_session=True,
+            preexec_fn=_default_sigint,
         )
     url = f"http://{host}:{port}"
     _wait_healthy(
