@@ -22,6 +22,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from backend.admission import AdmissionQueue
 from backend.errors import BackendError, BadRequest, TaskError, Unavailable
 from backend.media import LabelStudioAuth, MediaClient, MediaLimits
 from backend.metrics import Metrics
@@ -122,6 +123,10 @@ class Runtime:
             ]
         )
         self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
+        if loaded.device.type == "cuda":
+            from sam2.gpu import memory_gauges
+
+            self.metrics.watch(lambda: memory_gauges(loaded.device))
         self.ready.set()
 
     def require(self, timeout_s: float = 120.0) -> ImageSegmenter:
@@ -173,7 +178,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     (tests pass a tiny in-process model)."""
     settings = settings or Settings.from_env()
     app = Flask("label-studio-sam2")
-    app.config["MAX_CONTENT_LENGTH"] = 64 << 20  # a /predict body is JSON: tasks and regions
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb << 20  # JSON: tasks and regions, not media
     metrics = Metrics()
     runtime = Runtime(settings, metrics, loaded_model)
     app.extensions["sam2"] = runtime
@@ -186,6 +191,33 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             return None
         return _check_basic_auth(settings)
 
+    queue = AdmissionQueue(settings.queue_size)
+    metrics.watch(
+        lambda: [
+            ("sam2_queue_depth", "/predict requests in this worker, running or waiting", queue.depth),
+            ("sam2_queue_capacity", "/predict requests a worker admits before answering 503", queue.capacity),
+        ]
+    )
+
+    @app.before_request
+    def _admit():
+        # after auth (an unauthenticated caller never takes a slot); only /predict queues for the model
+        if request.path != "/predict" or request.method != "POST":
+            return None
+        if not queue.try_enter():
+            metrics.queue_rejected.inc()
+            resp = jsonify(error="the SAM2 backend is busy (its request queue is full); try again shortly")
+            resp.status_code = 503
+            resp.headers["Retry-After"] = str(queue.retry_after_s())
+            return resp
+        request.environ["sam2.admitted"] = True
+        return None
+
+    @app.teardown_request
+    def _release(_exc):
+        if request.environ.pop("sam2.admitted", False):
+            queue.leave(time.perf_counter() - request.environ["sam2.start"])
+
     @app.after_request
     def _count(resp):
         endpoint = (
@@ -197,7 +229,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         metrics.requests.labels(endpoint, outcome).inc()
         start = request.environ.get("sam2.start")
         if start is not None:
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            metrics.latency.labels(endpoint, outcome).observe(time.perf_counter() - start)
         return resp
 
     @app.errorhandler(BackendError)

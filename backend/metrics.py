@@ -17,8 +17,8 @@ class Metrics:
         )
         self.latency = Histogram(
             "sam2_request_seconds",
-            "Request latency by endpoint",
-            ["endpoint"],
+            "Request latency by endpoint and outcome",
+            ["endpoint", "outcome"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -31,6 +31,9 @@ class Metrics:
         )
         self.tasks = Counter("sam2_tasks", "Tasks answered, by outcome", ["outcome"], registry=r)
         self.in_flight = Gauge("sam2_requests_in_flight", "Requests being served or queued", registry=r)
+        self.queue_rejected = Counter(
+            "sam2_queue_rejected", "/predict requests answered 503 because the queue was full", registry=r
+        )
         self._sources: list = []
         r.register(_Collector(self._sources))
 

@@ -29,9 +29,22 @@ class Settings:
     download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT_S
     media_allowed_hosts: tuple[str, ...] = ()  # MEDIA_ALLOWED_HOSTS: comma-separated; empty = any
     predict_deadline_s: float = 90.0  # PREDICT_DEADLINE_S: answer before LS's 100 s timeout
+    queue_size: int = 6  # QUEUE_SIZE: /predict requests per worker (running + waiting); more get 503
+    max_body_mb: int = 64  # MAX_BODY_MB: request body size cap (413 above it)
     video_max_frames: int = 300  # VIDEO_MAX_FRAMES: tracked frames each way from the prompts
     retrieve_mode: str = "boxes"  # RETRIEVE_MODE: boxes | auto | none, for "Retrieve predictions"
     output: str = "auto"  # OUTPUT: auto (the config's control) | brush | polygon
+    # bulk pre-annotation ("Retrieve predictions" and `python -m backend preannotate`)
+    boxes_from: str = "annotation"  # BOXES_FROM: annotation | prediction: where boxes mode reads rectangles
+    auto_label: str | None = None  # AUTO_LABEL: label of automatic masks (default: the control's first)
+    roi_label: str | None = None  # ROI_LABEL: automatic masks only inside rectangles with this label
+    points_per_side: int = 16  # POINTS_PER_SIDE: automatic-mask grid (SAM2 uses 32; 16 keeps CPUs usable)
+    auto_iou_thresh: float = 0.8  # AUTO_IOU_THRESH: minimum predicted IoU of an automatic mask
+    auto_stability_thresh: float = 0.92  # AUTO_STABILITY_THRESH: minimum stability score
+    min_area: int = 100  # MIN_AREA: minimum automatic-mask area, pixels
+    max_masks: int = 100  # AUTO_MAX_MASKS: at most this many automatic masks per image
+    polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification, pixels
+    background_job: bool = True  # BACKGROUND_JOB: finish a too-large "Retrieve predictions" via the LS API
     log_level: str = "INFO"  # LOG_LEVEL
     preload: bool = True  # load the model when the app starts (in a thread: /health answers at once)
 
@@ -56,9 +69,21 @@ class Settings:
                 h.strip() for h in (_env("MEDIA_ALLOWED_HOSTS", "") or "").split(",") if h.strip()
             ),
             predict_deadline_s=float(_env("PREDICT_DEADLINE_S", str(cls.predict_deadline_s))),
+            queue_size=int(_env("QUEUE_SIZE", str(cls.queue_size))),
+            max_body_mb=int(_env("MAX_BODY_MB", str(cls.max_body_mb))),
             video_max_frames=int(_env("VIDEO_MAX_FRAMES", str(cls.video_max_frames))),
             retrieve_mode=_env("RETRIEVE_MODE", cls.retrieve_mode),
             output=_env("OUTPUT", cls.output),
+            boxes_from=_env("BOXES_FROM", cls.boxes_from),
+            auto_label=_env("AUTO_LABEL"),
+            roi_label=_env("ROI_LABEL"),
+            points_per_side=int(_env("POINTS_PER_SIDE", str(cls.points_per_side))),
+            auto_iou_thresh=float(_env("AUTO_IOU_THRESH", str(cls.auto_iou_thresh))),
+            auto_stability_thresh=float(_env("AUTO_STABILITY_THRESH", str(cls.auto_stability_thresh))),
+            min_area=int(_env("MIN_AREA", str(cls.min_area))),
+            max_masks=int(_env("AUTO_MAX_MASKS", str(cls.max_masks))),
+            polygon_tolerance=float(_env("POLYGON_TOLERANCE", str(cls.polygon_tolerance))),
+            background_job=_env("BACKGROUND_JOB", "true").lower() not in ("0", "false", "no", "off"),
             log_level=_env("LOG_LEVEL", cls.log_level),
         )
         names = {f.name for f in fields(cls)}

@@ -1,0 +1,123 @@
+"""gunicorn settings for a team deployment: `gunicorn -c deploy/gunicorn.conf.py backend.wsgi:app`.
+
+Shape: WORKERS processes x THREADS threads. Each worker holds one SAM2 model (loaded after fork,
+in the worker) and serialises requests around it; threads let /health, /metrics and quick 503s be
+answered while a request runs. Each worker admits QUEUE_SIZE /predict requests (running +
+waiting, see backend/admission.py) and answers the next with 503 + Retry-After instead of letting
+them pile up past Label Studio's 100 s timeout. QUEUE_SIZE must stay below THREADS.
+
+One GPU: WORKERS=1 (a second copy of the model buys little: the GPU is the bottleneck).
+CPU box: WORKERS = cores / TORCH_THREADS, e.g. 16 cores -> WORKERS=4 with 4 torch threads each.
+
+This file is read by the gunicorn master, which must never import torch: CUDA initialised
+before fork breaks every worker ("Cannot re-initialize CUDA in forked subprocess").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+# --- sockets and processes ----------------------------------------------------------------------
+bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{_int('PORT', 9090)}"]
+workers = _int("WORKERS", 1)
+worker_class = "gthread"
+threads = _int("THREADS", 8)
+# connections a worker holds at once (running, waiting for a thread, kept alive); beyond it the
+# kernel's listen backlog holds them
+worker_connections = _int("WORKER_CONNECTIONS", 64)
+backlog = 128
+
+# No preloading: the app (and the model) is built in each worker after fork. backend.wsgi:app is
+# lazy anyway, so even preload_app=True would not load a model in the master.
+preload_app = False
+
+# --- time ---------------------------------------------------------------------------------------
+# Label Studio waits 100 s for /predict (ML_TIMEOUT_PREDICT); the backend answers within
+# PREDICT_DEADLINE_S (90 s). A worker silent for longer than this is stuck and gets restarted.
+timeout = _int("TIMEOUT", 180)
+# On SIGTERM (docker stop, a deploy) finish the requests in flight, up to this long.
+graceful_timeout = _int("GRACEFUL_TIMEOUT", 30)
+keepalive = _int("KEEPALIVE", 5)  # Label Studio keeps connections to the backend open
+
+# --- limits -------------------------------------------------------------------------------------
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 16384  # the body is capped by the app (MAX_BODY_MB -> 413)
+
+# --- logs ---------------------------------------------------------------------------------------
+# Request lines only: never headers (Authorization), never bodies. The request line of this
+# protocol carries no secret (no tokens in query strings).
+accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" else None
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# heartbeat files on tmpfs: a container's overlay filesystem can stall the worker heartbeat
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+proc_name = "label-studio-sam2"
+
+
+# --- hooks --------------------------------------------------------------------------------------
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")  # never imported here: only looked at if something did
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def when_ready(server):
+    server.log.info(
+        "label-studio-sam2: %d worker(s) x %d thread(s), queue %s per worker, timeout %ds, model %s",
+        server.cfg.workers,
+        server.cfg.threads,
+        os.environ.get("QUEUE_SIZE", "6"),
+        server.cfg.timeout,
+        os.environ.get("SAM2_MODEL", "facebook/sam2.1-hiera-tiny"),
+    )
+    queue = _int("QUEUE_SIZE", 6)
+    if queue <= 0 or queue >= server.cfg.threads:
+        server.log.warning(
+            "QUEUE_SIZE=%d with THREADS=%d: keep QUEUE_SIZE between 1 and THREADS-1 so busy workers "
+            "answer 503 at once instead of queueing connections without bound",
+            queue,
+            server.cfg.threads,
+        )
+
+
+def pre_fork(server, worker):
+    if _cuda_initialised():
+        raise RuntimeError(
+            "CUDA was initialised in the gunicorn master before forking workers; the model must be "
+            "loaded in each worker (keep preload_app off and import nothing that touches torch.cuda "
+            "in the master)"
+        )
+
+
+def post_fork(server, worker):
+    # torch's CPU threads: share the cores between workers instead of each taking all of them
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = os.cpu_count() or 1
+        torch_threads = _int("TORCH_THREADS", max(1, cores // max(1, server.cfg.workers)))
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
+    server.log.info("worker %s forked (OMP_NUM_THREADS=%s)", worker.pid, os.environ["OMP_NUM_THREADS"])
+
+
+def post_worker_init(worker):
+    # Build the app now, in this worker: its model starts loading in a background thread, so the
+    # first click does not wait for the weights and /health reports model_loaded as soon as it can.
+    load = getattr(worker.wsgi, "load", None)
+    if callable(load):
+        load()
+
+
+def worker_int(worker):
+    worker.log.info("worker %s interrupted: finishing requests in flight", worker.pid)
+
+
+def worker_abort(worker):
+    # SIGABRT after `timeout`: a request outlived every deadline; say so before the worker goes
+    worker.log.error("worker %s timed out after %ds and is being restarted", worker.pid, worker.cfg.timeout)
