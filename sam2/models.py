@@ -143,12 +143,26 @@ def _from_pretrained(cls, source: str, **kwargs):
     try:
         return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except OSError as offline_error:
-        if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
             raise _unavailable(source, offline_error) from offline_error
     try:
         return cls.from_pretrained(source, **kwargs)
     except Exception as online_error:  # network, auth, missing repo: all mean "provide weights"
         raise _unavailable(source, online_error) from online_error
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can the hub be reached at all? Without this, an offline machine waits through the hub
+    client's retries (~25 s) before the user learns that weights are missing."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _unavailable(source: str, error: Exception) -> ModelUnavailable:

@@ -1,0 +1,67 @@
+"""Model names, devices and the message a user gets when weights are missing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sam2 import models
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (None, "facebook/sam2.1-hiera-tiny"),
+        ("tiny", "facebook/sam2.1-hiera-tiny"),
+        ("sam2.1-large", "facebook/sam2.1-hiera-large"),
+        ("sam2-small", "facebook/sam2-hiera-small"),
+        ("sam2-base-plus", "facebook/sam2-hiera-base-plus"),
+        ("sam2.1_hiera_base_plus", "facebook/sam2.1-hiera-base-plus"),
+        ("sam2.1-b+", "facebook/sam2.1-hiera-base-plus"),
+        ("facebook/sam2-hiera-large", "facebook/sam2-hiera-large"),
+        ("someone/sam2-finetuned", "someone/sam2-finetuned"),
+    ],
+)
+def test_short_names_and_hub_ids(spec, expected):
+    assert models.resolve(spec) == expected
+
+
+def test_a_directory_is_used_as_is(tiny_model_dir):
+    assert models.resolve(str(tiny_model_dir)) == str(tiny_model_dir)
+
+
+def test_nonsense_name_is_refused_with_the_accepted_forms():
+    with pytest.raises(models.ModelUnavailable, match="short name"):
+        models.resolve("sam3-huge")
+
+
+def test_missing_weights_offline_say_how_to_provide_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    start = time.monotonic()
+    with pytest.raises(models.ModelUnavailable) as e:
+        models.load_image_model("sam2.1-small", "cpu")
+    message = str(e.value)
+    assert "facebook/sam2.1-hiera-small" in message
+    for way in ("--model", ".pt", "HF_HOME", "make-test-model"):
+        assert way in message
+    assert time.monotonic() - start < 15  # no long retry loop against an unreachable hub
+
+
+def test_device_auto_and_autocast_choice():
+    dev = models.pick_device("auto")
+    assert dev.type == ("cuda" if torch.cuda.is_available() else dev.type)
+    assert models.autocast_dtype(torch.device("cpu")) is None  # fp32 on CPU (bf16 is 11x slower here)
+    if not torch.cuda.is_available():
+        with pytest.raises(models.ModelUnavailable, match="CUDA"):
+            models.pick_device("cuda")
+
+
+def test_image_and_video_models_load_from_one_directory_and_share_the_encoder(tiny_model_dir):
+    image = models.load_image_model(str(tiny_model_dir), "cpu")
+    video = models.load_video_model(str(tiny_model_dir), "cpu", share_with=image)
+    assert image.image_size == video.image_size == 256  # read from the config, not assumed 1024
+    assert video.model.vision_encoder is image.model.vision_encoder
+    assert video.lock is image.lock
+    assert image.model_id == models.load_image_model(str(tiny_model_dir), "cpu").model_id
