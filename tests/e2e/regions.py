@@ -90,3 +90,20 @@ def videorectangle(video, frame: int = 1) -> dict:
             ],
         },
     }
+
+
+def check_track(track: dict, video, user_region: dict) -> list[int]:
+    """Check a videorectangle result against the video and the user's region; return its frames.
+
+    A tiny random model loses the object at once, so one keyframe (the user's) is a valid track.
+    """
+    assert track["type"] == "videorectangle"
+    assert (track["from_name"], track["to_name"]) == ("box", "video")
+    assert track["id"] == user_region["id"], "the track must keep the user's region id so LS merges it"
+    sequence = track["value"]["sequence"]
+    frames = [k["frame"] for k in sequence]
+    assert frames == sorted(set(frames)) and frames[0] >= 1 and frames[-1] <= len(video.boxes_px)
+    assert frames[0] == user_region["value"]["sequence"][0]["frame"]
+    for k in sequence:
+        assert all(-1e-6 <= k[key] <= 100 + 1e-6 for key in ("x", "y", "width", "height")), k
+    return frames

@@ -11,7 +11,15 @@ import pytest
 import requests
 
 from tests.e2e import lsserver
-from tests.e2e.regions import IMAGE_CONFIG, VIDEO_CONFIG, brush_masks, keypoint, rectangle, videorectangle
+from tests.e2e.regions import (
+    IMAGE_CONFIG,
+    VIDEO_CONFIG,
+    brush_masks,
+    check_track,
+    keypoint,
+    rectangle,
+    videorectangle,
+)
 from tests.e2e.sample_media import make_scene, make_video
 
 pytestmark = pytest.mark.e2e
@@ -84,8 +92,9 @@ def video_project(label_studio, backend_server, tmp_path_factory):
 def test_video_interactive_box_gives_a_track(label_studio, video_project):
     _, ml, task, video = video_project
     assert task["data"]["video"].startswith("/data/upload/")
+    region = videorectangle(video)
     try:
-        data = lsserver.predict_interactive(label_studio, ml.id, task["id"], [videorectangle(video)])
+        data = lsserver.predict_interactive(label_studio, ml.id, task["id"], [region])
     except lsserver.LabelStudioError as e:
         if any(
             words in str(e) for words in ("not available in this build", "not supported", "not implemented")
@@ -93,10 +102,20 @@ def test_video_interactive_box_gives_a_track(label_studio, video_project):
             pytest.skip(f"the backend does not track video yet: {e}")
         raise
     assert data["model_version"].startswith("sam2")
-    tracks = [r for r in data["result"] if r["type"] == "videorectangle"]
-    assert tracks, f"no videorectangle in {data['result']}"
-    for track in tracks:
-        assert (track["from_name"], track["to_name"]) == ("box", "video")
-        frames = [k["frame"] for k in track["value"]["sequence"]]
-        assert len(frames) > 1 and frames == sorted(frames) and min(frames) >= 1
-        assert max(frames) <= len(video.boxes_px)
+    [track] = data["result"]
+    check_track(track, video, region)
+
+
+def test_video_retrieve_predictions_stores_tracks(label_studio, video_project):
+    project, _, task, video = video_project
+    region = videorectangle(video)
+    del region["origin"]
+    label_studio.client.annotations.create(id=task["id"], result=[region], ground_truth=False)
+
+    lsserver.retrieve_predictions(label_studio, project.id)
+
+    stored = lsserver.predictions(label_studio, task["id"])
+    assert stored, "no prediction stored for the video task"
+    assert stored[-1].model_version.startswith("sam2"), stored[-1].model_version
+    [track] = stored[-1].result
+    check_track(track, video, region)
