@@ -138,13 +138,16 @@ def predict_video_task(
     with reader:
         clock = FrameClock(config.frame_rate, reader.times_s, reader.duration_s)
         objects = [_Object(i, region, config, clock, reader) for i, region in enumerate(regions)]
-        result = tracker.track(
-            reader,
-            [o.prompt for o in objects],
-            max_frames_each_way=max_frames,
-            deadline=started + deadline_s,
-            lost_after=lost_after,
-        )
+        try:
+            result = tracker.track(
+                reader,
+                [o.prompt for o in objects],
+                max_frames_each_way=max_frames,
+                deadline=started + deadline_s,
+                lost_after=lost_after,
+            )
+        except UnreadableVideo as e:  # a prompted frame that does not decode
+            raise VideoError(f"cannot read the video: {e}") from None
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]
     scores = [r["score"] for r in results if r["score"] is not None]
     message = result.message

@@ -2,7 +2,7 @@
 
 The tracker never holds a whole video: it asks for frames in order, forwards or backwards.
 
-- Index. Opening a file demuxes it once (no decoding: packets only, about a millisecond per
+- Index. Opening a file demuxes it once (no decoding: packets only, a few milliseconds per
   thousand frames) and keeps every video frame's presentation timestamp, sorted. Frame `i` is the
   i-th frame in presentation order; `num_frames` is exact even when the container's own count is
   missing or wrong, and `times_s[i]` is its time in seconds from the first frame. Files whose

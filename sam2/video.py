@@ -150,9 +150,13 @@ class _Clock:
             self.stopped = True
         return not self.stopped
 
+    def past_deadline(self) -> bool:
+        self.stopped = self.stopped or (self.deadline is not None and time.monotonic() >= self.deadline)
+        return self.stopped
+
     @contextmanager
-    def timing(self):
-        t0 = time.monotonic()
+    def timing(self, since: float | None = None):
+        t0 = time.monotonic() if since is None else since
         yield
         took = time.monotonic() - t0
         self.step_s = took if self.step_s == 0 else max(took, 0.7 * self.step_s + 0.3 * took)
@@ -193,13 +197,15 @@ class _Run:
             self.tracker, self.frames.height, self.frames.width, [o.obj_id for o in self.objects]
         )
         t0 = time.monotonic()
-        self._prompts(session)
-        if not self.clock.stopped:
-            self._pass(session, reverse=False)
-        session.forget_tracked()
-        if not self.clock.stopped:
-            self._pass(session, reverse=True)
-        session.close()
+        try:
+            self._prompts(session)
+            if not self.clock.stopped:
+                self._pass(session, reverse=False)
+            session.forget_tracked()
+            if not self.clock.stopped:
+                self._pass(session, reverse=True)
+        finally:
+            session.close()
         tracks = {p.prompt.obj_id: p.track for p in self.plans}
         partial = self.clock.stopped
         message = f"tracked {len(tracks)} object(s) over {self.frames_done} frame(s) in {time.monotonic() - t0:.1f} s"
@@ -229,35 +235,45 @@ class _Run:
     def _pass(self, session: _Session, reverse: bool) -> None:
         for plan in self.plans:
             plan.absent_run, plan.paused_until, plan.done = 0, None, False
-            if reverse and (plan.backward_end >= plan.first):
+            if reverse and plan.backward_end >= plan.first:
                 plan.done = True
         if reverse:
-            todo = [p for p in self.plans if not p.done]
-            if not todo:
-                return
-            indices = range(max(p.first for p in todo) - 1, min(p.backward_end for p in todo) - 1, -1)
+            spans = [(p.backward_end, p.first - 1) for p in self.plans if not p.done]
         else:
-            indices = range(min(p.first for p in self.plans), max(p.forward_end for p in self.plans) + 1)
+            spans = [(p.first, p.forward_end) for p in self.plans if p.forward_end > p.first]
         try:
-            for f, rgb in self.frames.frames(indices):
-                due = [p for p in self.plans if self._due(p, f, reverse)]
-                tracked = [p for p in due if f not in p.prompt.boxes]
-                if tracked:
-                    if not self.clock.allows_another_step():
-                        return
-                    with self.clock.timing():
-                        session.load(f, rgb)
-                        seen = session.track(f, [p.prompt.obj_id for p in tracked], reverse)
-                        session.prune(f, reverse)
-                    for plan in tracked:
-                        self._record(plan, f, seen[plan.prompt.obj_id])
-                        self._follow(plan, f, seen[plan.prompt.obj_id], reverse)
-                    self._progress(session, f)
-                if all(p.done for p in self.plans):
+            for indices in _segments(spans, reverse):  # frames no object needs are not decoded
+                if not self._segment(session, indices, reverse):
                     return
         except UnreadableVideo as e:
             self.notes.append(f"{'backward' if reverse else 'forward'} pass ended early: {e}")
             log.warning("video became unreadable while tracking: %s", e)
+
+    def _segment(self, session: _Session, indices: range, reverse: bool) -> bool:
+        """Track through consecutive frames; False once nothing is left to do (or no time)."""
+        frames = iter(self.frames.frames(indices))
+        while True:
+            fetched_at = time.monotonic()
+            item = next(frames, None)
+            if item is None:
+                return True
+            f, rgb = item
+            tracked = [p for p in self.plans if self._due(p, f, reverse) and f not in p.prompt.boxes]
+            if tracked:
+                if not self.clock.allows_another_step():
+                    return False
+                with self.clock.timing(since=fetched_at):  # decoding counts: backward chunks cost
+                    session.load(f, rgb)
+                    seen = session.track(f, [p.prompt.obj_id for p in tracked], reverse)
+                    session.prune(f, reverse)
+                for plan in tracked:
+                    self._record(plan, f, seen[plan.prompt.obj_id])
+                    self._follow(plan, f, seen[plan.prompt.obj_id], reverse)
+                self._progress(session, f)
+            elif self.clock.past_deadline():
+                return False
+            if all(p.done for p in self.plans):
+                return False
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
@@ -478,6 +494,19 @@ class _Session:
                 yield
             finally:
                 model.config.max_cond_frame_num = saved
+
+
+def _segments(spans: list[tuple[int, int]], reverse: bool) -> list[range]:
+    """Inclusive (lo, hi) frame spans -> merged ranges in processing order."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(s for s in spans if s[1] >= s[0]):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    if reverse:
+        return [range(hi, lo - 1, -1) for lo, hi in reversed(merged)]
+    return [range(lo, hi + 1) for lo, hi in merged]
 
 
 def _tight_box(rows: np.ndarray, cols: np.ndarray) -> Box | None:

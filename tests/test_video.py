@@ -112,6 +112,17 @@ def test_reader_counts_frames_without_the_containers_count(tmp_path):
         assert len(list(reader.frames(range(22, -1, -1)))) == 23
 
 
+def test_reader_reads_streams_without_timestamps(tmp_path):
+    # A raw H.264 stream has no timestamps: counted by decoding, read by decoding from the start.
+    path = write_video(tmp_path / "v.h264", moving_shapes(17, H, W, [RED]), fps=FPS, gop=5)
+    with VideoReader(path, chunk_bytes=W * H * 3 // 2 * 4) as reader:
+        assert reader.num_frames == 17 and not reader.seekable
+        forward = dict(reader.frames(range(17)))
+        backward = list(reader.frames(range(16, -1, -1)))
+        assert [i for i, _ in backward] == list(range(16, -1, -1))
+        assert all(np.array_equal(forward[i], rgb) for i, rgb in backward)
+
+
 def test_reader_turns_rotated_videos_upright(tmp_path):
     # Phones store portrait video as landscape frames plus a display rotation (here 90 deg clockwise).
     path = write_video(tmp_path / "r.mp4", moving_shapes(3, H, W, [RED]), fps=FPS, rotation=-90)

@@ -1,0 +1,222 @@
+"""Video tracking: the streaming tracker beside loading every frame first (the reference examples).
+
+A randomly initialised model of the real hiera-tiny architecture (latency and memory are real,
+tracks are not), one object boxed on frame 0 of a synthetic 640x360 H.264 video, tracked forward
+N frames. Each (mode, N) runs in a fresh process, so its peak RSS is its own.
+
+- streaming: sam2.video.VideoTracker over sam2.frames.VideoReader (one frame decoded at a time,
+  session pruned to what SAM2's memory bank reads).
+- baseline: what the reference example does: decode every frame and preprocess it into one
+  (N, 3, S, S) float32 tensor first, then transformers' Sam2VideoInferenceSession with the whole
+  video and `propagate_in_video_iterator`, which keeps every frame's outputs.
+
+    .venv/bin/python -m bench.video                          # 1024 px, 4 and 16 frames (~10 min on 2 CPU cores)
+    .venv/bin/python -m bench.video --frames 30,100,300      # the full comparison (hours on CPU, minutes on a GPU)
+    .venv/bin/python -m bench.video --frames 30,100,300 --image-size 256   # memory scaling, faster
+
+On 2 CPU cores a 1024 px frame costs ~10 s, so the default counts are small; `--image-size`
+keeps the hiera-tiny architecture at a smaller input to measure how memory scales with N.
+Prints a table and writes bench/results/video.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "video.json"
+BOX = (120.0, 100.0, 220.0, 190.0)  # the object on frame 0, pixels of the 640x360 video
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def hiera_tiny(image_size: int):
+    """sam2.1 hiera-tiny's architecture at a given input side (1024 is the released model)."""
+    from transformers import Sam2VideoConfig
+
+    from sam2.models import real_config
+
+    if image_size == 1024:
+        return real_config()
+    s = image_size
+    config = real_config()
+    vision = config.vision_config.to_dict()
+    vision["backbone_config"]["image_size"] = [s, s]
+    vision["backbone_feature_sizes"] = [[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]]
+    return Sam2VideoConfig(
+        vision_config=vision,
+        prompt_encoder_config={**config.prompt_encoder_config.to_dict(), "image_size": s},
+        mask_decoder_config=config.mask_decoder_config.to_dict(),
+        image_size=s,
+        memory_attention_rope_feat_sizes=[s // 16, s // 16],
+    )
+
+
+def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from sam2.models import random_model
+
+    t0 = time.monotonic()
+    torch.manual_seed(0)
+    loaded = random_model(hiera_tiny(image_size), "video")
+    load_s = time.monotonic() - t0
+    rss_model = _rss_mb()
+    t0 = time.monotonic()
+    state_mb = _streaming(loaded, video, count) if mode == "streaming" else _baseline(loaded, video, count)
+    took = time.monotonic() - t0
+    return {
+        "mode": mode,
+        "frames": count,
+        "image_size": image_size,
+        "threads": threads,
+        "model_init_s": round(load_s, 2),
+        "track_s": round(took, 2),
+        "s_per_frame": round(took / count, 3),
+        "rss_after_model_mb": round(rss_model, 1),
+        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_session_state_mb": state_mb,
+    }
+
+
+def _streaming(loaded, video: str, count: int) -> float:
+    from sam2.frames import VideoReader
+    from sam2.video import ObjectPrompt, VideoTracker
+
+    peak = [0]
+    with VideoReader(video) as reader:
+        result = VideoTracker(loaded).track(
+            reader,
+            [ObjectPrompt(1, {0: BOX})],
+            max_frames_each_way=count - 1,
+            lost_after=None,  # a random model's presence score means nothing
+            on_progress=lambda p: peak.__setitem__(0, max(peak[0], p.state_bytes)),
+        )
+    assert result.frames_processed == count, result.message
+    return round(peak[0] / 2**20, 1)
+
+
+def _baseline(loaded, video: str, count: int) -> None:
+    """Returns None: the session holds everything, there is no state size worth tracking."""
+    import torch
+    from transformers import Sam2VideoInferenceSession
+
+    from sam2.frames import VideoReader
+    from sam2.transforms import preprocess, to_model_coords, upscale_logits
+
+    model, s = loaded.model, loaded.image_size
+    with VideoReader(video) as reader:
+        hw = (reader.height, reader.width)
+        pixels = torch.empty(count, 3, s, s)  # filled in place: no second copy while stacking
+        for i, rgb in reader.frames(range(count)):
+            pixels[i] = preprocess(rgb, s)[0]
+    session = Sam2VideoInferenceSession(
+        video=pixels, video_height=hw[0], video_width=hw[1], dtype=torch.float32
+    )
+    del pixels
+    corners = torch.as_tensor(to_model_coords([[BOX[0], BOX[1]], [BOX[2], BOX[3]]], hw, s)).view(1, 1, 2, 2)
+    obj_idx = session.obj_id_to_idx(1)
+    session.add_point_inputs(obj_idx, 0, {"point_coords": corners, "point_labels": torch.tensor([[[2, 3]]])})
+    session.obj_with_new_inputs = [1]
+    with torch.inference_mode():
+        model(inference_session=session, frame_idx=0)
+        seen = 0
+        for out in model.propagate_in_video_iterator(
+            session, start_frame_idx=0, max_frame_num_to_track=count - 1
+        ):
+            mask = upscale_logits(out.pred_masks[:, 0], hw) > 0
+            seen += int(mask.shape[0] == 1)  # (the streaming tracker turns this into a box)
+    assert seen == count, seen
+
+
+def _video(path: str, frames: int, width: int, height: int) -> str:
+    from tests.videos import Shape, moving_shapes, write_video
+
+    shapes = [Shape((230, 40, 40), BOX, (1.5, 0.4)), Shape((40, 60, 230), (420, 200, 520, 300), (-1.0, -0.2))]
+    return write_video(path, moving_shapes(frames, height, width, shapes), fps=30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", default="4,16", help="comma-separated frame counts (default 4,16)")
+    p.add_argument(
+        "--image-size", type=int, default=1024, help="model input side (default 1024, the real one)"
+    )
+    p.add_argument("--modes", default="streaming,baseline")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=360)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--child", nargs=2, metavar=("MODE", "FRAMES"), help=argparse.SUPPRESS)
+    p.add_argument("--video", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.child:
+        mode, count = args.child[0], int(args.child[1])
+        print(json.dumps(_child(mode, count, args.video, args.image_size, args.threads)), flush=True)
+        return
+
+    counts = [int(c) for c in args.frames.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        video = _video(os.path.join(tmp, "bench.mp4"), max(counts), args.width, args.height)
+        for mode in modes:
+            for count in counts:
+                cmd = [sys.executable, "-m", "bench.video", "--child", mode, str(count), "--video", video]
+                cmd += ["--image-size", str(args.image_size), "--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if out.returncode != 0:
+                    print(out.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{mode} with {count} frames failed")
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.append(run)
+                print(
+                    f"{mode:>9} {count:>4} frames: {run['s_per_frame']:.2f} s/frame, "
+                    f"peak RSS {run['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+
+    report = {
+        "video": f"{args.width}x{args.height} H.264, one object",
+        "model": f"random-init sam2.1 hiera-tiny, {args.image_size} px input, CPU fp32, {args.threads} threads",
+        "runs": runs,
+        "peak_rss_ratio_largest_over_smallest": {
+            mode: round(
+                max(r["peak_rss_mb"] for r in runs if r["mode"] == mode)
+                / min(r["peak_rss_mb"] for r in runs if r["mode"] == mode),
+                3,
+            )
+            for mode in modes
+        },
+    }
+    print()
+    print(
+        f"| mode | frames | s/frame | peak RSS MB | RSS over model MB | session state MB |  ({report['model']})"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in runs:
+        state = r["peak_session_state_mb"] if r["peak_session_state_mb"] is not None else "-"
+        print(
+            f"| {r['mode']} | {r['frames']} | {r['s_per_frame']:.2f} | {r['peak_rss_mb']:.0f} "
+            f"| {r['peak_rss_mb'] - r['rss_after_model_mb']:.0f} | {state} |"
+        )
+    for mode, ratio in report["peak_rss_ratio_largest_over_smallest"].items():
+        print(f"{mode}: peak RSS at {max(counts)} frames / at {min(counts)} frames = {ratio:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
