@@ -255,12 +255,14 @@ class _Object:
                 ) from None
             boxes[index] = _box_px(k, name, frame, self.size)
         self.user_frames = {_frame_of(k, name) for k in self.user_keyframes}
-        # Spans the user hid: after a disabled keyframe until the next keyframe.
+        # Spans the user hid: after a disabled keyframe until the next keyframe (our own
+        # disabled keyframes, in the fallback, only say where tracking stopped).
         self.hidden: list[tuple[int, float]] = []
-        for k, nxt in zip(self.user_keyframes, self.user_keyframes[1:] + [None], strict=True):
+        for i, k in enumerate(user):
             if k.get("enabled", True) is False:
-                self.hidden.append((_frame_of(k, name), _frame_of(nxt, name) if nxt else math.inf))
-        ends_disabled = self.user_keyframes[-1].get("enabled", True) is False
+                end = _frame_of(user[i + 1], name) if i + 1 < len(user) else math.inf
+                self.hidden.append((_frame_of(k, name), end))
+        ends_disabled = bool(user) and user[-1].get("enabled", True) is False
         self.prompt = ObjectPrompt(obj_id, boxes, track_forward=not ends_disabled)
 
     def to_result(self, track: ObjectTrack, clock: FrameClock) -> dict:

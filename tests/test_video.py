@@ -412,6 +412,20 @@ def test_tracked_keyframes_are_not_prompts_on_the_next_run_unless_the_user_edits
     predict_video_task(TASK, [edited], CONFIG, video_path, tracker, deadline_s=30, max_frames=5)
     assert sorted(tracker.calls[-1][0][0].boxes) == [2, 6]
 
+    # The user deleted their own keyframe: re-track from the ends of what was tracked.
+    ours = [k for k in tracked["value"]["sequence"] if SIGNATURE_KEY in k]
+    predict_video_task(
+        TASK,
+        [{**tracked, "value": {**tracked["value"], "sequence": ours}}],
+        CONFIG,
+        video_path,
+        tracker,
+        deadline_s=30,
+        max_frames=5,
+    )
+    prompt = tracker.calls[-1][0][0]
+    assert sorted(prompt.boxes) == [3, 7] and prompt.track_forward
+
 
 def test_a_disabled_last_keyframe_ends_the_object(video_path):
     tracker = FakeTracker()
@@ -426,6 +440,24 @@ def test_a_disabled_last_keyframe_ends_the_object(video_path):
     )
     (prompt,) = tracker.calls[0][0]
     assert sorted(prompt.boxes) == [2, 8] and not prompt.track_forward and prompt.track_backward
+
+
+def test_frames_the_user_hid_get_no_tracked_keyframes(video_path):
+    # The user ended the object's lifespan on frame 3 and brought it back on frame 8.
+    tracker = FakeTracker(
+        boxes_for=lambda p: {i: (10.0, 5.0, 30.0, 25.0) for i in range(0, 12)}, span_for=lambda p: (0, 11)
+    )
+    out = predict_video_task(
+        TASK,
+        [region("r", keyframe(3, box_of(RED, 2), enabled=False), keyframe(8, box_of(RED, 7)))],
+        CONFIG,
+        video_path,
+        tracker,
+        deadline_s=30,
+        max_frames=5,
+    )
+    frames = [k["frame"] for k in out["result"][0]["value"]["sequence"]]
+    assert frames == [1, 2, 3, 8, 9, 10, 11, 12]
 
 
 def test_retrieve_predictions_tracks_the_latest_annotation(video_path):
