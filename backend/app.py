@@ -312,7 +312,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         finally:
             metrics.in_flight.dec()
         for entry in results:
-            metrics.tasks.labels("error" if entry.get("error") else "ok").inc()
+            # [] answers a task handed to the background job (Label Studio stores nothing for it)
+            outcome = "handed_off" if entry == [] else "error" if entry.get("error") else "ok"
+            metrics.tasks.labels(outcome).inc()
         if objects and runtime.prefetcher is not None and project.isdigit():
             # the labeler is working here: pre-encode the next tasks while the CPU/GPU is idle
             runtime.prefetcher.after_click(int(project), tasks[0].get("id"))
@@ -320,7 +322,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             "predict: %d task(s), %d region(s) in context, %d result region(s), %.3f s",
             len(results),
             len(objects),
-            sum(len(e["result"]) for e in results),
+            sum(len(e["result"]) for e in results if e != []),
             time.perf_counter() - request.environ["sam2.start"],
         )
         return jsonify(results=results, model_version=runtime.model_version)
@@ -332,17 +334,14 @@ def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, obj
     """What /predict does for one task, chosen by the label config and the context."""
     segmenter = runtime.segmenter
     videos = config.videos()
+    if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
+        return _retrieve_worker(runtime, config, deadline)
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline)
         if objects:
             return segmenter.interactive(task, config, objects)
-        mode = settings.retrieve_mode
-        if mode == "boxes":
-            return segmenter.boxes_to_masks(task, config)
-        if mode == "auto":
-            return _auto_task(runtime, task, config)
         return segmenter.interactive(task, config, [])
 
     return work
@@ -372,9 +371,10 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
         path.unlink(missing_ok=True)
 
 
-def _auto_task(runtime: Runtime, task, config) -> dict:
-    try:
-        from backend.preannotate import auto_masks_entry
-    except ImportError:
-        raise TaskError("automatic masks are not available in this build") from None
-    return auto_masks_entry(runtime, task, config)
+def _retrieve_worker(runtime: Runtime, config, deadline):
+    """For "Retrieve predictions" (no context): boxes to masks or automatic masks by the bulk engine,
+    which answers what fits before the deadline and hands the rest to a background job that
+    writes predictions through the Label Studio API (an empty list answers a handed-off task)."""
+    from backend.preannotate import retrieve_worker
+
+    return retrieve_worker(runtime, config, deadline)

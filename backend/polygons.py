@@ -1,0 +1,150 @@
+"""Masks -> Label Studio `polygonlabels` regions.
+
+Label Studio polygons are one closed ring of points in percent of the image, with no holes. A mask
+is turned into polygons like this:
+
+- Every connected part (8-connected, OpenCV's outer contours) becomes its own region: an object in
+  several pieces gives several polygons with the same label and score.
+- Holes are kept by a "keyhole" cut: each hole's ring is spliced into its outer ring at the
+  closest pair of vertices, so the one ring walks around the outside, in along a zero-width cut,
+  around the hole the other way, and back out. Filled with the even-odd or the non-zero rule (the
+  hole runs the opposite way), the hole stays empty; the cut adds a line of zero width. Label
+  Studio draws and exports the ring as given.
+- Rings are simplified with Douglas-Peucker (`cv2.approxPolyDP`) to `tolerance_px` pixels; parts
+  and holes left with fewer than 3 vertices (specks, hairlines) are dropped.
+- Vertices are pixel centres: pixel (col, row) is the point (col + 0.5, row + 0.5) in continuous
+  coordinates, so the outline runs half a pixel inside the mask's edge.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import cv2
+import numpy as np
+
+from backend.protocol import Control
+
+DEFAULT_TOLERANCE_PX = 1.0
+_tolerance_px = contextvars.ContextVar("polygon_tolerance_px", default=DEFAULT_TOLERANCE_PX)
+
+
+@contextmanager
+def tolerance(px: float) -> Iterator[None]:
+    """Within this block (this thread / context), `polygon_results` called without a tolerance
+    uses `px`: the way to set it for code that builds results without passing it through
+    (`ImageSegmenter.boxes_to_masks` calls `mask_result` with the defaults)."""
+    token = _tolerance_px.set(float(px))
+    try:
+        yield
+    finally:
+        _tolerance_px.reset(token)
+
+
+def mask_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_PX) -> list[np.ndarray]:
+    """The rings of a mask, one per connected part, holes spliced in.
+
+    Arguments:
+        mask: (H, W) bool.
+        tolerance_px: Douglas-Peucker tolerance in pixels (0 keeps every boundary pixel's corner).
+    Returns:
+        list of (K, 2) float arrays, continuous pixels XY (pixel centres), largest part first.
+    """
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    if not m.any():
+        return []
+    # RETR_CCOMP: a two-level hierarchy, outer rings and the holes directly inside them (an
+    # island inside a hole is an outer ring of its own again).
+    contours, hierarchy = cv2.findContours(m, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return []
+    hierarchy = hierarchy[0]
+    parts: list[tuple[float, np.ndarray]] = []
+    for i, contour in enumerate(contours):
+        if hierarchy[i][3] != -1:
+            continue  # a hole; handled with its parent
+        outer = _simplify(contour, tolerance_px)
+        if outer is None:
+            continue
+        area = abs(cv2.contourArea(outer.astype(np.float32)))
+        child = hierarchy[i][2]
+        while child != -1:
+            hole = _simplify(contours[child], tolerance_px)
+            if hole is not None:
+                outer = _splice(outer, hole)
+            child = hierarchy[child][0]
+        parts.append((area, outer + 0.5))
+    parts.sort(key=lambda p: -p[0])
+    return [ring for _, ring in parts]
+
+
+def _simplify(contour: np.ndarray, tolerance_px: float) -> np.ndarray | None:
+    ring = contour.reshape(-1, 2)
+    if tolerance_px > 0 and len(ring) > 3:
+        ring = cv2.approxPolyDP(contour, float(tolerance_px), True).reshape(-1, 2)
+    if len(ring) < 3:
+        return None
+    return ring.astype(np.float64)
+
+
+def _splice(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """One ring: outer[..i], hole[j..], hole[..j], hole[j], outer[i], outer[i+1..] (i, j the
+    closest pair of vertices), i.e. a zero-width cut from outer[i] to hole[j] and back."""
+    d = ((outer[:, None, :] - hole[None, :, :]) ** 2).sum(-1)
+    i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+    hole_loop = np.concatenate([hole[j:], hole[: j + 1]])
+    return np.concatenate([outer[: i + 1], hole_loop, outer[i:]])
+
+
+def polygon_results(
+    mask: np.ndarray,
+    label: str | None,
+    control: Control,
+    score: float,
+    tolerance_px: float | None = None,
+    region_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """`polygonlabels` regions for a mask: one per connected part (see the module docstring).
+
+    Arguments:
+        mask: (H, W) bool at the displayed image size (original_width/height).
+        label: the label, or None for none.
+        control: the PolygonLabels control the regions belong to.
+        score: the region score (the same for every part).
+        tolerance_px: simplification tolerance in pixels (None: the `tolerance()` in effect,
+            else DEFAULT_TOLERANCE_PX).
+        region_id: the first part's id (the others get `<id>_<k>`); random when None.
+    Returns:
+        list of result dicts, largest part first; empty for an empty mask.
+    """
+    h, w = mask.shape
+    tol = _tolerance_px.get() if tolerance_px is None else float(tolerance_px)
+    rings = mask_polygons(mask, tol)
+    base = region_id or uuid.uuid4().hex[:10]
+    scale = np.array([100.0 / w, 100.0 / h])
+    out = []
+    for k, ring in enumerate(rings):
+        points = np.clip(ring * scale, 0.0, 100.0).round(4)
+        out.append(
+            {
+                "id": base if k == 0 else f"{base}_{k}",
+                "from_name": control.name,
+                "to_name": control.to_name,
+                "type": "polygonlabels",
+                "original_width": int(w),
+                "original_height": int(h),
+                "image_rotation": 0,
+                "value": {
+                    "points": points.tolist(),
+                    "closed": True,
+                    "polygonlabels": [label] if label else [],
+                },
+                "score": float(score),
+                "readonly": False,
+            }
+        )
+    return out
