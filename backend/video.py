@@ -129,7 +129,8 @@ def predict_video_task(
         an unreadable video.
     """
     started = time.monotonic()
-    config = parse_video_config(label_config_xml, task.get("data") or {})
+    data = task.get("data")
+    config = parse_video_config(label_config_xml, data if isinstance(data, dict) else {})
     regions = regions_to_track(task, context_regions, config)
     try:
         reader = VideoReader(video_path)
@@ -166,17 +167,13 @@ def regions_to_track(task: dict, context_regions: list[dict] | None, config: Vid
         source, items = "the request's context", context_regions
     else:
         annotations = [
-            a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")
+            a for a in _list(task.get("annotations")) if isinstance(a, dict) and not a.get("was_cancelled")
         ]
-        latest = max(
-            annotations,
-            key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0),
-            default=None,
-        )
-        source, items = "the task's latest annotation", (latest or {}).get("result") or []
+        latest = max(annotations, key=_recency, default=None)
+        source, items = "the task's latest annotation", (latest or {}).get("result")
     regions = [
         r
-        for r in items
+        for r in _list(items)
         if isinstance(r, dict)
         and r.get("type") == "videorectangle"
         and r.get("from_name", config.control_name) == config.control_name
@@ -236,7 +233,7 @@ class _Object:
         value = region.get("value") if isinstance(region.get("value"), dict) else {}
         self.value = value
         name = region.get("id") or f"#{obj_id + 1}"
-        sequence = [k for k in value.get("sequence") or [] if isinstance(k, dict)]
+        sequence = [k for k in _list(value.get("sequence")) if isinstance(k, dict)]
         if not sequence:
             raise VideoError(f"region {name} has no keyframes: draw its box on at least one frame")
         sequence.sort(key=lambda k: _frame_of(k, name))
@@ -284,15 +281,15 @@ class _Object:
         value["duration"] = _positive_float(self.value.get("duration")) or clock.duration_s
         value["sequence"] = [keyframes[f] for f in sorted(keyframes)]
         result = {
-            "id": self.region.get("id"),
             "type": "videorectangle",
             "from_name": self.config.control_name,
             "to_name": self.config.video_name,
             "value": value,
             "score": float(sum(seen) / len(seen)) if seen else None,
         }
-        if self.region.get("origin"):
-            result["origin"] = self.region["origin"]
+        for key in ("id", "origin"):  # the user's region id: Label Studio merges the track into it
+            if self.region.get(key):
+                result[key] = self.region[key]
         return result
 
     def _continues(self, track: ObjectTrack, clock: FrameClock, frame: int, last: int) -> bool:
@@ -375,6 +372,16 @@ def _with_time(keyframe: dict, frame_rate: float) -> dict:
     if "time" in keyframe:
         return keyframe
     return {**keyframe, "time": int(keyframe["frame"]) / frame_rate}
+
+
+def _list(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _recency(annotation: dict) -> tuple[str, int]:
+    pk = annotation.get("id")
+    when = annotation.get("updated_at") or annotation.get("created_at") or ""
+    return (str(when), pk if isinstance(pk, int) and not isinstance(pk, bool) else 0)
 
 
 def _pct(pixels: float, side: int) -> float:

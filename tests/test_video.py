@@ -493,6 +493,25 @@ def test_bad_regions_are_task_errors(video_path, regions, match):
         predict_video_task(TASK, regions, CONFIG, video_path, FakeTracker(), deadline_s=30, max_frames=5)
 
 
+@pytest.mark.parametrize(
+    "task, regions",
+    [
+        ({"id": 1, "data": [], "annotations": 7}, None),
+        ({"id": 1, "data": {}, "annotations": [{"id": [1], "result": "text"}, "x"]}, None),
+        (TASK, {"result": []}),
+        (TASK, [{"type": "videorectangle", "value": [1, 2]}]),
+        (TASK, [{"type": "videorectangle", "value": {"sequence": 5}}]),
+        (TASK, [region("r", {"frame": "3", "x": 1, "y": 1, "width": 5, "height": 5})]),
+        (TASK, [region("r", keyframe(3, (1, 1, 9, 9)) | {"x": "abc"})]),
+        (TASK, [region("r", keyframe(3, (1, 1, 9, 9)) | {"frame": float("nan")})]),
+        (TASK, [region("r", keyframe(-2, (1, 1, 9, 9)))]),
+    ],
+)
+def test_malformed_tasks_and_regions_are_task_errors(video_path, task, regions):
+    with pytest.raises(VideoError):
+        predict_video_task(task, regions, CONFIG, video_path, FakeTracker(), deadline_s=30, max_frames=5)
+
+
 @pytest.mark.parametrize("content", [None, b"", b"<html>404 Not Found</html>"])
 def test_unreadable_videos_are_task_errors(tmp_path, content):
     path = tmp_path / "v.mp4"
