@@ -23,7 +23,6 @@ import torch
 from label_studio_sdk.core.api_error import ApiError
 from PIL import Image, ImageDraw
 
-from backend import preannotate
 from backend.errors import BadRequest, MediaError
 from backend.media import LabelStudioAuth, MediaClient
 from backend.polygons import mask_polygons, polygon_results, tolerance
@@ -39,6 +38,8 @@ from backend.preannotate import (
     Summary,
     run_project,
 )
+from backend.preannotate.cli import _task_ids
+from backend.preannotate.retrieve import _jobs
 from backend.protocol import Control, parse_label_config
 from backend.segment import ImageSegmenter
 from sam2.image import ImagePredictor
@@ -341,7 +342,7 @@ def test_retrieve_answers_in_time_and_the_background_job_writes_the_rest(app_fac
     runtime.require()
     tasks = retrieve_tasks(slow_media, 6)
     ls = FakeLabelStudio(tasks=tasks)
-    preannotate._jobs[runtime] = job = BackgroundJob(runtime, ls)
+    _jobs[runtime] = job = BackgroundJob(runtime, ls)
     client = app.test_client()
     start = time.monotonic()
     body = client.post("/predict", json=predict_body(tasks, None)).get_json()
@@ -599,7 +600,7 @@ def test_cli_parses_options_and_needs_label_studio(monkeypatch, capsys):
     out = capsys.readouterr().out
     for option in ("--project", "--mode", "--filter", "--roi-label", "--output", "--tolerance", "--tasks"):
         assert option in out
-    assert preannotate._task_ids("1,3-5, 9") == {1, 3, 4, 5, 9}
+    assert _task_ids("1,3-5, 9") == {1, 3, 4, 5, 9}
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
     with pytest.raises(SystemExit) as e:

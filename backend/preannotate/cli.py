@@ -1,0 +1,187 @@
+"""`python -m backend preannotate --project ID [--mode boxes|auto] ...`"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import replace
+
+from backend.errors import BadRequest
+from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
+from backend.preannotate.project import Selection, run_project
+
+log = logging.getLogger("backend.preannotate")
+
+
+def _task_ids(text: str) -> frozenset[int]:
+    """ "1,2,10-12" -> {1, 2, 10, 11, 12}."""
+    ids: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            ids.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"task ids look like 1,2,10-12, got {text!r}") from None
+    return frozenset(ids)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "preannotate",
+        help="pre-annotate a whole Label Studio project (writes predictions only; resumable)",
+        description="Boxes to masks (a mask per rectangle of the latest annotation) or automatic masks "
+        "for every task of a project, written to Label Studio as predictions. Tasks that already have "
+        "a prediction of this model version are skipped, so an interrupted run continues where it "
+        "stopped. Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key).",
+    )
+    p.add_argument("--project", type=int, required=True, help="project id")
+    p.add_argument("--mode", choices=MODES, default=None, help="boxes (default) | auto (RETRIEVE_MODE)")
+    p.add_argument(
+        "--from",
+        dest="boxes_from",
+        choices=SOURCES,
+        default=None,
+        help="rectangles of the latest annotation (default) or prediction (BOXES_FROM)",
+    )
+    p.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default=None,
+        help="auto: the config's control | brush | polygon (OUTPUT)",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=None, help="polygon simplification in pixels (POLYGON_TOLERANCE)"
+    )
+    p.add_argument("--label", default=None, help="label of automatic masks (AUTO_LABEL)")
+    p.add_argument(
+        "--roi-label", default=None, help="automatic masks only inside rectangles with this label (ROI_LABEL)"
+    )
+    p.add_argument(
+        "--points-per-side", type=int, default=None, help="automatic-mask grid (POINTS_PER_SIDE, 16)"
+    )
+    p.add_argument(
+        "--min-area", type=int, default=None, help="smallest automatic mask in pixels (MIN_AREA, 100)"
+    )
+    p.add_argument(
+        "--iou-thresh", type=float, default=None, help="minimum predicted IoU (AUTO_IOU_THRESH, 0.8)"
+    )
+    p.add_argument(
+        "--stability-thresh", type=float, default=None, help="minimum stability (AUTO_STABILITY_THRESH, 0.92)"
+    )
+    p.add_argument(
+        "--max-masks", type=int, default=None, help="automatic masks per image at most (AUTO_MAX_MASKS, 100)"
+    )
+    p.add_argument(
+        "--filter",
+        default="all",
+        help="all | annotated | unannotated | Data Manager filters as JSON, "
+        'e.g. \'{"conjunction":"and","items":[{"filter":"filter:tasks:total_annotations",'
+        '"operator":"greater","type":"Number","value":0}]}\'',
+    )
+    p.add_argument("--view", type=int, default=None, help="only the tasks of this Data Manager tab (view id)")
+    p.add_argument("--tasks", type=_task_ids, default=None, help="only these task ids: 1,2,10-12")
+    p.add_argument(
+        "--model", default=None, help="SAM2 model (SAM2_MODEL): short name, hub id, directory or .pt"
+    )
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (DEVICE)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--model-version",
+        default=None,
+        help="model_version of the predictions (default: the backend's, so "
+        "Label Studio's Retrieve predictions skips what this run did, and the other way round)",
+    )
+    p.add_argument("--prefetch", type=int, default=2, help="tasks downloaded ahead (default 2)")
+    p.add_argument("--retries", type=int, default=5, help="attempts per Label Studio call (default 5)")
+    p.add_argument("--url", default=None, help="Label Studio URL (LABEL_STUDIO_URL)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="prefer LABEL_STUDIO_API_KEY: a key on the command line is visible to other users",
+    )
+    p.set_defaults(fn=cmd_preannotate)
+
+
+def cmd_preannotate(args) -> None:
+    from backend.cli import setup_logging
+    from backend.settings import Settings
+
+    settings = Settings.from_env(
+        model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
+    )
+    setup_logging(settings.log_level)
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
+    try:
+        options = PreannotateOptions.from_settings(
+            settings,
+            mode=args.mode,
+            boxes_from=args.boxes_from,
+            output=args.output,
+            polygon_tolerance_px=args.tolerance,
+            auto_label=args.label,
+            roi_label=args.roi_label,
+            points_per_side=args.points_per_side,
+            min_area_px=args.min_area,
+            iou_thresh=args.iou_thresh,
+            stability_thresh=args.stability_thresh,
+            max_masks=args.max_masks,
+        )
+        selection = Selection(args.filter, args.view, args.tasks)
+        selection.query()
+    except ValueError as e:
+        sys.exit(f"preannotate: {e}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("stopping after the current task (Ctrl-C again to abort at once)")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    from backend.app import Runtime
+    from backend.metrics import Metrics
+    from sam2.models import ModelUnavailable, load_image_model
+
+    try:
+        api = LabelStudioAPI(
+            settings.label_studio_url, settings.label_studio_api_key, Retry(attempts=max(1, args.retries))
+        )
+        api.label_config(args.project)  # fail fast on a wrong URL, token or project id
+        loaded = load_image_model(settings.model, settings.device)
+    except (LabelStudioAPIError, ModelUnavailable) as e:
+        sys.exit(f"preannotate: {e}")
+    except Exception as e:  # the SDK refuses an expired token while constructing
+        sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
+    runtime = Runtime(replace(settings, preload=False), Metrics(), loaded)
+    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, runtime.model_version)
+    try:
+        summary = run_project(
+            api,
+            args.project,
+            runtime.segmenter,
+            options,
+            model_version=args.model_version or runtime.model_version,
+            selection=selection,
+            prefetch=args.prefetch,
+            stop=stop,
+        )
+    except (BadRequest, LabelStudioAPIError) as e:
+        sys.exit(f"preannotate: {e.message if isinstance(e, BadRequest) else e}")
+    print(summary.report(), flush=True)
+    sys.exit(summary.exit_code)

@@ -1,0 +1,220 @@
+""" "Retrieve predictions" in Label Studio: answer within the deadline, hand the rest off.
+
+Label Studio sends the whole selection in one /predict and drops everything if the answer takes
+longer than 100 s. `retrieve_worker` runs the engine task by task while the deadline allows and
+answers the rest with an empty list (Label Studio stores no prediction for it); the process's
+`BackgroundJob` predicts those tasks and writes them through the LS API.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from backend.errors import BackendError
+from backend.preannotate.engine import PreannotateOptions, Preannotator
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
+from backend.preannotate.project import duration
+from backend.protocol import LabelConfig
+from backend.results import task_entry
+
+log = logging.getLogger("backend.preannotate")
+
+
+def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[dict], Any]:
+    """`work(task)` for a /predict without context (Label Studio's "Retrieve predictions").
+
+    Runs the engine while the deadline allows (a task is started only if the slowest of the last
+    few would still finish in time). The rest of the request, and every task while a background
+    job is busy, is answered with an empty list, which Label Studio reads as "no prediction for
+    this task" (it stores nothing, so nothing blocks a later retrieval); the background job, if
+    there is one, predicts them and writes the predictions through the LS API.
+    """
+    engine = Preannotator(runtime.segmenter, PreannotateOptions.from_settings(runtime.settings))
+    job = background_job(runtime)
+    spent: list[float] = []
+    handing_off = False
+
+    def work(task: dict):
+        nonlocal handing_off
+        if not spent and not handing_off:
+            engine.check(config)  # a config these options cannot use: the request gets a 400
+        task_id = task.get("id")
+        if job is not None and job.holds(task_id):
+            return []  # handed off by an earlier request, still on its way
+        estimate = 1.25 * max(spent[-5:], default=0.0)
+        if handing_off or (job is not None and job.busy) or time.monotonic() + estimate > deadline:
+            if not handing_off:
+                handing_off = True
+                if job is not None:
+                    log.info("retrieve: handing the rest of this request to the background job")
+                else:
+                    log.warning(
+                        "retrieve: the deadline is near and no background job is available "
+                        "(BACKGROUND_JOB=false or no LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY): the rest "
+                        "of this request stays unpredicted; retrieve again (Label Studio sends only "
+                        "tasks without a prediction) or run `python -m backend preannotate`"
+                    )
+            if job is not None and isinstance(task_id, int):
+                job.submit(task, config, engine.options)
+            return []
+        start = time.monotonic()
+        try:
+            return engine.predict(task, config).entry or task_entry([], engine.model_version)
+        finally:
+            spent.append(time.monotonic() - start)
+
+    return work
+
+
+_jobs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_jobs_lock = threading.Lock()
+
+
+def background_job(runtime) -> BackgroundJob | None:
+    """The process's background job for this runtime, created on first use; None when it is
+    switched off or Label Studio's API is not configured."""
+    settings = runtime.settings
+    if not (settings.background_job and settings.label_studio_url and settings.label_studio_api_key):
+        return None
+    with _jobs_lock:
+        job = _jobs.get(runtime)
+        if job is None:
+            try:
+                api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+            except Exception as e:  # an expired token, say: say so, answer what can be answered
+                log.warning("no background job: cannot use the Label Studio API (%s)", describe(e))
+                return None
+            job = _jobs[runtime] = BackgroundJob(runtime, api)
+        return job
+
+
+@dataclass
+class _Handed:
+    task: dict
+    config: LabelConfig
+    options: PreannotateOptions
+
+
+class BackgroundJob:
+    """Tasks handed over by /predict, predicted one at a time in a daemon thread and written to
+    Label Studio as predictions. One per process (under gunicorn, one per worker).
+
+    Progress goes to the log every 10 s and to /metrics (`sam2_background_tasks_total{outcome}`,
+    `sam2_background_tasks_pending`). The queue lives in memory: if the process stops, the
+    tasks not yet written are simply not predicted (retrieve again, or use the CLI).
+    """
+
+    def __init__(self, runtime, api: LabelStudioAPI, log_every_s: float = 10.0):
+        from prometheus_client import Counter as PromCounter
+        from prometheus_client import Gauge
+
+        self.runtime = runtime
+        self.api = api
+        self.log_every_s = log_every_s
+        self._cv = threading.Condition()
+        self._queue: deque[_Handed] = deque()
+        self._ids: set[int] = set()  # queued or being predicted
+        self._thread: threading.Thread | None = None
+        self.counts: Counter = Counter()
+        registry = runtime.metrics.registry
+        self._outcomes = PromCounter(
+            "sam2_background_tasks", "Tasks of the background job, by outcome", ["outcome"], registry=registry
+        )
+        pending = Gauge(
+            "sam2_background_tasks_pending", "Tasks queued for the background job", registry=registry
+        )
+        pending.set_function(lambda: len(self._ids))
+
+    def holds(self, task_id) -> bool:
+        with self._cv:
+            return task_id in self._ids
+
+    @property
+    def busy(self) -> bool:
+        with self._cv:
+            return bool(self._ids)
+
+    def submit(self, task: dict, config: LabelConfig, options: PreannotateOptions) -> None:
+        with self._cv:
+            if task["id"] in self._ids:
+                return
+            self._ids.add(task["id"])
+            self._queue.append(_Handed(task, config, options))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="preannotate-job", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until every handed task is done (tests, shutdown). True if idle."""
+        end = time.monotonic() + timeout_s
+        with self._cv:
+            while self._ids:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            return True
+
+    def _run(self) -> None:
+        started, last_log, seen = time.monotonic(), 0.0, 0
+        while True:
+            with self._cv:
+                if not self._queue:
+                    self._cv.notify_all()
+                    self._log(started, seen, final=True)
+                    self._thread = None
+                    return
+                item = self._queue.popleft()
+            outcome = self._process(item)
+            seen += 1
+            self.counts[outcome] += 1
+            self._outcomes.labels(outcome).inc()
+            with self._cv:
+                self._ids.discard(item.task["id"])
+                self._cv.notify_all()
+            if time.monotonic() - last_log >= self.log_every_s:
+                last_log = time.monotonic()
+                self._log(started, seen)
+
+    def _process(self, item: _Handed) -> str:
+        task_id = item.task["id"]
+        engine = Preannotator(self.runtime.segmenter, item.options)
+        try:
+            if engine.model_version in self.api.prediction_versions(task_id):
+                return "skipped"
+            outcome = engine.predict(item.task, item.config)
+            if outcome.entry is None:
+                return "skipped"
+            written = self.api.create_prediction(task_id, outcome.entry, engine.model_version)
+            return "done" if written else "skipped"
+        except BackendError as e:
+            log.warning("background job: task %s failed: %s", task_id, e.message)
+        except LabelStudioAPIError as e:
+            log.warning("background job: task %s failed: %s", task_id, e)
+        except Exception:
+            log.exception("background job: task %s failed", task_id)
+        return "failed"
+
+    def _log(self, started: float, seen: int, final: bool = False) -> None:
+        if not seen:
+            return
+        rate = seen / max(time.monotonic() - started, 1e-9)
+        pending = len(self._ids) - (0 if final else 1)
+        c = self.counts
+        log.info(
+            "background job: %d done, %d skipped, %d failed, %d pending; %.2f tasks/s%s",
+            c["done"],
+            c["skipped"],
+            c["failed"],
+            max(pending, 0),
+            rate,
+            "" if final or pending <= 0 else f", about {duration(pending / rate)} left",
+        )
