@@ -85,6 +85,9 @@ class LabelStudioAPI:
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s, max_retries=0)
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:  # a line per request at INFO: keep it for DEBUG runs
+            httpx_log.setLevel(logging.WARNING)
 
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         try:
@@ -108,20 +111,21 @@ class LabelStudioAPI:
         while True:
 
             def fetch(page=page):
-                return self.client.tasks.with_raw_response.list(
+                pager = self.client.tasks.list(
                     project=project_id,
                     include="id,data,predictions_model_versions,total_annotations",
                     query=query,
                     view=view,
                     page=page,
                     page_size=self.PAGE_SIZE,
-                ).response.json()
+                )  # one page per call, so each page is retried on its own
+                tasks = [t.model_dump(mode="json", exclude_none=True) for t in pager.items or []]
+                return tasks, int(getattr(pager.response, "total", 0) or 0)
 
-            body = self._call(fetch, f"listing the tasks of project {project_id} (page {page})")
-            tasks = body.get("tasks") or []
+            tasks, total = self._call(fetch, f"listing the tasks of project {project_id} (page {page})")
             yield from tasks
             seen += len(tasks)
-            if not tasks or seen >= int(body.get("total", 0)):
+            if not tasks or seen >= total:
                 return
             page += 1
 

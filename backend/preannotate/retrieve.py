@@ -1,4 +1,4 @@
-""" "Retrieve predictions" in Label Studio: answer within the deadline, hand the rest off.
+"""Label Studio's "Retrieve predictions": answer within the deadline, hand the rest off.
 
 Label Studio sends the whole selection in one /predict and drops everything if the answer takes
 longer than 100 s. `retrieve_worker` runs the engine task by task while the deadline allows and
