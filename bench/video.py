@@ -188,6 +188,7 @@ def main() -> None:
                 )
 
     report = {
+        "command": "python -m bench.video " + " ".join(sys.argv[1:]),
         "video": f"{args.width}x{args.height} H.264, one object",
         "model": f"random-init sam2.1 hiera-tiny, {args.image_size} px input, CPU fp32, {args.threads} threads",
         "runs": runs,
