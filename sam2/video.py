@@ -60,6 +60,9 @@ class VideoTracker:
         self.num_maskmem = int(config.num_maskmem)
         self.max_pointers = int(config.max_object_pointers_in_encoder)
         self.max_prompt_frames_attended = int(max_prompt_frames_attended)
+        # What a frame cost in the last call: the next call's deadline check starts from it, so a
+        # request with less time left than one frame does not start one.
+        self.frame_cost_s = 0.0
 
     @property
     def model_id(self) -> str:
@@ -184,7 +187,7 @@ class _Run:
             bwd = max(0, prompt_frames[0] - self.max_frames) if o.track_backward else prompt_frames[0]
             track = ObjectTrack(o.obj_id)
             self.plans.append(_ObjectPlan(o, track, prompt_frames, fwd, bwd))
-        self.clock = _Clock(self.deadline)
+        self.clock = _Clock(self.deadline, step_s=self.tracker.frame_cost_s)
         prompted = {f for p in self.plans for f in p.prompt_frames}
         forward = {
             f for p in self.plans for f in range(p.first + 1, p.forward_end + 1) if f not in p.prompt.boxes
@@ -213,6 +216,8 @@ class _Run:
             message += f"; partial: stopped before the deadline after {self.frames_done} of {self.frames_total} frames"
         if self.notes:
             message += "; " + "; ".join(self.notes)
+        if self.frames_done:
+            self.tracker.frame_cost_s = self.clock.step_s
         return TrackResult(tracks, self.frames_done, partial, message)
 
     # --- the three phases ----------------------------------------------------------------------
