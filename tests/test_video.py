@@ -211,6 +211,12 @@ def test_stops_before_the_deadline_and_says_partial(video_path, present_tracker,
         )
         assert late.partial and late.frames_processed == 0 and late.tracks[0].span is None
 
+        # The tracker remembers what a frame cost: with less time left than that, it starts none.
+        slow = make_tracker(10.0)
+        slow.frame_cost_s = 5.0
+        short = slow.track(reader, [ObjectPrompt(0, {0: box_of(RED, 0)})], deadline=time.monotonic() + 2)
+        assert short.partial and short.frames_processed == 0
+
 
 def test_session_state_stays_flat_as_the_video_gets_longer(video_path, present_tracker, one_thread):
     progress = []
