@@ -150,7 +150,7 @@ def predict_video_task(
         except UnreadableVideo as e:  # a prompted frame that does not decode
             raise VideoError(f"cannot read the video: {e}") from None
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]
-    scores = [r["score"] for r in results if r["score"] is not None]
+    scores = [r["score"] for r in results if "score" in r]
     message = result.message
     (log.warning if result.partial else log.info)("video task %s: %s", task.get("id"), message)
     return {
@@ -285,8 +285,9 @@ class _Object:
             "from_name": self.config.control_name,
             "to_name": self.config.video_name,
             "value": value,
-            "score": float(sum(seen) / len(seen)) if seen else None,
         }
+        if seen:
+            result["score"] = float(sum(seen) / len(seen))  # mean presence probability
         for key in ("id", "origin"):  # the user's region id: Label Studio merges the track into it
             if self.region.get(key):
                 result[key] = self.region[key]
