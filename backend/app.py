@@ -55,6 +55,7 @@ class Runtime:
             max_pixels=int(settings.max_image_mp * 1e6),
             timeout_s=settings.download_timeout_s,
             allowed_hosts=settings.media_allowed_hosts,
+            deadline_s=settings.predict_deadline_s,  # no download outlives its request
         )
         self.media = MediaClient(
             LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits

@@ -148,8 +148,9 @@ def _blocked_address(host: str) -> str | None:
 class MediaLimits:
     max_bytes: int = 200 << 20  # per download
     max_pixels: int = 120_000_000  # decompression-bomb guard (a 12 MP photo is 12_000_000)
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # connect, and each read
     allowed_hosts: tuple[str, ...] = ()  # empty: any host except link-local/metadata
+    deadline_s: float = 120.0  # the whole body: a server trickling bytes cannot hold a worker
 
 
 class MediaClient:
@@ -255,14 +256,31 @@ class MediaClient:
                     f"media is {int(declared) >> 20} MB, over the {self.limits.max_bytes >> 20} MB limit", 413
                 )
             total = 0
+            # Every read returns within timeout_s, but a byte every few seconds never trips it:
+            # past the deadline the socket is shut down from a timer, which ends the blocked read.
+            expired = threading.Event()
+            timer = threading.Timer(self.limits.deadline_s, _shutdown, (r, expired))
+            timer.daemon = True
+            timer.start()
+            too_slow = MediaError(
+                f"download of {_safe(url)} took longer than {self.limits.deadline_s:g} s", 504
+            )
             try:
                 for chunk in r.iter_content(1 << 16):
                     total += len(chunk)
                     if total > self.limits.max_bytes:
                         raise MediaError(f"media is over the {self.limits.max_bytes >> 20} MB limit", 413)
+                    if expired.is_set():
+                        raise too_slow
                     yield chunk
             except requests.RequestException as e:
+                if expired.is_set():
+                    raise too_slow from None
                 raise MediaError(f"download of {_safe(url)} broke off: {type(e).__name__}", 502) from None
+            finally:
+                timer.cancel()
+            if expired.is_set():  # a body without a length just ends when its socket is shut
+                raise too_slow
 
     def fetch(self, url: str, task_id: int | None = None) -> bytes:
         """The bytes of a task's media."""
@@ -287,6 +305,14 @@ class MediaClient:
 
     def load_image(self, url: str, task_id: int | None = None) -> ImageFile:
         return open_image(self.fetch(url, task_id), self.limits.max_pixels)
+
+
+def _shutdown(r: requests.Response, expired: threading.Event) -> None:
+    expired.set()
+    try:
+        r.raw.shutdown()  # urllib3 >= 2.3: safe from another thread
+    except Exception:  # an older urllib3 or a closed connection: close as well as we can
+        r.close()
 
 
 def _safe(url: str) -> str:
