@@ -277,6 +277,24 @@ def run_project(
                     (task_id, describe(e) if not isinstance(e, LabelStudioAPIError) else str(e))
                 )
 
+    def predict(fetched: _Fetched, task_id, writer: ThreadPoolExecutor) -> Future | None:
+        """Run the engine on a fetched task; the write it queues, if any."""
+        if fetched.skip is not None:
+            with lock:
+                summary.skipped[fetched.skip] += 1
+            return None
+        try:
+            outcome = engine.predict(fetched.task, config)
+        finally:
+            media.discard(fetched.url, task_id)
+        if outcome.entry is None:
+            with lock:
+                summary.skipped[outcome.skip or "nothing to predict"] += 1
+            return None
+        future = writer.submit(api.create_prediction, task_id, outcome.entry, model_version)
+        future.add_done_callback(lambda f: wrote(task_id, f))
+        return future
+
     bar = (progress or Progress)(len(todo))
     pending_writes: list[Future] = []
     with (
@@ -303,21 +321,9 @@ def run_project(
                 refill()
                 task_id = brief["id"]
                 try:
-                    fetched = future.result()
-                    if fetched.skip is not None:
-                        with lock:
-                            summary.skipped[fetched.skip] += 1
-                    else:
-                        outcome = engine.predict(fetched.task, config)
-                        media.discard(fetched.url, task_id)
-                        if outcome.entry is None:
-                            with lock:
-                                summary.skipped[outcome.skip or "nothing to predict"] += 1
-                        else:
-                            entry = outcome.entry
-                            w = writer.submit(api.create_prediction, task_id, entry, model_version)
-                            w.add_done_callback(lambda f, t=task_id: wrote(t, f))
-                            pending_writes.append(w)
+                    write = predict(future.result(), task_id, writer)
+                    if write is not None:
+                        pending_writes.append(write)
                 except (BackendError, LabelStudioAPIError) as e:
                     with lock:
                         summary.failed.append((task_id, e.message if isinstance(e, BackendError) else str(e)))
