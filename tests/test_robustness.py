@@ -224,9 +224,7 @@ KNOWN_500S = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="backend/protocol.py, backend/segment.py: unhashable values -> TypeError"
-)
+@pytest.mark.xfail(strict=True, reason="backend/protocol.py, backend/segment.py: TypeError -> 500")
 @pytest.mark.parametrize("case", sorted(KNOWN_500S))
 def test_known_500s(app, media_url, case):
     body = predict_body([{"id": 1, "data": {"image": f"{media_url}/ok.png"}}], [keypoint(50, 50)])
