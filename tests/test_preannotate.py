@@ -393,6 +393,30 @@ def test_retrieve_in_auto_mode_labels_masks_with_the_configured_label(app_factor
         assert decode_brush(region).shape == (40, 60)
 
 
+def test_automatic_masks_of_unknown_cost_go_to_the_background_at_once(app_factory, media_server):
+    """A minute or more per image on a CPU: without a measured task time, auto mode does not
+    gamble the whole request on the first task."""
+    app = app_factory(
+        retrieve_mode="auto",
+        points_per_side=2,
+        auto_iou_thresh=0.0,
+        auto_stability_thresh=0.0,
+        min_area=0,
+        label_studio_url="http://ls.invalid",
+        label_studio_api_key="k",
+    )
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    url = media_server.add_image("a.png", noise_image(40, 60))
+    tasks = [{"id": i, "data": {"image": url}} for i in (1, 2)]
+    ls = FakeLabelStudio(tasks=tasks)
+    _jobs[runtime] = job = BackgroundJob(runtime, ls)
+    results = app.test_client().post("/predict", json=predict_body(tasks, None)).get_json()["results"]
+    assert results == [[], []]
+    assert job.wait_idle(30) and job.counts["done"] == 2
+    assert [len(ls.tasks[i]["predictions"]) for i in (1, 2)] == [1, 1]
+
+
 def test_retrieve_with_a_config_the_mode_cannot_use_is_a_bad_request(client, media_server):
     config = '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"/></View>'
     body = predict_body([{"id": 1, "data": {"image": "x"}}], None, config)

@@ -30,26 +30,33 @@ log = logging.getLogger("backend.preannotate")
 def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[dict], Any]:
     """`work(task)` for a /predict without context (Label Studio's "Retrieve predictions").
 
-    Runs the engine while the deadline allows (a task is started only if the slowest of the last
-    few would still finish in time). The rest of the request, and every task while a background
-    job is busy, is answered with an empty list, which Label Studio reads as "no prediction for
-    this task" (it stores nothing, so nothing blocks a later retrieval); the background job, if
-    there is one, predicts them and writes the predictions through the LS API.
+    Runs the engine while the deadline allows: a task is started only if the slowest of the last
+    five tasks of this mode in this process (x1.25) would still finish in time; with no such
+    history, automatic masks (a minute or more per image on a CPU) go straight to the background
+    job when there is one. The rest of the request, and every task while the background job is
+    busy, is answered with an empty list, which Label Studio reads as "no prediction for this
+    task" (it stores nothing, so nothing blocks a later retrieval); the background job, if there
+    is one, predicts them and writes the predictions through the LS API.
     """
     engine = Preannotator(runtime.segmenter, PreannotateOptions.from_settings(runtime.settings))
     job = background_job(runtime)
-    spent: list[float] = []
-    handing_off = False
+    mode = engine.options.mode
+    checked = handing_off = False
 
     def work(task: dict):
-        nonlocal handing_off
-        if not spent and not handing_off:
+        nonlocal checked, handing_off
+        if not checked:
             engine.check(config)  # a config these options cannot use: the request gets a 400
+            checked = True
         task_id = task.get("id")
         if job is not None and job.holds(task_id):
             return []  # handed off by an earlier request, still on its way
-        estimate = 1.25 * max(spent[-5:], default=0.0)
-        if handing_off or (job is not None and job.busy) or time.monotonic() + estimate > deadline:
+        estimate = task_seconds(runtime, mode)
+        if estimate is None:
+            too_long = mode == "auto" and job is not None
+        else:
+            too_long = time.monotonic() + 1.25 * estimate > deadline
+        if handing_off or (job is not None and job.busy) or too_long:
             if not handing_off:
                 handing_off = True
                 if job is not None:
@@ -68,9 +75,25 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
         try:
             return engine.predict(task, config).entry or task_entry([], engine.model_version)
         finally:
-            spent.append(time.monotonic() - start)
+            record_task_seconds(runtime, mode, time.monotonic() - start)
 
     return work
+
+
+_durations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> {mode: deque}
+_durations_lock = threading.Lock()
+
+
+def task_seconds(runtime, mode: str) -> float | None:
+    """The slowest of the last five tasks of `mode` in this process, or None before the first."""
+    with _durations_lock:
+        recent = _durations.get(runtime, {}).get(mode)
+        return max(recent) if recent else None
+
+
+def record_task_seconds(runtime, mode: str, seconds: float) -> None:
+    with _durations_lock:
+        _durations.setdefault(runtime, {}).setdefault(mode, deque(maxlen=5)).append(seconds)
 
 
 _jobs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -190,7 +213,9 @@ class BackgroundJob:
         try:
             if engine.model_version in self.api.prediction_versions(task_id):
                 return "skipped"
+            start = time.monotonic()
             outcome = engine.predict(item.task, item.config)
+            record_task_seconds(self.runtime, item.options.mode, time.monotonic() - start)
             if outcome.entry is None:
                 return "skipped"
             written = self.api.create_prediction(task_id, outcome.entry, engine.model_version)
