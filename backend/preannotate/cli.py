@@ -10,9 +10,10 @@ import threading
 from dataclasses import replace
 
 from backend.errors import BadRequest
-from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions
+from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
 from backend.preannotate.project import Selection, run_project
+from backend.protocol import parse_label_config
 
 log = logging.getLogger("backend.preannotate")
 
@@ -162,10 +163,13 @@ def cmd_preannotate(args) -> None:
         api = LabelStudioAPI(
             settings.label_studio_url, settings.label_studio_api_key, Retry(attempts=max(1, args.retries))
         )
-        api.label_config(args.project)  # fail fast on a wrong URL, token or project id
+        # fail fast, before the model loads: a wrong URL, token, project id or label config
+        Preannotator(None, options).check(parse_label_config(api.label_config(args.project)))
         loaded = load_image_model(settings.model, settings.device)
     except (LabelStudioAPIError, ModelUnavailable) as e:
         sys.exit(f"preannotate: {e}")
+    except BadRequest as e:
+        sys.exit(f"preannotate: project {args.project}: {e.message}")
     except Exception as e:  # the SDK refuses an expired token while constructing
         sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
     runtime = Runtime(replace(settings, preload=False), Metrics(), loaded)

@@ -161,7 +161,7 @@ class Progress:
             self.bar.update(1)
             return
         now = time.monotonic()
-        if now - self.last >= self.every_s or self.n == self.total:
+        if now - self.last >= self.every_s:  # the closing summary reports the end
             self.last = now
             rate = self.n / max(now - self.started, 1e-9)
             eta = duration((self.total - self.n) / rate) if rate > 0 else "?"
