@@ -193,6 +193,9 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
     for i, region in enumerate(regions):
         if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
             raise BadRequest(f"context.result[{i}] must be a region object with a 'value' object")
+        for key in ("type", "from_name", "to_name"):
+            if region.get(key) is not None and not isinstance(region[key], str):
+                raise BadRequest(f"context.result[{i}].{key} must be a string")
         rtype = str(region.get("type", "")).lower()
         value = region["value"]
         from_name = region.get("from_name", "")
@@ -237,7 +240,10 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
 def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annotation") -> list[ObjectRequest]:
     """Rectangles of the task's latest annotation (or latest prediction, `use="prediction"`),
     for "boxes to masks" pre-annotation. Cancelled annotations are skipped."""
-    items = task.get("annotations" if use == "annotation" else "predictions") or []
+    field_name = "annotations" if use == "annotation" else "predictions"
+    items = task.get(field_name) or []
+    if not isinstance(items, list):
+        raise TaskError(f"task {task.get('id')}: {field_name} must be a list")
     items = [a for a in items if isinstance(a, dict) and not a.get("was_cancelled")]
     if not items:
         return []

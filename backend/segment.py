@@ -146,6 +146,8 @@ def answer_each(tasks: list, work, model_version: str) -> list[dict]:
     entries = []
     for task in tasks:
         try:
+            if isinstance(task.get("id"), (list, dict, float)):
+                raise TaskError(f"task id must be an integer, got {type(task['id']).__name__}")
             entries.append(work(task))
         except TaskError as e:
             log.warning("task %s: %s", task.get("id"), e.message)

@@ -202,13 +202,10 @@ def test_failing_media_gives_per_task_errors_and_the_rest_is_answered(app, media
 
 # --- fuzzing ---------------------------------------------------------------------------------------
 
-# Found by this fuzz in code other than this test's (reported to its owners): a list or an object
-# where the backend hashes the value (a region's from_name / to_name / type, a task's id), or a
-# number as a task's annotations, ends in a TypeError, answered 500 instead of 400/422. The fuzz below draws only hashable values there
-# until they are fixed; test_known_500s turns red (XPASS, strict) the day they are, as a reminder
-# to lift that restriction.
-UNHASHABLE_KNOWN_500 = ("from_name", "to_name", "type")
-KNOWN_500S = {
+# Found by this fuzz (and fixed): a list or an object where the backend hashes the value (a
+# region's from_name / to_name / type, a task's id), or a number as a task's annotations, ended in
+# a TypeError answered 500. Each must be a 4xx or that task's own error.
+WRONG_TYPES = {
     "region to_name is a list": lambda body: body["params"]["context"]["result"][0].update(to_name=[1]),
     "region from_name is an object": lambda body: body["params"]["context"]["result"][0].update(
         from_name={"a": 1}
@@ -224,12 +221,17 @@ KNOWN_500S = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="backend/protocol.py, backend/segment.py: TypeError -> 500")
-@pytest.mark.parametrize("case", sorted(KNOWN_500S))
-def test_known_500s(app, media_url, case):
+@pytest.mark.parametrize("case", sorted(WRONG_TYPES))
+def test_values_of_the_wrong_type_are_4xx_or_a_task_error(app, media_url, case):
     body = predict_body([{"id": 1, "data": {"image": f"{media_url}/ok.png"}}], [keypoint(50, 50)])
-    KNOWN_500S[case](body)
-    assert app.test_client().post("/predict", json=body).status_code < 500
+    WRONG_TYPES[case](body)
+    resp = app.test_client().post("/predict", json=body)
+    assert resp.status_code < 500
+    if resp.status_code == 200:
+        (entry,) = resp.get_json()["results"]
+        assert entry["result"] == [] and entry["error"]
+    else:
+        assert resp.get_json()["error"]
 
 
 leaves = (
@@ -274,8 +276,8 @@ def regions(draw):
     else:
         region = {"type": draw(st.text(max_size=15)), "value": draw(json_values)}
     for key in draw(st.sampled_from([[], [], [], *[[k] for k in sorted(region)]])):
-        # a field of the wrong type or shape (KNOWN_500S: no lists/objects where keys are hashed)
-        region[key] = draw(leaves if key in UNHASHABLE_KNOWN_500 else json_values)
+        # a field of the wrong type or shape
+        region[key] = draw(json_values)
     if draw(st.booleans()):
         region["original_width"], region["original_height"] = draw(numbers), draw(numbers)
     return region
@@ -316,13 +318,13 @@ def predict_bodies(draw, media_url):
     key = {POLYGON_CONFIG: "img", VIDEO_CONFIG: "video"}.get(config, "image")
     task = st.fixed_dictionaries(
         {
-            "id": st.integers(1, 10**6) | leaves,  # KNOWN_500S: not a list/object
+            "id": st.integers(1, 10**6) | json_values,
             "data": sometimes(st.fixed_dictionaries({key: sometimes(media_urls(media_url))})),
         },
         optional={
             "annotations": st.one_of(
                 st.lists(st.fixed_dictionaries({"result": st.lists(regions(), max_size=3)}), max_size=2),
-                st.lists(json_values, max_size=3) | st.none(),  # KNOWN_500S: not a number
+                json_values,
             )
         },
     )
