@@ -173,14 +173,20 @@ def test_every_shape_is_found_once_with_its_box(colour_predictor):
 
 
 def test_filters_decide_what_survives(colour_predictor):
-    img, truth = shapes_image()
-    loose = AutoMaskGenerator(colour_predictor, cfg(stability_thresh=0.0)).generate("s", img)
+    img, truth = shapes_image()  # an 8x8 grid puts points on shape edges: thin slivers, < 100 px
+    loose = AutoMaskGenerator(
+        colour_predictor, cfg(points_per_side=8, min_area_px=100, stability_thresh=0.0)
+    ).generate("s", img)
     assert {round(m.score, 2) for m in loose} >= {UNSTABLE_IOU}  # unstable twins now win NMS
-    low_iou = AutoMaskGenerator(colour_predictor, cfg(pred_iou_thresh=0.5)).generate("s", img)
+    low_iou = AutoMaskGenerator(
+        colour_predictor, cfg(points_per_side=8, min_area_px=100, pred_iou_thresh=0.5)
+    ).generate("s", img)
     assert len(low_iou) == len(truth) + 1  # the background joins
-    (big,) = AutoMaskGenerator(colour_predictor, cfg(min_area_px=5000)).generate("s", img)
+    (big,) = AutoMaskGenerator(colour_predictor, cfg(points_per_side=8, min_area_px=5000)).generate("s", img)
     assert iou(big.full(), truth[1]) > 0.9  # 90x90 px; the others are 70x50 and 60x50
-    capped = AutoMaskGenerator(colour_predictor, cfg(max_masks=1)).generate("s", img)
+    capped = AutoMaskGenerator(
+        colour_predictor, cfg(points_per_side=8, min_area_px=100, max_masks=1)
+    ).generate("s", img)
     assert len(capped) == 1
 
 

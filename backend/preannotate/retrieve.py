@@ -38,7 +38,11 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
     task" (it stores nothing, so nothing blocks a later retrieval); the background job, if there
     is one, predicts them and writes the predictions through the LS API.
     """
-    engine = Preannotator(runtime.segmenter, PreannotateOptions.from_settings(runtime.settings))
+    try:
+        options = PreannotateOptions.from_settings(runtime.settings)
+    except ValueError as e:  # OUTPUT=svg, say: the server's configuration, said plainly
+        raise BackendError(f"bulk pre-annotation settings: {e}") from None
+    engine = Preannotator(runtime.segmenter, options)
     job = background_job(runtime)
     mode = engine.options.mode
     checked = handing_off = False
