@@ -14,6 +14,12 @@ STAMP="$VENV/.installed-label-studio-$LS_VERSION"
 if [[ -f "$STAMP" ]]; then
     exit 0
 fi
+# Two test sessions starting at once must not run pip into the same venv together.
+exec 9>"${TMPDIR:-/tmp}/install_ls.$(id -u).lock"
+flock 9
+if [[ -f "$STAMP" ]]; then
+    exit 0
+fi
 
 start=$(date +%s)
 echo "Installing label-studio==$LS_VERSION into $VENV (first time only, about a minute)..."

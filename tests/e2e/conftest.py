@@ -20,7 +20,8 @@ OUTPUT_DIR = Path(os.environ.get("E2E_OUTPUT_DIR", lsserver.REPO_ROOT / "test-ou
 
 @pytest.fixture(scope="session")
 def e2e_output_dir() -> Path:
-    """Where logs and screenshots of the E2E run are kept (test-output/e2e/ unless E2E_OUTPUT_DIR)."""
+    """Where screenshots of the E2E run are kept (test-output/e2e/ unless E2E_OUTPUT_DIR). The
+    servers' logs stay in pytest's temp dirs, one per session, and their paths are printed."""
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     return OUTPUT_DIR
 
@@ -33,10 +34,11 @@ def label_studio(tmp_path_factory, e2e_output_dir):
     .username/.password (the browser login), .client (label-studio-sdk), .upload(project, path).
     """
     start = time.monotonic()
-    ls = lsserver.start_label_studio(
-        tmp_path_factory.mktemp("label-studio") / "data", log_path=e2e_output_dir / "label-studio.log"
+    root = tmp_path_factory.mktemp("label-studio")
+    ls = lsserver.start_label_studio(root / "data", log_path=root / "label-studio.log")
+    print(
+        f"\nLabel Studio up at {ls.url} in {time.monotonic() - start:.1f} s (boot {ls.boot_s:.1f} s), log {ls.log_path}"
     )
-    print(f"\nLabel Studio up at {ls.url} in {time.monotonic() - start:.1f} s (boot {ls.boot_s:.1f} s)")
     yield ls
     ls.stop()
 
@@ -48,14 +50,13 @@ def backend_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def backend_server(label_studio, backend_model_dir, e2e_output_dir):
+def backend_server(label_studio, backend_model_dir, tmp_path_factory):
     """`python -m backend serve` on a free port with the tiny model, able to fetch LS media.
 
-    Yields lsserver.Backend (.url, .log()); stopped at the end of the session.
+    Yields lsserver.Backend (.url, .log(), .log_path); stopped at the end of the session.
     """
-    backend = lsserver.start_backend(
-        backend_model_dir, label_studio, log_path=e2e_output_dir / "backend.log", timeout_s=120
-    )
+    log_path = tmp_path_factory.mktemp("backend") / "backend.log"
+    backend = lsserver.start_backend(backend_model_dir, label_studio, log_path=log_path, timeout_s=120)
     yield backend
     backend.stop()
 
