@@ -53,7 +53,7 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
             engine.check(config)  # a config these options cannot use: the request gets a 400
             checked = True
         task_id = task.get("id")
-        if job is not None and job.holds(task_id):
+        if job is not None and isinstance(task_id, int) and job.holds(task_id):
             return []  # handed off by an earlier request, still on its way
         estimate = task_seconds(runtime, mode)
         if estimate is None:
