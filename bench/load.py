@@ -16,7 +16,7 @@ Measured:
 - the first click on each image (the encoder) during the single-labeler pass.
 
     .venv/bin/python -m bench.load [--users 8] [--duration 60] [--model real-tiny|tiny|DIR]
-        [--workers 1] [--threads 8] [--queue 6] [--think-s 1.0] [--torch-threads 2]
+        [--workers 1] [--threads 8] [--queue 6] [--think-s 1.0] [--torch-threads 2] [--malloc-arenas 2]
 Prints a table and writes bench/results/load.json.
 """
 
@@ -131,6 +131,7 @@ class Gunicorn:
             "TORCH_THREADS": str(args.torch_threads),
             "OMP_NUM_THREADS": str(args.torch_threads),
             "EMBEDDING_CACHE_MB": "2048",
+            **({"MALLOC_ARENA_MAX": str(args.malloc_arenas)} if args.malloc_arenas > 0 else {}),
             "ACCESS_LOG": "0",
             "LOG_LEVEL": "WARNING",
         }
@@ -272,6 +273,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(args) -> dict:
+    load_before = os.getloadavg()[0]  # other work on the machine skews every latency below
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         tmp_path = Path(tmp)
         t0 = time.perf_counter()
@@ -319,13 +321,13 @@ def run(args) -> dict:
                 )
                 for i, user in enumerate(users)
             ]
-            samples = []
+            samples: list[tuple[float, float]] = []  # (seconds into the load, RSS MB)
+            load_start = time.monotonic()
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads):
-                samples.append(sum(server.rss_mb().values()))
-                for t in threads:
-                    t.join(timeout=min(5.0, max(0.1, stop_at + 150 - time.monotonic())))
+                samples.append((time.monotonic() - load_start, sum(server.rss_mb().values())))
+                time.sleep(2.0)
                 if time.monotonic() > stop_at + 150:
                     out.errors.append("a labeler did not finish within 150 s of the end")
                     break
@@ -342,6 +344,7 @@ def run(args) -> dict:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
         "config": {
             "users": args.users,
@@ -353,6 +356,7 @@ def run(args) -> dict:
             "threads": args.threads,
             "queue": args.queue,
             "torch_threads": args.torch_threads,
+            "malloc_arena_max": args.malloc_arenas or "glibc default",
             "image": f"{args.width}x{args.height} (+8x4 px per labeler)",
         },
         "model_load_s": round(load_s, 2),
@@ -374,13 +378,21 @@ def run(args) -> dict:
         "rss_mb": {
             "start": round(sum(rss_start.values()), 1),
             "end": round(sum(rss_end.values()), 1),
-            "max_during": round(max(samples), 1) if samples else None,
+            # where it stands once every labeler has clicked a while: growth after this is a leak
+            "after_first_quarter": round(_rss_at(samples, args.duration / 4), 1),
+            "max_during": round(max(v for _, v in samples), 1) if samples else None,
+            "timeline": [(round(t, 1), round(v, 1)) for t, v in samples],
             "per_process_end": {k: round(v, 1) for k, v in rss_end.items()},
         },
         "encoder_calls": _metric(metrics, 'sam2_model_seconds_count{part="encoder"}'),
         "gunicorn_exit_code": rc,
     }
     return result
+
+
+def _rss_at(samples: list[tuple[float, float]], t: float) -> float:
+    later = [v for s, v in samples if s >= t]
+    return later[0] if later else float("nan")
 
 
 def _metric(text: str, name: str) -> float | None:
@@ -398,7 +410,11 @@ def table(r: dict) -> str:
             "server",
             f"gunicorn {c['workers']} worker(s) x {c['threads']} threads, queue {c['queue']}, {c['device']}",
         ),
-        ("model", f"{c['model']}, torch threads {c['torch_threads']}"),
+        ("model", f"{c['model']}, torch threads {c['torch_threads']}, arenas {c['malloc_arena_max']}"),
+        (
+            "machine",
+            f"{r['machine']['cpus']} CPUs, load average {r['machine']['load_average_before_after'][0]}",
+        ),
         ("first click (encoder), p50", f"{r['first_click_s']['p50']:.2f} s"),
         ("clicks answered", f"{r['clicks']} ({r['clicks_per_s']:.2f}/s)"),
         ("click latency p50", f"{r['click_latency_s']['p50']:.3f} s"),
@@ -407,7 +423,10 @@ def table(r: dict) -> str:
         ("503 busy, retried", str(r["busy_503_retried"])),
         ("errors (target 0)", str(r["errors"])),
         ("cross-talk (target 0)", str(r["cross_talk"])),
-        ("RSS start -> end", f"{r['rss_mb']['start']:.0f} -> {r['rss_mb']['end']:.0f} MB"),
+        (
+            "RSS start -> 1/4 -> end",
+            f"{r['rss_mb']['start']:.0f} -> {r['rss_mb']['after_first_quarter']:.0f} -> {r['rss_mb']['end']:.0f} MB",
+        ),
         (
             "encoder calls (all phases)",
             f"{r['encoder_calls']:g}" if r["encoder_calls"] is not None else "n/a",
@@ -430,6 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--width", type=int, default=800)
     p.add_argument("--height", type=int, default=600)
+    p.add_argument(
+        "--malloc-arenas",
+        type=int,
+        default=int(os.environ.get("MALLOC_ARENA_MAX", "2")),
+        help="MALLOC_ARENA_MAX for the server, as the Dockerfile sets it (0: glibc's default, 8 per core)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     result = run(args)

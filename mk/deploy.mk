@@ -17,8 +17,9 @@ deploy-check: $(BIN)/hadolint
 	$$DC --env-file $$tmp config -q && echo "compose file: OK"; rc=$$?; rm -f $$tmp; exit $$rc
 	$(BIN)/python -m pytest -q tests/test_deploy.py
 
+# MALLOC_ARENA_MAX=2 as in the Dockerfile: glibc's per-thread arenas add ~0.5 GB RSS otherwise
 serve-gunicorn: venv
-	$(BIN)/gunicorn -c deploy/gunicorn.conf.py backend.wsgi:app
+	MALLOC_ARENA_MAX=2 $(BIN)/gunicorn -c deploy/gunicorn.conf.py backend.wsgi:app
 
 bench-load: venv
 	$(BIN)/python -m bench.load
