@@ -309,7 +309,11 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         metrics.in_flight.inc()
         try:
             work = _task_worker(runtime, settings, config, xml, context, objects, deadline)
-            results = answer_each(tasks, work, runtime.model_version)
+            # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
+            # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
+            # error message with the empty result.
+            asked = bool(objects) or bool(isinstance(context, dict) and context.get("result"))
+            results = answer_each(tasks, work, runtime.model_version, errors_as_entries=asked)
         finally:
             metrics.in_flight.dec()
         for entry in results:
@@ -367,6 +371,7 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
             runtime.video_tracker(),
             deadline_s=max(1.0, deadline - time.monotonic()),
             max_frames=settings.video_max_frames,
+            model_version=runtime.model_version,
         )
     finally:
         path.unlink(missing_ok=True)

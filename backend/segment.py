@@ -136,8 +136,9 @@ class ImageSegmenter:
         )
 
 
-def answer_each(tasks: list, work, model_version: str) -> list[dict]:
-    """Run `work(task)` for every task; a TaskError becomes that task's error entry, the other
+def answer_each(tasks: list, work, model_version: str, errors_as_entries: bool = True) -> list[dict | list]:
+    """Run `work(task)` for every task; a TaskError becomes that task's error entry (or `[]`,
+    which Label Studio stores no prediction for, with `errors_as_entries=False`), the other
     tasks are still answered. Exactly one entry per task, in order."""
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list of task objects")
@@ -151,5 +152,5 @@ def answer_each(tasks: list, work, model_version: str) -> list[dict]:
             entries.append(work(task))
         except TaskError as e:
             log.warning("task %s: %s", task.get("id"), e.message)
-            entries.append(task_entry([], model_version, 0.0, error=e.message))
+            entries.append(task_entry([], model_version, 0.0, error=e.message) if errors_as_entries else [])
     return entries

@@ -107,6 +107,7 @@ def predict_video_task(
     deadline_s: float,
     max_frames: int,
     lost_after: int = 5,
+    model_version: str | None = None,
 ) -> dict:
     """Track the task's video rectangles; one Label Studio results entry.
 
@@ -156,7 +157,7 @@ def predict_video_task(
     return {
         "result": results,
         "score": float(sum(scores) / len(scores)) if scores else 0.0,
-        "model_version": tracker.model_id,
+        "model_version": model_version or tracker.model_id,
         "message": message,
     }
 

@@ -229,3 +229,17 @@ def test_response_is_json_serialisable_plain_types(client, media_server):
     ).get_json()
     json.dumps(body)
     assert all(isinstance(v, int) and 0 <= v < 256 for v in body["results"][0]["result"][0]["value"]["rle"])
+
+
+def test_retrieve_predictions_answers_a_failed_task_with_nothing_to_store(client, media_server):
+    """Label Studio stores an error entry as an empty prediction of this model version, which
+    would stop every later Retrieve from trying the task again; [] stores nothing."""
+    good = media_server.add_image("a.png", noise_image(40, 80))
+    annotation = {"id": 1, "result": [rectangle(10, 10, 30, 50, w=80, h=40)]}
+    tasks = [
+        {"id": 1, "data": {"image": media_server.url + "/missing.png"}, "annotations": [annotation]},
+        {"id": 2, "data": {"image": good}, "annotations": [annotation]},
+    ]
+    failed, ok = client.post("/predict", json=predict_body(tasks, None)).get_json()["results"]
+    assert failed == []
+    assert ok["model_version"].startswith("sam2") and "error" not in ok
