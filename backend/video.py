@@ -121,6 +121,7 @@ def predict_video_task(
             subtracts what it has already spent of Label Studio's 100 s).
         max_frames: frames to follow each object past its last keyframe and before its first.
         lost_after: consecutive frames without an object before it is given up.
+        model_version: what the entry reports (default: the tracker's model id).
     Returns:
         `{"result": [videorectangle, ...], "score": float, "model_version": str,
         "message": str}`; `message` says what was tracked and whether the deadline cut it
