@@ -130,7 +130,8 @@ class Runtime:
             self.metrics.watch(lambda: memory_gauges(loaded.device))
         self.ready.set()
 
-    def require(self, timeout_s: float = 120.0) -> ImageSegmenter:
+    def require(self, timeout_s: float = 20.0) -> ImageSegmenter:
+        # well inside Label Studio's 100 s: a 503 with Retry-After beats a dropped request
         if not self.ready.wait(timeout_s):
             raise Unavailable("the SAM2 model is still loading; try again in a moment")
         if self.segmenter is None:

@@ -59,8 +59,11 @@ def resolve(spec: str | os.PathLike | None) -> str:
             raise ModelUnavailable(f"checkpoint {spec} does not exist")
         from sam2.convert import convert_checkpoint  # lazy: only .pt users pay for it
 
-        out = path.with_suffix("")
-        out = out.parent / (out.name + "-hf")
+        out = path.parent / (path.stem + "-hf")
+        if not (out / "config.json").is_file() and not os.access(path.parent, os.W_OK):
+            # a read-only mount: convert into our cache instead of next to the checkpoint
+            cache = Path(os.environ.get("SAM2_CONVERTED_DIR", Path.home() / ".cache" / "label-studio-sam2"))
+            out = cache / (path.stem + "-hf")
         if not (out / "config.json").is_file():
             log.info("converting Meta checkpoint %s -> %s", path, out)
             convert_checkpoint(path, out)
