@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
-import http.server
-import io
 import json
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from bench.common import photo, serve_directory
 
 RESULTS = Path(__file__).parent / "results" / "bulk.json"
 
@@ -63,29 +60,6 @@ class MemoryLabelStudio:
     def create_prediction(self, task_id, entry, model_version):
         self.written.append(task_id)
         return True
-
-
-def _serve(directory: str) -> tuple[http.server.ThreadingHTTPServer, str]:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=directory))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
-
-
-def _photo(width: int, height: int, seed: int) -> bytes:
-    """A smooth synthetic 'photo' (gradients and blobs compress like a real one)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:height, :width].astype(np.float32)
-    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _rectangles(n: int, seed: int) -> list[dict]:
@@ -127,8 +101,8 @@ def run(
     tmp = tempfile.mkdtemp()
     n_files = images + auto_images + 1
     for i in range(n_files):
-        Path(tmp, f"img{i}.jpg").write_bytes(_photo(width, height, i))
-    httpd, base = _serve(tmp)
+        Path(tmp, f"img{i}.jpg").write_bytes(photo(width, height, i))
+    httpd, base = serve_directory(tmp)
 
     def predictor() -> tuple[ImagePredictor, dict]:
         p = ImagePredictor(loaded, EmbeddingCache(1 << 30))

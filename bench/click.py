@@ -12,48 +12,21 @@ Prints a table and writes bench/results/click.json.
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
-import io
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+
+from bench.common import photo, serve_directory
 
 RESULTS = Path(__file__).parent / "results" / "click.json"
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
 <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/></KeyPointLabels></View>"""
-
-
-def _serve(directory: str) -> tuple[http.server.ThreadingHTTPServer, str]:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=directory))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
-
-
-def _photo(width: int, height: int, seed: int) -> bytes:
-    """A smooth synthetic 'photo' (gradients and blobs compress like a real one)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:height, :width].astype(np.float32)
-    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _body(url: str, task_id: int, clicks: int) -> dict:
@@ -88,8 +61,8 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
     assert loaded.image_size == 1024
     tmp = tempfile.mkdtemp()
     for i in range(2):
-        Path(tmp, f"img{i}.jpg").write_bytes(_photo(width, height, i))
-    httpd, base = _serve(tmp)
+        Path(tmp, f"img{i}.jpg").write_bytes(photo(width, height, i))
+    httpd, base = serve_directory(tmp)
     app = create_app(Settings.from_env(preload=False, cache_mb=512), loaded_model=loaded)
     client = app.test_client()
     predictor = app.extensions["sam2"].segmenter.predictor

@@ -23,9 +23,6 @@ Prints a table and writes bench/results/load.json.
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
-import io
 import json
 import os
 import platform
@@ -42,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from PIL import Image
+
+from bench.common import photo, serve_directory
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "load.json"
@@ -79,32 +77,6 @@ def model_dir(spec: str, workdir: Path) -> str:
     torch.manual_seed(0)
     Sam2VideoModel(real_config()).eval().save_pretrained(out)
     return str(out)
-
-
-def photo(width: int, height: int, seed: int) -> bytes:
-    """A smooth synthetic photo (gradients and blobs), different for every labeler."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:height, :width].astype(np.float32)
-    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(40, 200)
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def serve_directory(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory))
-    )
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
 
 
 def free_port() -> int:

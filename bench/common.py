@@ -1,0 +1,36 @@
+"""Pieces the benchmarks share: synthetic photos and a loopback media server."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import threading
+
+import numpy as np
+from PIL import Image
+
+
+def serve_directory(directory: str) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve `directory` on 127.0.0.1 (a free port) in a thread; returns (server, base URL)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=directory))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    """A smooth synthetic 'photo' as JPEG bytes (gradients and blobs compress like a real one)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    img = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], -1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(40, 200)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
