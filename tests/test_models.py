@@ -65,3 +65,23 @@ def test_image_and_video_models_load_from_one_directory_and_share_the_encoder(ti
     assert video.model.vision_encoder is image.model.vision_encoder
     assert video.lock is image.lock
     assert image.model_id == models.load_image_model(str(tiny_model_dir), "cpu").model_id
+
+
+def test_make_test_model_writes_a_loadable_model_random_or_trained(tmp_path):
+    import subprocess
+    import sys
+
+    for extra, size in (([], 256), (["--trained"], 128)):
+        out = tmp_path / ("trained" if extra else "random")
+        proc = subprocess.run(
+            [sys.executable, "-m", "backend", "make-test-model", str(out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert f"--model {out}" in proc.stdout
+        loaded = models.load_image_model(str(out), "cpu")
+        assert loaded.image_size == size
+        video = models.load_video_model(str(out), "cpu", share_with=loaded)
+        assert video.image_size == size
