@@ -269,20 +269,10 @@ def tiny_config(image_size: int = 256, fpn_hidden: int = 128):
 
 def real_config(release: str = "sam2.1", size: str = "tiny"):
     """The config of a released model, without its weights (benchmarks: real latency, random
-    masks). Only hiera-tiny's numbers are written down here; other sizes differ in the backbone."""
-    from transformers import Sam2VideoConfig
+    masks). The per-size architecture table lives with the checkpoint converter."""
+    from sam2.convert import released_config
 
-    if size != "tiny":
-        raise ValueError("only the hiera-tiny architecture is described offline")
-    backbone = dict(
-        model_type="sam2_hiera_det_model",
-        blocks_per_stage=[1, 2, 7, 2],
-        embed_dim_per_stage=[96, 192, 384, 768],
-        num_attention_heads_per_stage=[1, 2, 4, 8],
-        global_attention_blocks=[5, 7, 9],
-        window_positional_embedding_background_size=[7, 7],
-    )
-    return Sam2VideoConfig(vision_config=dict(model_type="sam2_vision_model", backbone_config=backbone))
+    return released_config(size, release)
 
 
 def write_test_model(directory: str | os.PathLike, seed: int = 0, image_size: int = 256) -> Path:
