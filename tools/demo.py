@@ -5,7 +5,8 @@
 Label Studio runs from .venv-ls (installed on first use) with SQLite under .run/label-studio/,
 kept between runs; the backend runs from this virtualenv. The model is --model, else SAM2_MODEL,
 else SAM2.1 tiny, loaded offline first; when its weights cannot be had the demo says how to
-provide them and stops. --test-model uses a tiny random SAM2 instead (wiring check, random masks).
+provide them and stops. --test-model uses the tiny SAM2 trained on synthetic shapes (tests/fixtures/sam2-shapes): no
+weights needed; it segments simple flat-coloured shapes like the demo's, nothing else.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model", default=None, help="short name, hub id, HF directory, Meta .pt, or 'test' (SAM2_MODEL)"
     )
     p.add_argument(
-        "--test-model", action="store_true", help="a tiny random SAM2: no weights needed, masks are noise"
+        "--test-model",
+        action="store_true",
+        help="the tiny SAM2 trained on synthetic shapes: no weights needed, segments simple shapes only",
     )
     p.add_argument("--device", default=None, help="auto | cpu | cuda (DEVICE)")
     p.add_argument(
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = args.model or os.environ.get("SAM2_MODEL") or "sam2.1-tiny"
         if args.test_model or model == "test":
-            model = str(lsserver.make_test_model(RUN_DIR / "test-model"))
+            model = str(lsserver.make_test_model(RUN_DIR / "test-model", trained=True))
         lsserver.install()
         creds = lsserver.prepare_data_dir(args.data_dir.resolve())
         ls_url = f"http://{host}:{args.port}"
@@ -127,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             say("  make run MODEL=/path/to/sam2.1-hiera-tiny        (a directory saved by save_pretrained)")
             say("  make run MODEL=/path/to/sam2.1_hiera_tiny.pt     (Meta's checkpoint, converted once)")
             say("  HF_HOME=/path/to/hf-cache make run               (a Hugging Face cache holding the model)")
-            say(
-                "or check the wiring without weights: make run MODEL=test   (a random tiny SAM2: noise masks)"
-            )
+            say("or try it without weights: make run MODEL=test   (a tiny SAM2 trained on simple shapes)")
             return 3
         say(f"  model {health.get('model_version')} loaded")
 

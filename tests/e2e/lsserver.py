@@ -396,10 +396,12 @@ class Backend:
         _stop_process(self.process)
 
 
-def make_test_model(model_dir: Path) -> Path:
-    """Write the backend's tiny random SAM2 (HF format) to `model_dir`."""
+def make_test_model(model_dir: Path, trained: bool = False) -> Path:
+    """Write the backend's tiny SAM2 (HF format) to `model_dir`: random, or the small model
+    trained on synthetic shapes (`trained=True`)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "backend", "make-test-model", str(model_dir)],
+        [sys.executable, "-m", "backend", "make-test-model", str(model_dir)]
+        + (["--trained"] if trained else []),
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
