@@ -45,8 +45,9 @@ def label_studio(tmp_path_factory, e2e_output_dir):
 
 @pytest.fixture(scope="session")
 def backend_model_dir(tmp_path_factory) -> Path:
-    """The tiny random SAM2 written by `python -m backend make-test-model`."""
-    return lsserver.make_test_model(tmp_path_factory.mktemp("backend-model") / "tiny-sam2")
+    """The tiny SAM2 trained on synthetic shapes (`make-test-model --trained`): it segments the
+    sample scenes' objects, so the tests can check that a mask lands where the click was."""
+    return lsserver.make_test_model(tmp_path_factory.mktemp("backend-model") / "sam2-shapes", trained=True)
 
 
 @pytest.fixture(scope="session")

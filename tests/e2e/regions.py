@@ -107,3 +107,13 @@ def check_track(track: dict, video, user_region: dict) -> list[int]:
     for k in sequence:
         assert all(-1e-6 <= k[key] <= 100 + 1e-6 for key in ("x", "y", "width", "height")), k
     return frames
+
+
+def object_iou(mask: np.ndarray, scene) -> float:
+    """IoU of a decoded mask with the scene's main object (the ellipse in its box)."""
+    from PIL import Image, ImageDraw
+
+    truth = Image.new("L", (scene.width, scene.height))
+    ImageDraw.Draw(truth).ellipse(scene.object_box_px, fill=1)
+    truth = np.asarray(truth) > 0
+    return float((mask & truth).sum() / max(1, (mask | truth).sum()))

@@ -17,6 +17,7 @@ from tests.e2e.regions import (
     brush_masks,
     check_track,
     keypoint,
+    object_iou,
     rectangle,
     videorectangle,
 )
@@ -52,14 +53,16 @@ def test_interactive_keypoint_gives_a_brush_mask(label_studio, image_project):
     _, ml, [(task, scene), _] = image_project
     data = lsserver.predict_interactive(label_studio, ml.id, task["id"], [keypoint(scene)])
     assert data["model_version"].startswith("sam2")
-    brush_masks(data["result"], scene.width, scene.height)
+    [mask] = brush_masks(data["result"], scene.width, scene.height)
+    assert object_iou(mask, scene) >= 0.8  # the mask is the clicked object: coordinates survived LS
 
 
 def test_interactive_rectangle_gives_a_brush_mask(label_studio, image_project):
     _, ml, [_, (task, scene)] = image_project
     data = lsserver.predict_interactive(label_studio, ml.id, task["id"], [rectangle(scene)])
     assert data["model_version"].startswith("sam2")
-    brush_masks(data["result"], scene.width, scene.height)
+    [mask] = brush_masks(data["result"], scene.width, scene.height)
+    assert object_iou(mask, scene) >= 0.85
 
 
 def test_retrieve_predictions_stores_masks_for_every_task(label_studio, image_project):
@@ -77,7 +80,8 @@ def test_retrieve_predictions_stores_masks_for_every_task(label_studio, image_pr
             p for p in lsserver.predictions(label_studio, task["id"]) if p.model_version.startswith("sam2")
         ]
         assert stored, f"no sam2 prediction stored for task {task['id']}"
-        brush_masks(stored[-1].result, scene.width, scene.height)
+        [mask] = brush_masks(stored[-1].result, scene.width, scene.height)
+        assert object_iou(mask, scene) >= 0.85
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +97,7 @@ def test_video_interactive_box_gives_a_track(label_studio, video_project):
     _, ml, task, video = video_project
     assert task["data"]["video"].startswith("/data/upload/")
     region = videorectangle(video)
-    try:
-        data = lsserver.predict_interactive(label_studio, ml.id, task["id"], [region])
-    except lsserver.LabelStudioError as e:
-        if any(
-            words in str(e) for words in ("not available in this build", "not supported", "not implemented")
-        ):
-            pytest.skip(f"the backend does not track video yet: {e}")
-        raise
+    data = lsserver.predict_interactive(label_studio, ml.id, task["id"], [region])
     assert data["model_version"].startswith("sam2")
     [track] = data["result"]
     check_track(track, video, region)
