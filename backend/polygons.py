@@ -18,10 +18,7 @@ is turned into polygons like this:
 
 from __future__ import annotations
 
-import contextvars
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import cv2
@@ -30,19 +27,6 @@ import numpy as np
 from backend.protocol import Control
 
 DEFAULT_TOLERANCE_PX = 1.0
-_tolerance_px = contextvars.ContextVar("polygon_tolerance_px", default=DEFAULT_TOLERANCE_PX)
-
-
-@contextmanager
-def tolerance(px: float) -> Iterator[None]:
-    """Within this block (this thread / context), `polygon_results` called without a tolerance
-    uses `px`: the way to set it for code that builds results without passing it through
-    (`ImageSegmenter.boxes_to_masks` calls `mask_result` with the defaults)."""
-    token = _tolerance_px.set(float(px))
-    try:
-        yield
-    finally:
-        _tolerance_px.reset(token)
 
 
 def mask_polygons(mask: np.ndarray, tolerance_px: float = DEFAULT_TOLERANCE_PX) -> list[np.ndarray]:
@@ -115,14 +99,13 @@ def polygon_results(
         label: the label, or None for none.
         control: the PolygonLabels control the regions belong to.
         score: the region score (the same for every part).
-        tolerance_px: simplification tolerance in pixels (None: the `tolerance()` in effect,
-            else DEFAULT_TOLERANCE_PX).
+        tolerance_px: simplification tolerance in pixels (None: DEFAULT_TOLERANCE_PX).
         region_id: the first part's id (the others get `<id>_<k>`); random when None.
     Returns:
         list of result dicts, largest part first; empty for an empty mask.
     """
     h, w = mask.shape
-    tol = _tolerance_px.get() if tolerance_px is None else float(tolerance_px)
+    tol = DEFAULT_TOLERANCE_PX if tolerance_px is None else float(tolerance_px)
     rings = mask_polygons(mask, tol)
     base = region_id or uuid.uuid4().hex[:10]
     scale = np.array([100.0 / w, 100.0 / h])

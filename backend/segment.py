@@ -64,9 +64,10 @@ class ImageSegmenter:
             result += mask_result(pred.mask, obj.label, control, pred.score)
         return task_entry(result, self.model_version)
 
-    def boxes_to_masks(self, task: dict, config: LabelConfig, use: str = "annotation") -> dict:
+    def boxes_to_masks(self, task: dict, config: LabelConfig, use: str = "annotation", **mask_kw) -> dict:
         """One mask per rectangle of the task's latest annotation (or prediction), all boxes of
-        the image decoded in one batched decoder call after one encoder pass."""
+        the image decoded in one batched decoder call after one encoder pass. `mask_kw` goes to
+        `mask_result` (e.g. `tolerance_px` for polygon output)."""
         objects = rectangles_of_annotation(task, config, use)
         if not objects:
             return task_entry([], self.model_version)
@@ -78,7 +79,7 @@ class ImageSegmenter:
         result = []
         for obj, pred in zip(objects, preds, strict=True):
             control = config.output_control(obj.to_name, obj.label)
-            result += mask_result(pred.mask, obj.label, control, pred.score)
+            result += mask_result(pred.mask, obj.label, control, pred.score, **mask_kw)
         return task_entry(result, self.model_version)
 
     # --- helpers ---------------------------------------------------------------------------

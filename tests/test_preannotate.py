@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from backend.errors import BadRequest, MediaError
 from backend.media import LabelStudioAuth, MediaClient
-from backend.polygons import mask_polygons, polygon_results, tolerance
+from backend.polygons import mask_polygons, polygon_results
 from backend.preannotate import (
     BackgroundJob,
     LabelStudioAPI,
@@ -108,8 +108,7 @@ def test_tolerance_trades_vertices_for_accuracy():
     mask = disc(200, 200, 100, 100, 80)
     exact, rough = mask_polygons(mask, 0.0)[0], mask_polygons(mask, 3.0)[0]
     assert len(rough) < len(exact) / 4
-    with tolerance(3.0):  # the default for calls that do not pass one
-        (region,) = polygon_results(mask, "object", POLY, 1.0)
+    (region,) = polygon_results(mask, "object", POLY, 1.0, tolerance_px=3.0)
     assert len(region["value"]["points"]) == len(rough)
     assert iou(rasterize(region["value"]["points"], 200, 200), mask) > 0.97
 

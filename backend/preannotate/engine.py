@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from backend import polygons
 from backend.errors import BadRequest, TaskError
 from backend.protocol import LabelConfig, ObjectRequest, rectangles_of_annotation, task_data_url
 from backend.results import mask_result, task_entry
@@ -179,10 +178,12 @@ class Preannotator:
         plan = self.plan(task, view)
         if plan.to_name is None:
             return Outcome(None, plan.skip)
-        with polygons.tolerance(self.options.polygon_tolerance_px):
-            if self.options.mode == "boxes":
-                return Outcome(self.segmenter.boxes_to_masks(task, view, self.options.boxes_from))
-            return Outcome(self._auto(task, view, plan))
+        if self.options.mode == "boxes":
+            tolerance = self.options.polygon_tolerance_px
+            return Outcome(
+                self.segmenter.boxes_to_masks(task, view, self.options.boxes_from, tolerance_px=tolerance)
+            )
+        return Outcome(self._auto(task, view, plan))
 
     def _rectangles(self, task: dict, config: LabelConfig) -> list[ObjectRequest]:
         try:
@@ -203,7 +204,9 @@ class Preannotator:
         masks = generator.generate(image.key, image.load, rois, image_hw=(image.height, image.width))
         result = []
         for m in masks:
-            result += mask_result(m.full(), label, control, m.score)
+            result += mask_result(
+                m.full(), label, control, m.score, tolerance_px=self.options.polygon_tolerance_px
+            )
         return task_entry(result, self.model_version)
 
 
