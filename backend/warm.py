@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,24 +30,15 @@ log = logging.getLogger(__name__)
 INDEX = "urls.jsonl"
 
 
-def ls_client(settings: Settings):
-    """A label-studio-sdk client (it exchanges personal access tokens itself)."""
+def _api(settings: Settings):
+    """The Label Studio API client bulk pre-annotation uses (label-studio-sdk, with retries)."""
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise SystemExit(
             "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token or legacy token)"
         )
-    from label_studio_sdk import LabelStudio
+    from backend.preannotate.lsapi import LabelStudioAPI
 
-    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key, timeout=60)
-
-
-def iter_task_data(client, project: int, after_task: int | None = None) -> Iterator[tuple[int, dict]]:
-    """(task id, task data) of a project in id order, starting after `after_task`."""
-    tasks = []
-    for t in client.tasks.list(project=project, page_size=500, fields="task_only"):
-        if after_task is None or t.id > after_task:
-            tasks.append((t.id, dict(t.data or {})))
-    yield from sorted(tasks, key=lambda x: x[0])
+    return LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
 
 
 class UrlIndex:
@@ -94,7 +84,7 @@ def warm_project(
     after_task: int | None = None,
     limit: int | None = None,
     progress: bool = True,
-    client=None,
+    api=None,
     loaded=None,
 ) -> WarmSummary:
     """Encode the images of a project's tasks into the store. Downloads overlap encoding."""
@@ -103,8 +93,8 @@ def warm_project(
 
     if not settings.store_dir:
         raise SystemExit("set EMBEDDING_STORE_DIR (or --store DIR): pre-encoding fills that store")
-    client = client or ls_client(settings)
-    config: LabelConfig = parse_label_config(client.projects.get(id=project).label_config)
+    api = api or _api(settings)
+    config: LabelConfig = parse_label_config(api.label_config(project))
     images = config.images()
     if not images:
         raise SystemExit(f"project {project}'s label config has no <Image>: nothing to pre-encode")
@@ -116,10 +106,13 @@ def warm_project(
     predictor, store = segmenter.predictor, runtime.store
     index = UrlIndex(store.dir)
     todo = []
-    for task_id, data in iter_task_data(client, project, after_task):
-        url = data.get(images[0].value_key)
+    tasks = sorted(api.iter_tasks(project), key=lambda t: t["id"])  # "next tasks" means by id
+    for task in tasks:
+        if after_task is not None and task["id"] <= after_task:
+            continue
+        url = (task.get("data") or {}).get(images[0].value_key)
         if isinstance(url, str) and url:
-            todo.append((task_id, url))
+            todo.append((task["id"], url))
         if limit and len(todo) >= limit:
             break
     summary = WarmSummary()
