@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SAM2EMB1"
 SUFFIX = ".emb"
+TMP_PREFIX = ".tmp-"
 
 
 class EmbeddingStore:
@@ -62,8 +63,23 @@ class EmbeddingStore:
     def bytes(self) -> int:
         return self._bytes
 
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every stored entry. Other writers' temporary files are not
+        entries (evicting one would break its rename), and a file another process removes
+        while we look is skipped."""
+        out = []
+        for p in self.dir.glob(f"*/*{SUFFIX}"):
+            if p.name.startswith(TMP_PREFIX):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, p))
+        return out
+
     def _scan_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob(f"*/*{SUFFIX}"))
+        return sum(size for _, size, _ in self._entries())
 
     # --- read -------------------------------------------------------------------------------
 
@@ -100,7 +116,7 @@ class EmbeddingStore:
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=SUFFIX)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             existed = path.exists()
@@ -123,13 +139,7 @@ class EmbeddingStore:
 
     def evict(self) -> int:
         """Delete least recently used entries until the store fits; returns bytes freed."""
-        entries = []
-        for p in self.dir.glob(f"*/*{SUFFIX}"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue  # another process evicted it
-            entries.append((st.st_mtime, st.st_size, p))
+        entries = self._entries()
         total = sum(size for _, size, _ in entries)
         freed = 0
         for _, size, p in sorted(entries):

@@ -126,3 +126,14 @@ def test_concurrent_writers_in_several_processes_never_corrupt(tmp_path):
     store = EmbeddingStore(tmp_path)
     assert store.get("shared") is not None and store.corrupt == 0
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_another_writers_temporary_file_is_neither_counted_nor_evicted(tiny_model, tmp_path):
+    emb = ImagePredictor(tiny_model).embedding("p", noise_image(8, 8))
+    half_written = tmp_path / "ab" / ".tmp-other-writer.emb"
+    half_written.parent.mkdir()
+    half_written.write_bytes(b"x" * 1000)
+    store = EmbeddingStore(tmp_path, max_bytes=10)  # everything is over the bound
+    assert store.bytes == 0
+    store.put("a", emb)
+    assert half_written.exists()  # its writer will still rename it into place
