@@ -19,15 +19,14 @@ not hold a hundred full-size arrays at once; `AutoMask.full()` gives the (H, W) 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sam2.image import ImageEmbedding, ImagePredictor
-from sam2.transforms import to_model_coords, upscale_logits
+from sam2.image import ImageEmbedding, ImagePredictor, Prompt
+from sam2.transforms import upscale_logits
 
 
 @dataclass(frozen=True)
@@ -378,23 +377,10 @@ class AutoMaskGenerator:
         Returns:
             low-res logits (B, 3, h, w) float32 on the CPU, predicted IoU (B, 3).
         """
-        lm = self.predictor.loaded
-        dev = lm.device
-        pts = to_model_coords(points_xy, emb.original_hw, lm.image_size)
-        input_points = torch.from_numpy(pts).reshape(1, -1, 1, 2).to(dev)
-        input_labels = torch.ones((1, len(pts), 1), dtype=torch.int64, device=dev)
-        start = time.perf_counter()
-        with lm.lock, lm.autocast_context():
-            out = lm.model(
-                image_embeddings=[f.to(dev) for f in emb.features],
-                input_points=input_points,
-                input_labels=input_labels,
-                multimask_output=True,
-            )
-        self.predictor.decoder_calls += 1
-        if self.predictor.on_timing is not None:
-            self.predictor.on_timing("decoder", time.perf_counter() - start)
-        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu()
+        ones = np.ones(1, np.int64)
+        prompts = [Prompt(np.asarray(p, np.float32)[None], ones) for p in points_xy]
+        logits, iou, _ = self.predictor.decode_logits(emb, prompts)
+        return logits.cpu(), iou.cpu()
 
     def _materialise(self, region: _Region, c: _Candidates, hw: tuple[int, int]) -> list[AutoMask]:
         """Upscale the kept candidates to the region's size and cut them to their pixel boxes."""

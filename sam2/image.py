@@ -246,8 +246,16 @@ class ImagePredictor:
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _decode(self, emb: ImageEmbedding, prompts: list[Prompt]) -> list[MaskPrediction]:
-        """Decode prompts that share kind and multimask setting in one batched call."""
+    def decode_logits(
+        self, emb: ImageEmbedding, prompts: list[Prompt]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched decoder call for prompts that share kind (box or not), mask input and
+        multimask setting; points of unequal count are padded with the ignore label.
+
+        Returns:
+            logits: (n, k, h, w) float32 low-res mask logits (k = 3 candidates if multimask, else 1);
+            iou: (n, k) predicted IoU; object_logits: (n,) object-presence logits.
+        """
         lm = self.loaded
         dev = lm.device
         n = len(prompts)
@@ -272,21 +280,31 @@ class ImagePredictor:
             kwargs["input_masks"] = (
                 prompts[0].mask_logits.reshape(1, 1, *prompts[0].mask_logits.shape[-2:]).to(dev)
             )
-        multimask = prompts[0].multimask
         start = time.perf_counter()
         with lm.lock, lm.autocast_context():
             out = lm.model(
-                image_embeddings=[f.to(dev) for f in emb.features], multimask_output=multimask, **kwargs
+                image_embeddings=[f.to(dev) for f in emb.features],
+                multimask_output=prompts[0].multimask,
+                **kwargs,
             )
         self.decoder_calls += 1
-        logits = out.pred_masks[0].float()  # (n, k, h, w)
-        iou = out.iou_scores[0].float()  # (n, k)
+        self._timed("decoder", start)
+        return (
+            out.pred_masks[0].float(),
+            out.iou_scores[0].float(),
+            out.object_score_logits[0].float().reshape(n),
+        )
+
+    @torch.inference_mode()
+    def _decode(self, emb: ImageEmbedding, prompts: list[Prompt]) -> list[MaskPrediction]:
+        """Decode prompts of one kind in one call; keep each prompt's best candidate."""
+        n = len(prompts)
+        logits, iou, object_logits = self.decode_logits(emb, prompts)
         best = iou.argmax(dim=-1)  # (n,)
         rows = torch.arange(n, device=logits.device)
         chosen = logits[rows, best]  # (n, h, w)
-        masks = upscale_logits(chosen, hw) > 0
-        presence = torch.sigmoid(out.object_score_logits[0].float().reshape(n))
-        self._timed("decoder", start)
+        masks = upscale_logits(chosen, emb.original_hw) > 0
+        presence = torch.sigmoid(object_logits)
         scores = iou[rows, best].clamp(0, 1)
         return [
             MaskPrediction(

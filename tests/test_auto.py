@@ -73,7 +73,9 @@ class ColourSam(torch.nn.Module):
             ],
             dim=1,
         )[None]
-        return SimpleNamespace(pred_masks=logits, iou_scores=iou)
+        # the fields Sam2Model's output has (object presence: always present here)
+        presence = torch.full((1, logits.shape[1], 1), 10.0)
+        return SimpleNamespace(pred_masks=logits, iou_scores=iou, object_score_logits=presence)
 
 
 @pytest.fixture
