@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from collections import defaultdict
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import photo, serve_directory
+from bench.common import photo, report, serve_directory
 
 RESULTS = Path(__file__).parent / "results" / "bulk.json"
 
@@ -225,13 +224,7 @@ def main() -> None:
                 f"rest {a['rest_s']:.2f} s, {a['masks']} masks",
             )
         )
-    width = max(len(a) for a, _, _ in rows)
-    print(f"{r['model']}; {r['image']}; {r['torch_threads']} torch threads")
-    for a, b, c in rows:
-        print(f"{a:<{width}}  {b:>13}  {c}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(r, indent=2))
-    print(f"wrote {RESULTS}")
+    report(r, rows, RESULTS, value_width=13)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Prints a table and writes bench/results/click.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import photo, serve_directory
+from bench.common import photo, report, serve_directory
 
 RESULTS = Path(__file__).parent / "results" / "click.json"
 
@@ -152,13 +151,7 @@ def main() -> None:
             f"{rle['speedup_vs_mask2rle']:.1f}x",
         ),
     ]
-    width = max(len(a) for a, _, _ in rows)
-    print(f"{r['model']}; {r['image']}; {r['torch_threads']} torch threads")
-    for a, b, c in rows:
-        print(f"{a:<{width}}  {b:>10}  {c}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(r, indent=2))
-    print(f"wrote {RESULTS}")
+    report(r, rows, RESULTS)
 
 
 if __name__ == "__main__":

@@ -34,3 +34,18 @@ def photo(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def report(result: dict, rows: list[tuple[str, str, str]], path, value_width: int = 10) -> None:
+    """Print a benchmark's header line and (label, value, note) rows; write `result` as JSON."""
+    import json
+    from pathlib import Path
+
+    width = max(len(a) for a, _, _ in rows)
+    print(f"{result['model']}; {result['image']}; {result['torch_threads']} torch threads")
+    for a, b, c in rows:
+        print(f"{a:<{width}}  {b:>{value_width}}  {c}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
