@@ -52,14 +52,11 @@ class ImageSegmenter:
             return task_entry([], self.model_version)
         to_name = objects[0].to_name
         image = self._image(task, config, to_name)
-        prompts, keys = [], []
-        for obj in objects:
-            prompts.append(self._prompt(task, obj, image))
-            keys.append(obj)
+        prompts = [self._prompt(task, obj, image) for obj in objects]
         preds = self.predictor.predict(image.key, image.load, prompts)
         result = []
-        for obj, prompt, pred in zip(keys, prompts, preds, strict=True):
-            self._remember(task, obj, prompt, pred)
+        for obj, pred in zip(objects, preds, strict=True):
+            self._remember(task, obj, pred)
             control = config.output_control(obj.to_name, obj.label)
             result += mask_result(pred.mask, obj.label, control, pred.score)
         return task_entry(result, self.model_version)
@@ -116,7 +113,7 @@ class ImageSegmenter:
             mask_logits=logits,
         )
 
-    def _remember(self, task: dict, obj: ObjectRequest, prompt, pred) -> None:
+    def _remember(self, task: dict, obj: ObjectRequest, pred) -> None:
         key = self._memory_key(task, obj)
         if obj.rect_pct is not None:
             self.memory.put(
