@@ -20,23 +20,10 @@ from pathlib import Path
 
 import torch
 
+from sam2.convert import convert_checkpoint
+from sam2.releases import DEFAULT_MODEL, SIZES, ModelUnavailable, hub_id, released_config
+
 log = logging.getLogger(__name__)
-
-SIZES = ("tiny", "small", "base-plus", "large")
-RELEASES = ("sam2", "sam2.1")
-DEFAULT_MODEL = "facebook/sam2.1-hiera-tiny"
-
-
-class ModelUnavailable(RuntimeError):
-    """The requested weights cannot be loaded; the message says how to provide them."""
-
-
-def hub_id(release: str, size: str) -> str:
-    """`("sam2.1", "tiny") -> "facebook/sam2.1-hiera-tiny"`."""
-    if release not in RELEASES or size not in SIZES:
-        raise ValueError(f"unknown SAM2 model {release}-{size}: releases {RELEASES}, sizes {SIZES}")
-    return f"facebook/{release}-hiera-{size}"
-
 
 _SHORT = re.compile(
     r"^(?:facebook/)?(?P<rel>sam2(?:\.1)?)?[-_ ]?(?:hiera[-_])?(?P<size>tiny|small|base[-_]?plus|b\+|large)$"
@@ -57,8 +44,6 @@ def resolve(spec: str | os.PathLike | None) -> str:
     if spec.endswith(".pt"):
         if not path.is_file():
             raise ModelUnavailable(f"checkpoint {spec} does not exist")
-        from sam2.convert import convert_checkpoint  # lazy: only .pt users pay for it
-
         out = path.parent / (path.stem + "-hf")
         if not (out / "config.json").is_file() and not os.access(path.parent, os.W_OK):
             # a read-only mount: convert into our cache instead of next to the checkpoint
@@ -269,9 +254,7 @@ def tiny_config(image_size: int = 256, fpn_hidden: int = 128):
 
 def real_config(release: str = "sam2.1", size: str = "tiny"):
     """The config of a released model, without its weights (benchmarks: real latency, random
-    masks). The per-size architecture table lives with the checkpoint converter."""
-    from sam2.convert import released_config
-
+    masks). The per-size architecture table is in `sam2.releases`."""
     return released_config(size, release)
 
 

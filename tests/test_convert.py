@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from sam2.convert import (
-    ConversionError,
-    convert_checkpoint,
-    guess_from_name,
-    guess_from_weights,
-    meta_to_hf,
-    released_config,
-)
+from sam2.convert import convert_checkpoint, meta_to_hf
 from sam2.models import tiny_config
+from sam2.releases import ConversionError, guess_from_name, guess_from_weights, released_config
 
 # HF name -> Meta name, applied in order (regex, replacement).
 _TO_META = [
