@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import Sam2VideoInferenceSession
 
+from sam2 import hf_internals as hf
 from sam2.frames import FrameSource, UnreadableVideo
 from sam2.models import LoadedModel
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
@@ -349,8 +351,6 @@ class _Session:
     """
 
     def __init__(self, tracker: VideoTracker, height: int, width: int, obj_ids: list[int]):
-        from transformers import Sam2VideoInferenceSession
-
         self.tracker = tracker
         self.loaded = tracker.loaded
         self.model = tracker.loaded.model
@@ -383,21 +383,8 @@ class _Session:
                 corners = to_model_coords(
                     np.asarray(box, dtype=np.float64).reshape(2, 2), self.hw, self.loaded.image_size
                 )
-                point_inputs = {
-                    "point_coords": torch.as_tensor(corners, device=self.device).view(1, 1, 2, 2),
-                    "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32, device=self.device),
-                }
-                outs[obj_id] = self.model._run_single_frame_inference(
-                    inference_session=self.inner,
-                    frame_idx=frame,
-                    obj_idx=self.idx[obj_id],
-                    batch_size=1,
-                    is_init_cond_frame=True,
-                    point_inputs=point_inputs,
-                    mask_inputs=None,
-                    reverse=False,
-                    streaming=True,
-                )
+                box_points = torch.as_tensor(corners, device=self.device)
+                outs[obj_id] = hf.frame_step(self.model, self.inner, frame, self.idx[obj_id], box_points)
             return self._finish(frame, outs, conditioning=True)
 
     def track(self, frame: int, obj_ids: list[int], reverse: bool) -> dict[int, _Seen]:
@@ -405,39 +392,20 @@ class _Session:
         outs = {}
         with self._model_step():
             for obj_id in obj_ids:
-                outs[obj_id] = self.model._run_single_frame_inference(
-                    inference_session=self.inner,
-                    frame_idx=frame,
-                    obj_idx=self.idx[obj_id],
-                    batch_size=1,
-                    is_init_cond_frame=False,
-                    point_inputs=None,
-                    mask_inputs=None,
-                    reverse=reverse,
-                    streaming=True,
-                )
+                outs[obj_id] = hf.frame_step(self.model, self.inner, frame, self.idx[obj_id], reverse=reverse)
             return self._finish(frame, outs, conditioning=False)
 
     def _finish(self, frame: int, outs: dict[int, dict], conditioning: bool) -> dict[int, _Seen]:
         """Store outputs, encode their memories (batched), drop what memory never reads, and
         turn masks into boxes."""
-        obj_idxs = [self.idx[obj_id] for obj_id in outs]
-        for obj_idx, out in zip(obj_idxs, outs.values(), strict=True):
-            self.inner.store_output(obj_idx, frame, output_value=out, is_conditioning_frame=conditioning)
-        self.model._batch_encode_memories(
-            inference_session=self.inner,
-            frame_idx=frame,
-            objects_needing_memory_encoding=obj_idxs,
-            high_res_masks_for_memory=[out["high_res_masks"] for out in outs.values()],
-            object_score_logits_for_memory=[out["object_score_logits"] for out in outs.values()],
-            is_mask_from_pts_per_obj=[conditioning] * len(outs),
-        )
+        by_idx = {self.idx[obj_id]: out for obj_id, out in outs.items()}
+        hf.encode_memories(self.model, self.inner, frame, by_idx, conditioning)
         key = "cond_frame_outputs" if conditioning else "non_cond_frame_outputs"
-        for obj_idx in obj_idxs:
-            stored = self.inner.output_dict_per_obj[obj_idx][key][frame]
+        for obj_idx in by_idx:
+            stored = hf.outputs_of(self.inner)[obj_idx][key][frame]
             stored.pop("high_res_masks", None)
             stored.pop("pred_masks", None)
-        self.inner.processed_frames.pop(frame, None)
+        hf.forget_frame(self.inner, frame)
 
         low_res = torch.cat(
             [out["pred_masks"].reshape(1, *out["pred_masks"].shape[-2:]) for out in outs.values()]
@@ -460,7 +428,7 @@ class _Session:
         step = -1 if reverse else 1
         keep_memory = self.tracker.num_maskmem - 1
         keep_pointer = self.tracker.max_pointers - 1
-        for per_obj in self.inner.output_dict_per_obj.values():
+        for per_obj in hf.outputs_of(self.inner).values():
             tracked = per_obj["non_cond_frame_outputs"]
             for f in list(tracked):
                 distance = (frame - f) * step  # frames behind the current one
@@ -472,33 +440,27 @@ class _Session:
 
     def forget_tracked(self) -> None:
         """Between passes: keep only the prompted frames' outputs."""
-        for per_obj in self.inner.output_dict_per_obj.values():
+        for per_obj in hf.outputs_of(self.inner).values():
             per_obj["non_cond_frame_outputs"].clear()
 
     def state_bytes(self) -> int:
         """Bytes of tensors the session holds (outputs, frames, cached image features)."""
-        inner = self.inner
-        held = [inner.output_dict_per_obj, inner.processed_frames, inner.cache._vision_features]
-        return sum(_nbytes(x) for x in held)
+        return sum(_nbytes(x) for x in hf.held_tensors(self.inner))
 
     def close(self) -> None:
-        self.inner.reset_inference_session()
-        self.inner.processed_frames = None
+        hf.close(self.inner)
 
     @contextmanager
     def _model_step(self):
         """The model's lock for one frame, inference mode, autocast, and the cap on how many
         prompted frames memory attention reads."""
-        model = self.model
-        with self.loaded.lock, torch.inference_mode(), self.loaded.autocast_context():
-            saved = model.config.max_cond_frame_num
-            cap = self.tracker.max_prompt_frames_attended
-            if cap > 0 and (saved < 0 or saved > cap):
-                model.config.max_cond_frame_num = cap
-            try:
-                yield
-            finally:
-                model.config.max_cond_frame_num = saved
+        with (
+            self.loaded.lock,
+            torch.inference_mode(),
+            self.loaded.autocast_context(),
+            hf.prompt_frames_attended(self.model, self.tracker.max_prompt_frames_attended),
+        ):
+            yield
 
 
 def _segments(spans: list[tuple[int, int]], reverse: bool) -> list[range]:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sam2 import hf_internals as hf  # noqa: E402
 from sam2.models import tiny_config  # noqa: E402
 from sam2.transforms import preprocess, to_model_coords, upscale_logits  # noqa: E402
 from tests.scenes import box_of, interior_point, iou, make_clip, make_scene  # noqa: E402
@@ -63,7 +64,6 @@ class Batch:
 
 def image_model(image_size: int, seed: int):
     from transformers import Sam2Config, Sam2Model
-    from transformers.models.sam2.modeling_sam2 import Sam2Attention
 
     cfg = tiny_config(image_size)
     torch.manual_seed(seed)
@@ -88,7 +88,7 @@ def image_model(image_size: int, seed: int):
     # follows prompts after ~150 steps instead of ~1000.
     with torch.no_grad():
         for module in model.mask_decoder.modules():
-            if isinstance(module, Sam2Attention):
+            if isinstance(module, hf.ATTENTION):
                 module.k_proj.weight.copy_(module.q_proj.weight)
                 module.q_proj.bias.zero_()
                 module.k_proj.bias.zero_()
@@ -392,37 +392,12 @@ def _video_frame(video, session, frame: int, obj_idxs: list[int], boxes: dict[in
     """One frame for these objects, the way sam2/video.py runs it: a box prompt makes a
     conditioning frame, otherwise the frame is tracked from memory; then memories are encoded.
     Returns per object (low-res logits (h, w), object-score logit ())."""
-    outs = []
+    outs = {}
     for k in obj_idxs:
-        point_inputs = None
-        if boxes is not None:
-            point_inputs = {
-                "point_coords": torch.as_tensor(boxes[k], dtype=torch.float32).view(1, 1, 2, 2),
-                "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32),
-            }
-        outs.append(
-            video._run_single_frame_inference(
-                inference_session=session,
-                frame_idx=frame,
-                obj_idx=k,
-                batch_size=1,
-                is_init_cond_frame=boxes is not None,
-                point_inputs=point_inputs,
-                mask_inputs=None,
-                reverse=False,
-                streaming=True,
-            )
-        )
-    for k, out in zip(obj_idxs, outs, strict=True):
-        session.store_output(k, frame, output_value=out, is_conditioning_frame=boxes is not None)
-    video._batch_encode_memories(
-        inference_session=session,
-        frame_idx=frame,
-        objects_needing_memory_encoding=obj_idxs,
-        high_res_masks_for_memory=[o["high_res_masks"] for o in outs],
-        object_score_logits_for_memory=[o["object_score_logits"] for o in outs],
-        is_mask_from_pts_per_obj=[boxes is not None] * len(outs),
-    )
+        box_points = None if boxes is None else torch.as_tensor(boxes[k], dtype=torch.float32)
+        outs[k] = hf.frame_step(video, session, frame, k, box_points)
+    hf.encode_memories(video, session, frame, outs, conditioning=boxes is not None)
+    outs = list(outs.values())
     return [
         (o["pred_masks"].reshape(o["pred_masks"].shape[-2:]), o["object_score_logits"].reshape(()))
         for o in outs
