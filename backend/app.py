@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
 from base64 import b64decode
 from typing import Any
@@ -23,133 +22,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from backend.admission import AdmissionQueue
-from backend.errors import BackendError, BadRequest, TaskError, Unavailable
-from backend.media import LabelStudioAuth, MediaClient, MediaLimits
+from backend.errors import BackendError, BadRequest, Unavailable
 from backend.metrics import Metrics
-from backend.protocol import PromptMemory, parse_context, parse_label_config
-from backend.segment import ImageSegmenter, answer_each
+from backend.preannotate.retrieve import retrieve_worker
+from backend.protocol import parse_context, parse_label_config, task_data_url
+from backend.runtime import Runtime
+from backend.segment import answer_each
 from backend.settings import Settings
+from backend.video import predict_video_task
 
 log = logging.getLogger("backend")
 
 MODEL_CLASS = "SAM2"
-
-
-class Runtime:
-    """The model and everything built around it, loaded once per process (in a thread, so
-    /health answers while weights load)."""
-
-    def __init__(self, settings: Settings, metrics: Metrics, loaded=None):
-        self.settings = settings
-        self.metrics = metrics
-        self.ready = threading.Event()
-        self.error: str | None = None
-        self.segmenter: ImageSegmenter | None = None
-        self.image_model = None
-        self.store = None
-        self.prefetcher = None
-        self._video_tracker = None
-        self._video_lock = threading.Lock()
-        limits = MediaLimits(
-            max_bytes=settings.max_download_mb << 20,
-            max_pixels=int(settings.max_image_mp * 1e6),
-            timeout_s=settings.download_timeout_s,
-            allowed_hosts=settings.media_allowed_hosts,
-            deadline_s=settings.predict_deadline_s,  # no download outlives its request
-        )
-        self.media = MediaClient(
-            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
-        )
-        self.memory = PromptMemory(settings.prompt_memory_s)
-        if loaded is not None:
-            self._build(loaded)
-        elif settings.preload:
-            threading.Thread(target=self.load, name="model-loader", daemon=True).start()
-
-    @property
-    def model_version(self) -> str:
-        if self.image_model is None:
-            return "sam2"
-        mid = self.image_model.model_id
-        return mid if mid.startswith("sam2") else f"sam2-{mid}"
-
-    def load(self) -> None:
-        try:
-            from sam2.models import load_image_model
-
-            start = time.perf_counter()
-            loaded = load_image_model(self.settings.model, self.settings.device)
-            log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
-            self._build(loaded)
-        except Exception as e:  # ModelUnavailable and anything else: /predict reports it
-            self.error = str(e)
-            log.error("model not loaded: %s", e)
-            self.ready.set()
-
-    def _build(self, loaded) -> None:
-        from sam2.image import EmbeddingCache, ImagePredictor
-
-        self.image_model = loaded
-        cache = EmbeddingCache(self.settings.cache_mb << 20)
-        store = None
-        if self.settings.store_dir:
-            from sam2.store import EmbeddingStore
-
-            store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
-            self.metrics.watch(
-                lambda: [
-                    ("sam2_embedding_store_hits", "Embedding store (disk) hits", store.hits),
-                    ("sam2_embedding_store_misses", "Embedding store (disk) misses", store.misses),
-                    ("sam2_embedding_store_bytes", "Bytes in the embedding store", store.bytes),
-                    (
-                        "sam2_embedding_store_corrupt",
-                        "Corrupt store entries found (re-encoded)",
-                        store.corrupt,
-                    ),
-                ]
-            )
-        self.store = store
-        if store is not None and self.settings.prefetch_tasks > 0:
-            from backend.warm import Prefetcher
-
-            self.prefetcher = Prefetcher(self.settings, loaded.source)
-        predictor = ImagePredictor(loaded, cache, store)
-        predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
-        self.metrics.watch(
-            lambda: [
-                ("sam2_embedding_cache_hits", "Embedding cache hits", cache.hits),
-                ("sam2_embedding_cache_misses", "Embedding cache misses", cache.misses),
-                ("sam2_embedding_cache_bytes", "Bytes held by the embedding cache", cache.bytes),
-                ("sam2_embedding_cache_entries", "Images in the embedding cache", len(cache)),
-            ]
-        )
-        self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
-        if loaded.device.type == "cuda":
-            from sam2.gpu import memory_gauges
-
-            self.metrics.watch(lambda: memory_gauges(loaded.device))
-        self.ready.set()
-
-    def require(self, timeout_s: float = 20.0) -> ImageSegmenter:
-        # well inside Label Studio's 100 s: a 503 with Retry-After beats a dropped request
-        if not self.ready.wait(timeout_s):
-            raise Unavailable("the SAM2 model is still loading; try again in a moment")
-        if self.segmenter is None:
-            raise Unavailable(f"the SAM2 model could not be loaded: {self.error}")
-        return self.segmenter
-
-    def video_tracker(self):
-        """The video model, loaded on the first video task (sharing the image encoder)."""
-        with self._video_lock:
-            if self._video_tracker is None:
-                from sam2.models import load_video_model
-                from sam2.video import VideoTracker
-
-                loaded = load_video_model(
-                    self.image_model.source, self.settings.device, share_with=self.image_model
-                )
-                self._video_tracker = VideoTracker(loaded)
-            return self._video_tracker
 
 
 def _check_basic_auth(settings: Settings) -> Response | None:
@@ -194,12 +78,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         return _check_basic_auth(settings)
 
     queue = AdmissionQueue(settings.queue_size)
-    metrics.watch(
-        lambda: [
-            ("sam2_queue_depth", "/predict requests in this worker, running or waiting", queue.depth),
-            ("sam2_queue_capacity", "/predict requests a worker admits before answering 503", queue.capacity),
-        ]
-    )
+    metrics.watch_queue(queue)
 
     @app.before_request
     def _admit():
@@ -341,7 +220,9 @@ def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, obj
     segmenter = runtime.segmenter
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
-        return _retrieve_worker(runtime, config, deadline)
+        # "Retrieve predictions": boxes to masks or automatic masks by the bulk engine, which
+        # answers what fits before the deadline and hands the rest to the background job
+        return retrieve_worker(runtime, config, deadline)
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
@@ -354,12 +235,6 @@ def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, obj
 
 
 def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:
-    try:
-        from backend.video import predict_video_task
-    except ImportError:
-        raise TaskError("video tracking is not available in this build") from None
-    from backend.protocol import task_data_url
-
     regions = context.get("result") if isinstance(context, dict) else None
     url = task_data_url(task, config, config.videos()[0].name)
     path = runtime.media.download_to_file(url, task.get("id"))
@@ -376,12 +251,3 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
         )
     finally:
         path.unlink(missing_ok=True)
-
-
-def _retrieve_worker(runtime: Runtime, config, deadline):
-    """For "Retrieve predictions" (no context): boxes to masks or automatic masks by the bulk engine,
-    which answers what fits before the deadline and hands the rest to a background job that
-    writes predictions through the Label Studio API (an empty list answers a handed-off task)."""
-    from backend.preannotate import retrieve_worker
-
-    return retrieve_worker(runtime, config, deadline)

@@ -1,4 +1,9 @@
-"""`python -m backend serve|make-test-model|convert|preannotate|...`"""
+"""`python -m backend serve|make-test-model|convert|preannotate|warm`.
+
+Every subcommand is registered here, in `COMMANDS`: a function that adds its parser (and sets
+`fn`, the function that runs it). Commands that live with their code (bulk pre-annotation,
+pre-encoding) export such a function.
+"""
 
 from __future__ import annotations
 
@@ -9,60 +14,29 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+from werkzeug.serving import run_simple
+
+from backend import warm
+from backend.app import create_app
+from backend.logs import setup_logging
+from backend.preannotate import cli as preannotate_cli
+from backend.settings import Settings
+from sam2.convert import convert_checkpoint
+from sam2.models import write_test_model
+
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sam2-shapes"
 
 
-class _SecretFilter(logging.Filter):
-    """Last line of defence: never let a configured secret reach a log line."""
-
-    def __init__(self, secrets: list[str]):
-        super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 4]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            msg = record.getMessage()
-            if any(s in msg for s in self.secrets):
-                for s in self.secrets:
-                    msg = msg.replace(s, "***")
-                record.msg, record.args = msg, ()
-        return True
-
-
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(
-        _SecretFilter(
-            [
-                os.environ.get(k, "")
-                for k in ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "LABEL_STUDIO_ACCESS_TOKEN")
-            ]
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # werkzeug logs request lines only (never headers); urllib3 at DEBUG would log URLs with tokens
-    logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
-
-
 def cmd_serve(args) -> None:
-    from backend.app import create_app
-    from backend.settings import Settings
-
     settings = Settings.from_env(model=args.model, device=args.device)
     setup_logging(settings.log_level)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     app = create_app(settings)
     logging.getLogger("backend").info(
         "serving on http://%s:%d (model %s)", args.host, args.port, settings.model
     )
-    from werkzeug.serving import run_simple
-
     run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
 
 
@@ -76,23 +50,16 @@ def cmd_make_test_model(args) -> None:
             if f.is_file():
                 shutil.copy2(f, out / f.name)
     else:
-        from sam2.models import write_test_model
-
         write_test_model(out, seed=args.seed, image_size=args.image_size)
     print(f"wrote a tiny {'trained' if args.trained else 'random'} SAM2 to {out} (use: --model {out})")
 
 
 def cmd_convert(args) -> None:
-    from sam2.convert import convert_checkpoint
-
     out = convert_checkpoint(Path(args.checkpoint), Path(args.dir), config=args.config)
     print(f"converted {args.checkpoint} -> {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m backend", description="Label Studio ML backend for SAM2")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve the ML backend protocol (development server; gunicorn for teams)")
     s.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
@@ -105,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(fn=cmd_serve)
 
+
+def add_make_test_model(sub) -> None:
     m = sub.add_parser("make-test-model", help="write a tiny SAM2 for smoke tests (no download)")
     m.add_argument("dir")
     m.add_argument(
@@ -114,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--image-size", type=int, default=256)
     m.set_defaults(fn=cmd_make_test_model)
 
+
+def add_convert(sub) -> None:
     c = sub.add_parser("convert", help="convert a Meta SAM2 .pt checkpoint to a Hugging Face directory")
     c.add_argument("checkpoint")
     c.add_argument("dir")
@@ -122,16 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     c.set_defaults(fn=cmd_convert)
 
-    import importlib
 
-    for module in ("backend.preannotate", "backend.warm"):  # commands that live with their code
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.add_parser(sub)
+COMMANDS = (add_serve, add_make_test_model, add_convert, preannotate_cli.add_parser, warm.add_parser)
 
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m backend", description="Label Studio ML backend for SAM2")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in COMMANDS:
+        add(sub)
     args = p.parse_args(argv)
     args.fn(args)

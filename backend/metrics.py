@@ -1,4 +1,5 @@
-"""Prometheus metrics, one registry per app (tests make many apps in one process)."""
+"""Every Prometheus metric of the backend, one registry per app (tests make many apps in one
+process). Counters and histograms are defined here; `watch_*` adds gauges read at scrape time."""
 
 from __future__ import annotations
 
@@ -34,12 +35,54 @@ class Metrics:
         self.queue_rejected = Counter(
             "sam2_queue_rejected", "/predict requests answered 503 because the queue was full", registry=r
         )
+        # "Retrieve predictions" handed to the background job (backend.preannotate.retrieve)
+        self.background_tasks = Counter(
+            "sam2_background_tasks", "Tasks of the background job, by outcome", ["outcome"], registry=r
+        )
+        self.background_pending = Gauge(
+            "sam2_background_tasks_pending", "Tasks queued for the background job", registry=r
+        )
         self._sources: list = []
         r.register(_Collector(self._sources))
 
     def watch(self, fn) -> None:
         """`fn()` returns [(name, help, value)] at scrape time (cache sizes, GPU memory...)."""
         self._sources.append(fn)
+
+    def watch_cache(self, cache) -> None:
+        """The in-memory embedding cache (sam2.image.EmbeddingCache)."""
+        self.watch(
+            lambda: [
+                ("sam2_embedding_cache_hits", "Embedding cache hits", cache.hits),
+                ("sam2_embedding_cache_misses", "Embedding cache misses", cache.misses),
+                ("sam2_embedding_cache_bytes", "Bytes held by the embedding cache", cache.bytes),
+                ("sam2_embedding_cache_entries", "Images in the embedding cache", len(cache)),
+            ]
+        )
+
+    def watch_store(self, store) -> None:
+        """The persistent embedding store (sam2.store.EmbeddingStore)."""
+        self.watch(
+            lambda: [
+                ("sam2_embedding_store_hits", "Embedding store (disk) hits", store.hits),
+                ("sam2_embedding_store_misses", "Embedding store (disk) misses", store.misses),
+                ("sam2_embedding_store_bytes", "Bytes in the embedding store", store.bytes),
+                ("sam2_embedding_store_corrupt", "Corrupt store entries found (re-encoded)", store.corrupt),
+            ]
+        )
+
+    def watch_queue(self, queue) -> None:
+        """A worker's /predict admission queue (backend.admission.AdmissionQueue)."""
+        self.watch(
+            lambda: [
+                ("sam2_queue_depth", "/predict requests in this worker, running or waiting", queue.depth),
+                (
+                    "sam2_queue_capacity",
+                    "/predict requests a worker admits before answering 503",
+                    queue.capacity,
+                ),
+            ]
+        )
 
 
 class _Collector:

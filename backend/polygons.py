@@ -1,4 +1,4 @@
-"""Masks -> Label Studio `polygonlabels` regions.
+"""Masks -> polygon rings for Label Studio `polygonlabels` regions (backend.regions builds them).
 
 Label Studio polygons are one closed ring of points in percent of the image, with no holes. A mask
 is turned into polygons like this:
@@ -18,13 +18,8 @@ is turned into polygons like this:
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
-
 import cv2
 import numpy as np
-
-from backend.protocol import Control
 
 DEFAULT_TOLERANCE_PX = 1.0
 
@@ -82,52 +77,3 @@ def _splice(outer: np.ndarray, hole: np.ndarray) -> np.ndarray:
     i, j = np.unravel_index(int(np.argmin(d)), d.shape)
     hole_loop = np.concatenate([hole[j:], hole[: j + 1]])
     return np.concatenate([outer[: i + 1], hole_loop, outer[i:]])
-
-
-def polygon_results(
-    mask: np.ndarray,
-    label: str | None,
-    control: Control,
-    score: float,
-    tolerance_px: float | None = None,
-    region_id: str | None = None,
-) -> list[dict[str, Any]]:
-    """`polygonlabels` regions for a mask: one per connected part (see the module docstring).
-
-    Arguments:
-        mask: (H, W) bool at the displayed image size (original_width/height).
-        label: the label, or None for none.
-        control: the PolygonLabels control the regions belong to.
-        score: the region score (the same for every part).
-        tolerance_px: simplification tolerance in pixels (None: DEFAULT_TOLERANCE_PX).
-        region_id: the first part's id (the others get `<id>_<k>`); random when None.
-    Returns:
-        list of result dicts, largest part first; empty for an empty mask.
-    """
-    h, w = mask.shape
-    tol = DEFAULT_TOLERANCE_PX if tolerance_px is None else float(tolerance_px)
-    rings = mask_polygons(mask, tol)
-    base = region_id or uuid.uuid4().hex[:10]
-    scale = np.array([100.0 / w, 100.0 / h])
-    out = []
-    for k, ring in enumerate(rings):
-        points = np.clip(ring * scale, 0.0, 100.0).round(4)
-        out.append(
-            {
-                "id": base if k == 0 else f"{base}_{k}",
-                "from_name": control.name,
-                "to_name": control.to_name,
-                "type": "polygonlabels",
-                "original_width": int(w),
-                "original_height": int(h),
-                "image_rotation": 0,
-                "value": {
-                    "points": points.tolist(),
-                    "closed": True,
-                    "polygonlabels": [label] if label else [],
-                },
-                "score": float(score),
-                "readonly": False,
-            }
-        )
-    return out

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from backend.errors import BadRequest, TaskError
+from backend.regions import OUTPUT_TAGS, latest, rect_to_box_px
 
-OUTPUT_TAGS = ("brushlabels", "polygonlabels")
 INPUT_TAGS = ("keypointlabels", "rectanglelabels")
 OBJECT_TAGS = ("image", "video")
 
@@ -140,20 +140,7 @@ class ObjectRequest:
         the axis-aligned box that encloses it."""
         if self.rect_pct is None:
             return None
-        x, y, w, h = self.rect_pct
-        x0, y0 = x * width / 100.0, y * height / 100.0
-        wp, hp = w * width / 100.0, h * height / 100.0
-        if self.rotation % 360:
-            a = math.radians(self.rotation)
-            c, s = math.cos(a), math.sin(a)
-            corners = np.array([[0, 0], [wp, 0], [wp, hp], [0, hp]]) @ np.array([[c, s], [-s, c]])
-            corners += [x0, y0]
-            x1, y1 = corners.min(axis=0)
-            x2, y2 = corners.max(axis=0)
-        else:
-            x1, y1, x2, y2 = x0, y0, x0 + wp, y0 + hp
-        box = np.array([x1, y1, x2, y2], dtype=np.float64)
-        return np.clip(box, 0, [width, height, width, height])
+        return rect_to_box_px(self.rect_pct, self.rotation, width, height)
 
 
 def _num(value: Any, what: str) -> float:
@@ -244,14 +231,11 @@ def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annota
     items = task.get(field_name) or []
     if not isinstance(items, list):
         raise TaskError(f"task {task.get('id')}: {field_name} must be a list")
-    items = [a for a in items if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not items:
+    newest = latest(items)
+    if newest is None:
         return []
-    latest = max(
-        items, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0)
-    )
     rects = [
-        r for r in latest.get("result") or [] if isinstance(r, dict) and r.get("type") == "rectanglelabels"
+        r for r in newest.get("result") or [] if isinstance(r, dict) and r.get("type") == "rectanglelabels"
     ]
     if not rects:
         return []

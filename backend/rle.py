@@ -116,7 +116,7 @@ def decode_mask(rle: list[int], height: int, width: int) -> np.ndarray:
     Returns:
       (height, width) bool, True where the alpha byte is nonzero.
     """
-    from label_studio_sdk.converter.brush import decode_rle
+    from label_studio_sdk.converter.brush import decode_rle  # the SDK's converter: tests only
 
     data = decode_rle(rle)
     if data.size != height * width * 4:

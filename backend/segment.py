@@ -24,7 +24,8 @@ from backend.protocol import (
     rectangles_of_annotation,
     task_data_url,
 )
-from backend.results import mask_result, task_entry
+from backend.regions import mask_result, rect_to_box_px, task_entry
+from sam2.image import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ class ImageSegmenter:
         if not objects:
             return task_entry([], self.model_version)
         image = self._image(task, config, objects[0].to_name)
-        from sam2.image import Prompt
-
         prompts = [Prompt(box_xyxy=o.box_px(image.width, image.height)) for o in objects]
         preds = self.predictor.predict(image.key, image.load, prompts)
         result = []
@@ -89,8 +88,6 @@ class ImageSegmenter:
         return (task.get("id"), obj.to_name, obj.label)
 
     def _prompt(self, task: dict, obj: ObjectRequest, image: ImageFile):
-        from sam2.image import Prompt
-
         w, h = image.width, image.height
         if obj.rect_pct is not None:
             return Prompt(box_xyxy=obj.box_px(w, h))
@@ -99,9 +96,7 @@ class ImageSegmenter:
         logits = None
         if remembered is not None:
             if remembered.box_pct is not None:
-                box = ObjectRequest(
-                    obj.to_name, obj.label, "", rect_pct=remembered.box_pct, rotation=remembered.rotation
-                ).box_px(w, h)
+                box = rect_to_box_px(remembered.box_pct, remembered.rotation, w, h)
             # Refine the previous mask only when this call adds clicks to the previous ones
             # (a removed click means the user is undoing: start from the prompts alone).
             if remembered.logits is not None and remembered.points < points_key(obj):

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backend.errors import TaskError
-from backend.protocol import ObjectRequest, parse_label_config
+from backend.protocol import parse_label_config
+from backend.regions import box_to_rect_pct, latest, rect_to_box_px
 from sam2.frames import UnreadableVideo, VideoReader
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackResult
 
@@ -168,11 +169,8 @@ def regions_to_track(task: dict, context_regions: list[dict] | None, config: Vid
     if context_regions is not None:
         source, items = "the request's context", context_regions
     else:
-        annotations = [
-            a for a in _list(task.get("annotations")) if isinstance(a, dict) and not a.get("was_cancelled")
-        ]
-        latest = max(annotations, key=_recency, default=None)
-        source, items = "the task's latest annotation", (latest or {}).get("result")
+        newest = latest(task.get("annotations"))
+        source, items = "the task's latest annotation", (newest or {}).get("result")
     regions = [
         r
         for r in _list(items)
@@ -317,17 +315,10 @@ class _Object:
 
 
 def _keyframe(frame: int, box: Box, enabled: bool, size: tuple[int, int], frame_rate: float) -> dict:
-    w, h = size
-    x1, y1, x2, y2 = box
-    x = _pct(x1, w)
-    y = _pct(y1, h)
     keyframe = {
         "frame": frame,
         "enabled": bool(enabled),
-        "x": x,
-        "y": y,
-        "width": min(_pct(x2 - x1, w), round(100.0 - x, 4)),
-        "height": min(_pct(y2 - y1, h), round(100.0 - y, 4)),
+        **box_to_rect_pct(box, *size),
         "rotation": 0,
         "time": frame / frame_rate,
     }
@@ -357,8 +348,7 @@ def _box_px(keyframe: dict, name: str, frame: int, size: tuple[int, int]) -> Box
         raise VideoError(f"region {name}: keyframe on frame {frame} lacks x, y, width or height") from None
     if not all(math.isfinite(v) for v in (*rect, rotation)):
         raise VideoError(f"region {name}: keyframe on frame {frame} has a non-finite coordinate")
-    request = ObjectRequest(to_name="", label=None, from_name="", rect_pct=rect, rotation=rotation)
-    x1, y1, x2, y2 = (float(v) for v in request.box_px(*size))
+    x1, y1, x2, y2 = (float(v) for v in rect_to_box_px(rect, rotation, *size))
     if not (x2 > x1 and y2 > y1):
         raise VideoError(f"region {name}: the box on frame {frame} is empty or outside the video")
     return (x1, y1, x2, y2)
@@ -379,16 +369,6 @@ def _with_time(keyframe: dict, frame_rate: float) -> dict:
 
 def _list(value: Any) -> list:
     return value if isinstance(value, list) else []
-
-
-def _recency(annotation: dict) -> tuple[str, int]:
-    pk = annotation.get("id")
-    when = annotation.get("updated_at") or annotation.get("created_at") or ""
-    return (str(when), pk if isinstance(pk, int) and not isinstance(pk, bool) else 0)
-
-
-def _pct(pixels: float, side: int) -> float:
-    return round(min(100.0, max(0.0, pixels * 100.0 / side)), 4)
 
 
 def _frame_rate(raw: str | None, task_data: dict) -> float:

@@ -3,8 +3,7 @@
 `python -m backend warm --project ID` encodes every image of a project into the persistent store
 (EMBEDDING_STORE_DIR) with a progress bar; it is resumable (images already stored are skipped,
 and an index of URL -> content key lets a second run skip even the download). The server starts
-the same job for the next few tasks after a labeler's click (PREFETCH_TASKS), as a separate
-process at the lowest CPU priority (nice 19), so it only uses time the server leaves idle.
+the same job for the next few tasks after a labeler's click (backend.prefetch).
 """
 
 from __future__ import annotations
@@ -12,17 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from backend.errors import BackendError
+from backend.logs import setup_logging
+from backend.preannotate.lsapi import LabelStudioAPI
 from backend.protocol import LabelConfig, parse_label_config
+from backend.runtime import Runtime
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,6 @@ def _api(settings: Settings):
         raise SystemExit(
             "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token or legacy token)"
         )
-    from backend.preannotate.lsapi import LabelStudioAPI
-
     return LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
 
 
@@ -88,9 +86,6 @@ def warm_project(
     loaded=None,
 ) -> WarmSummary:
     """Encode the images of a project's tasks into the store. Downloads overlap encoding."""
-    from backend.app import Runtime  # the same media client, model and store the server builds
-    from backend.metrics import Metrics
-
     if not settings.store_dir:
         raise SystemExit("set EMBEDDING_STORE_DIR (or --store DIR): pre-encoding fills that store")
     api = api or _api(settings)
@@ -98,8 +93,7 @@ def warm_project(
     images = config.images()
     if not images:
         raise SystemExit(f"project {project}'s label config has no <Image>: nothing to pre-encode")
-    settings.preload = False
-    runtime = Runtime(settings, Metrics(), loaded)
+    runtime = Runtime(settings, loaded=loaded, load_in_background=False)  # what the server builds
     if loaded is None:
         runtime.load()
     segmenter = runtime.require(0)
@@ -155,76 +149,10 @@ def warm_project(
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, desc="pre-encoding")
 
 
-class Prefetcher:
-    """Starts `warm --after-task T --limit N` at nice 19 after a click; at most one at a time."""
-
-    def __init__(self, settings: Settings, model_source: str):
-        self.settings = settings
-        self.model_source = model_source
-        self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self._done: set[tuple[int, int]] = set()
-        self.started = 0
-
-    @property
-    def enabled(self) -> bool:
-        s = self.settings
-        return bool(s.prefetch_tasks > 0 and s.store_dir and s.label_studio_url and s.label_studio_api_key)
-
-    def after_click(self, project: int | None, task_id: int | None) -> bool:
-        if not self.enabled or project is None or task_id is None:
-            return False
-        with self._lock:
-            if (project, task_id) in self._done:
-                return False
-            if self._proc is not None and self._proc.poll() is None:
-                return False  # one job at a time; the next click will try again
-            self._done.add((project, task_id))
-            cmd = [
-                sys.executable,
-                "-m",
-                "backend",
-                "warm",
-                "--project",
-                str(project),
-                "--after-task",
-                str(task_id),
-                "--limit",
-                str(self.settings.prefetch_tasks),
-                "--quiet",
-            ]
-            env = {
-                **os.environ,
-                "SAM2_MODEL": self.model_source,
-                "EMBEDDING_STORE_DIR": self.settings.store_dir,
-            }
-            self._proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=_lowest_priority,
-            )
-            self.started += 1
-            return True
-
-    def wait(self, timeout_s: float | None = None) -> int | None:
-        proc = self._proc
-        return None if proc is None else proc.wait(timeout_s)
-
-
-def _lowest_priority() -> None:
-    os.nice(19)  # only CPU time the server leaves idle; a click never waits for pre-encoding
-
-
 def cmd_warm(args) -> None:
-    from backend.cli import setup_logging
-
     settings = Settings.from_env(model=args.model, device=args.device, store_dir=args.store)
     setup_logging("WARNING" if args.quiet else settings.log_level)
     summary = warm_project(

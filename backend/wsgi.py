@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 from flask import Flask
 
+from backend.logs import setup_logging
+from backend.settings import Settings
+
 
 class LazyApp:
     """A WSGI callable that builds its app on first use, once per process."""
@@ -44,9 +47,7 @@ class LazyApp:
 
 
 def _build() -> Flask:
-    from backend.app import create_app
-    from backend.cli import setup_logging
-    from backend.settings import Settings
+    from backend.app import create_app  # imports torch: only in the worker, never the master
 
     settings = Settings.from_env()
     setup_logging(settings.log_level)

@@ -89,7 +89,8 @@ def run(
     images: int = 6, boxes: int = 5, auto_images: int = 1, points_per_side: int = 16, width=1024, height=768
 ) -> dict:
     from backend.media import LabelStudioAuth, MediaClient, open_image
-    from backend.preannotate import PreannotateOptions, run_project
+    from backend.preannotate.engine import PreannotateOptions
+    from backend.preannotate.project import run_project
     from backend.segment import ImageSegmenter
     from sam2.auto import AutoMaskConfig, AutoMaskGenerator
     from sam2.image import EmbeddingCache, ImagePredictor

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sam2.image import ImageEmbedding, ImagePredictor, Prompt
-from sam2.transforms import upscale_logits
+from sam2.transforms import mask_boxes, upscale_logits
 
 
 @dataclass(frozen=True)
@@ -114,25 +114,6 @@ def stability_scores(logits: torch.Tensor, offset: float) -> torch.Tensor:
     inter = (flat > offset).sum(-1).float()
     union = (flat > -offset).sum(-1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
-
-
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) bool -> (N, 4) float x1, y1, x2, y2 in pixel-edge units (x2 = last column + 1).
-    An empty mask gives (0, 0, 0, 0)."""
-    n, h, w = masks.shape
-    if n == 0:
-        return torch.zeros((0, 4))
-    cols = masks.any(dim=1)  # (N, w)
-    rows = masks.any(dim=2)  # (N, h)
-    xs = torch.arange(w, device=masks.device)
-    ys = torch.arange(h, device=masks.device)
-    x1 = torch.where(cols, xs, w).min(dim=1).values
-    x2 = torch.where(cols, xs + 1, 0).max(dim=1).values
-    y1 = torch.where(rows, ys, h).min(dim=1).values
-    y2 = torch.where(rows, ys + 1, 0).max(dim=1).values
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    boxes[~cols.any(dim=1)] = 0
-    return boxes
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

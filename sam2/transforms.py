@@ -60,3 +60,22 @@ def upscale_logits(low_res: torch.Tensor, original_hw: tuple[int, int]) -> torch
     return F.interpolate(
         low_res[:, None].float(), size=tuple(original_hw), mode="bilinear", align_corners=False
     )[:, 0]
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) bool -> (N, 4) float x1, y1, x2, y2 in pixel-edge units (x2 = last column + 1).
+    An empty mask gives (0, 0, 0, 0)."""
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros((0, 4))
+    cols = masks.any(dim=1)  # (N, w)
+    rows = masks.any(dim=2)  # (N, h)
+    xs = torch.arange(w, device=masks.device)
+    ys = torch.arange(h, device=masks.device)
+    x1 = torch.where(cols, xs, w).min(dim=1).values
+    x2 = torch.where(cols, xs + 1, 0).max(dim=1).values
+    y1 = torch.where(rows, ys, h).min(dim=1).values
+    y2 = torch.where(rows, ys + 1, 0).max(dim=1).values
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    boxes[~cols.any(dim=1)] = 0
+    return boxes

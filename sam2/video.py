@@ -42,7 +42,7 @@ from sam2 import hf_internals as hf
 from sam2.frames import FrameSource, UnreadableVideo
 from sam2.models import LoadedModel
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
-from sam2.transforms import preprocess, to_model_coords, upscale_logits
+from sam2.transforms import mask_boxes, preprocess, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
 
@@ -414,10 +414,10 @@ class _Session:
         scores = torch.cat([out["object_score_logits"].reshape(1) for out in outs.values()]).float()
         present = (scores > 0).tolist()
         probs = torch.sigmoid(scores).tolist()
-        rows, cols = masks.any(dim=2).cpu().numpy(), masks.any(dim=1).cpu().numpy()
+        boxes = mask_boxes(masks).tolist()  # (0, 0, 0, 0) for an empty mask
         seen = {}
         for i, obj_id in enumerate(outs):
-            box = _tight_box(rows[i], cols[i]) if present[i] else None
+            box = tuple(boxes[i]) if present[i] and boxes[i][2] > 0 else None
             seen[obj_id] = _Seen(box, float(probs[i]))
         return seen
 
@@ -474,14 +474,6 @@ def _segments(spans: list[tuple[int, int]], reverse: bool) -> list[range]:
     if reverse:
         return [range(hi, lo - 1, -1) for lo, hi in reversed(merged)]
     return [range(lo, hi + 1) for lo, hi in merged]
-
-
-def _tight_box(rows: np.ndarray, cols: np.ndarray) -> Box | None:
-    """Rows/cols that hold mask pixels -> (x1, y1, x2, y2) continuous pixels, or None if empty."""
-    ys, xs = np.flatnonzero(rows), np.flatnonzero(cols)
-    if ys.size == 0 or xs.size == 0:
-        return None
-    return (float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1))
 
 
 def _nbytes(obj: object) -> int:

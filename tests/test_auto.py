@@ -23,14 +23,13 @@ from sam2.auto import (
     AutoMaskGenerator,
     box_iou,
     box_nms,
-    mask_boxes,
     mask_nms,
     point_grid,
     stability_scores,
 )
 from sam2.image import ImagePredictor
 from sam2.models import LoadedModel
-from sam2.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sam2.transforms import IMAGENET_MEAN, IMAGENET_STD, mask_boxes
 
 # --- a colour-segmenting stand-in for Sam2Model ------------------------------------------------
 

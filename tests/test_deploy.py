@@ -230,7 +230,7 @@ def _secret_forms() -> list[str]:
 
 def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, caplog):
     from backend.app import create_app
-    from backend.cli import _SecretFilter, setup_logging
+    from backend.logs import _SecretFilter, setup_logging
     from backend.settings import Settings
 
     ls = _LabelStudioThatRefuses()
@@ -242,7 +242,7 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
     ]
     bodies: list[str] = []
     caplog.set_level(logging.DEBUG)
-    # the backend's logging setup (backend.cli.setup_logging) keeps urllib3 at INFO or above even
+    # the backend's logging setup (backend.logs.setup_logging) keeps urllib3 at INFO or above even
     # at LOG_LEVEL=DEBUG: its DEBUG lines hold full URLs, presigned query strings included
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level

@@ -25,22 +25,13 @@ from PIL import Image, ImageDraw
 
 from backend.errors import BadRequest, MediaError
 from backend.media import LabelStudioAuth, MediaClient
-from backend.polygons import mask_polygons, polygon_results
-from backend.preannotate import (
-    BackgroundJob,
-    LabelStudioAPI,
-    LabelStudioAPIError,
-    PreannotateOptions,
-    Preannotator,
-    Progress,
-    Retry,
-    Selection,
-    Summary,
-    run_project,
-)
+from backend.polygons import mask_polygons
 from backend.preannotate.cli import _task_ids
-from backend.preannotate.retrieve import _jobs
+from backend.preannotate.engine import PreannotateOptions, Preannotator
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry
+from backend.preannotate.project import Progress, Selection, Summary, run_project
 from backend.protocol import Control, parse_label_config
+from backend.regions import polygon_results
 from backend.segment import ImageSegmenter
 from sam2.image import ImagePredictor
 from sam2.models import LoadedModel
@@ -341,7 +332,7 @@ def test_retrieve_answers_in_time_and_the_background_job_writes_the_rest(app_fac
     runtime.require()
     tasks = retrieve_tasks(slow_media, 6)
     ls = FakeLabelStudio(tasks=tasks)
-    _jobs[runtime] = job = BackgroundJob(runtime, ls)
+    job = runtime.background_job(api=ls)
     client = app.test_client()
     start = time.monotonic()
     body = client.post("/predict", json=predict_body(tasks, None)).get_json()
@@ -409,7 +400,7 @@ def test_automatic_masks_of_unknown_cost_go_to_the_background_at_once(app_factor
     url = media_server.add_image("a.png", noise_image(40, 60))
     tasks = [{"id": i, "data": {"image": url}} for i in (1, 2)]
     ls = FakeLabelStudio(tasks=tasks)
-    _jobs[runtime] = job = BackgroundJob(runtime, ls)
+    job = runtime.background_job(api=ls)
     results = app.test_client().post("/predict", json=predict_body(tasks, None)).get_json()["results"]
     assert results == [[], []]
     assert job.wait_idle(30) and job.counts["done"] == 2

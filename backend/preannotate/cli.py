@@ -7,13 +7,19 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import replace
+
+import torch
 
 from backend.errors import BadRequest
+from backend.logs import setup_logging
 from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
 from backend.preannotate.project import Selection, run_project
 from backend.protocol import parse_label_config
+from backend.runtime import Runtime
+from backend.settings import Settings
+from sam2.models import load_image_model
+from sam2.releases import ModelUnavailable
 
 log = logging.getLogger("backend.preannotate")
 
@@ -111,9 +117,6 @@ def add_parser(subparsers) -> None:
 
 
 def cmd_preannotate(args) -> None:
-    from backend.cli import setup_logging
-    from backend.settings import Settings
-
     settings = Settings.from_env(
         model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
     )
@@ -140,8 +143,6 @@ def cmd_preannotate(args) -> None:
     except ValueError as e:
         sys.exit(f"preannotate: {e}")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
 
     stop = threading.Event()
@@ -154,10 +155,6 @@ def cmd_preannotate(args) -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
-    from backend.app import Runtime
-    from backend.metrics import Metrics
-    from sam2.models import ModelUnavailable, load_image_model
 
     try:
         api = LabelStudioAPI(
@@ -172,7 +169,7 @@ def cmd_preannotate(args) -> None:
         sys.exit(f"preannotate: project {args.project}: {e.message}")
     except Exception as e:  # the SDK refuses an expired token while constructing
         sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
-    runtime = Runtime(replace(settings, preload=False), Metrics(), loaded)
+    runtime = Runtime(settings, loaded=loaded)
     log.info("model %s on %s; model_version %s", loaded.source, loaded.device, runtime.model_version)
     try:
         summary = run_project(

@@ -14,7 +14,8 @@ import numpy as np
 
 from backend.errors import BadRequest, TaskError
 from backend.protocol import LabelConfig, ObjectRequest, rectangles_of_annotation, task_data_url
-from backend.results import mask_result, task_entry
+from backend.regions import OUTPUT_TAGS, mask_result, task_entry
+from sam2.auto import AutoMaskConfig, AutoMaskGenerator
 
 MODES = ("boxes", "auto")
 OUTPUTS = ("auto", "brush", "polygon")
@@ -74,8 +75,6 @@ class PreannotateOptions:
         return cls(**values)
 
     def auto_config(self):
-        from sam2.auto import AutoMaskConfig
-
         return AutoMaskConfig(
             points_per_side=self.points_per_side,
             pred_iou_thresh=self.iou_thresh,
@@ -192,8 +191,6 @@ class Preannotator:
             raise TaskError(f"task {task.get('id')}: {e.message}") from None
 
     def _auto(self, task: dict, config: LabelConfig, plan: Plan) -> dict:
-        from sam2.auto import AutoMaskGenerator
-
         control, label = auto_target(config, plan.to_name, self.options.auto_label)
         url = task_data_url(task, config, plan.to_name)
         image = self.segmenter.media.load_image(url, task.get("id"))
@@ -212,14 +209,7 @@ class Preannotator:
 
 def _output_image(config: LabelConfig) -> str:
     """The image automatic masks are made for: the one the first output control points at."""
-    outputs = [c for tag in ("brushlabels", "polygonlabels") for c in config.controls_of(tag)]
+    outputs = [c for tag in OUTPUT_TAGS for c in config.controls_of(tag)]
     if not outputs:
         raise BadRequest("the label config has no BrushLabels or PolygonLabels control for the masks")
     return outputs[0].to_name
-
-
-def auto_masks_entry(runtime, task: dict, config: LabelConfig) -> dict:
-    """RETRIEVE_MODE=auto for one task of /predict (the hook backend.app calls)."""
-    options = PreannotateOptions.from_settings(runtime.settings, mode="auto")
-    engine = Preannotator(runtime.segmenter, options)
-    return engine.predict(task, config).entry or task_entry([], engine.model_version)

@@ -8,6 +8,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+from label_studio_sdk import LabelStudio
+
 from backend.errors import BackendError, MediaError
 
 log = logging.getLogger("backend.preannotate")
@@ -30,8 +33,6 @@ def describe(e: BaseException) -> str:
 
 
 def _retryable(e: BaseException) -> bool:
-    import httpx
-
     if isinstance(e, httpx.TransportError):  # connection refused / reset, timeouts
         return True
     if isinstance(e, MediaError):
@@ -80,8 +81,6 @@ class LabelStudioAPI:
     PAGE_SIZE = 100
 
     def __init__(self, url: str, api_key: str, retry: Retry | None = None, timeout_s: float = 60.0):
-        from label_studio_sdk import LabelStudio
-
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s, max_retries=0)

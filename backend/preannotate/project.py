@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from backend.errors import BackendError
 from backend.media import ImageFile
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
 from backend.protocol import parse_label_config, task_data_url
+from backend.segment import ImageSegmenter
 
 log = logging.getLogger("backend.preannotate")
 
@@ -149,8 +151,6 @@ class Progress:
         tty = sys.stderr.isatty() if tty is None else tty
         self.bar = None
         if tty:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, smoothing=0.1)
 
     def update(self, summary: Summary) -> None:
@@ -208,8 +208,6 @@ def run_project(
     Raises BadRequest when the label config cannot take these options, LabelStudioAPIError when
     Label Studio cannot be read at all.
     """
-    from backend.segment import ImageSegmenter
-
     started = time.monotonic()
     stop = stop or threading.Event()
     selection = selection or Selection()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from typing import Any
 
 from backend.errors import BackendError
 from backend.preannotate.engine import PreannotateOptions, Preannotator
-from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError
 from backend.preannotate.project import duration
 from backend.protocol import LabelConfig
-from backend.results import task_entry
+from backend.regions import task_entry
 
 log = logging.getLogger("backend.preannotate")
 
@@ -43,7 +42,7 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
     except ValueError as e:  # OUTPUT=svg, say: the server's configuration, said plainly
         raise BackendError(f"bulk pre-annotation settings: {e}") from None
     engine = Preannotator(runtime.segmenter, options)
-    job = background_job(runtime)
+    job = runtime.background_job()
     mode = engine.options.mode
     checked = handing_off = False
 
@@ -55,7 +54,7 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
         task_id = task.get("id")
         if job is not None and isinstance(task_id, int) and job.holds(task_id):
             return []  # handed off by an earlier request, still on its way
-        estimate = task_seconds(runtime, mode)
+        estimate = runtime.task_times.slowest(mode)
         if estimate is None:
             too_long = mode == "auto" and job is not None
         else:
@@ -79,47 +78,28 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
         try:
             return engine.predict(task, config).entry or task_entry([], engine.model_version)
         finally:
-            record_task_seconds(runtime, mode, time.monotonic() - start)
+            runtime.task_times.record(mode, time.monotonic() - start)
 
     return work
 
 
-_durations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runtime -> {mode: deque}
-_durations_lock = threading.Lock()
+class TaskTimes:
+    """Seconds the last five tasks of each mode took in this process (one per Runtime)."""
 
+    def __init__(self, keep: int = 5):
+        self._recent: dict[str, deque] = {}
+        self._keep = keep
+        self._lock = threading.Lock()
 
-def task_seconds(runtime, mode: str) -> float | None:
-    """The slowest of the last five tasks of `mode` in this process, or None before the first."""
-    with _durations_lock:
-        recent = _durations.get(runtime, {}).get(mode)
-        return max(recent) if recent else None
+    def slowest(self, mode: str) -> float | None:
+        """The slowest of the last five tasks of `mode`, or None before the first."""
+        with self._lock:
+            recent = self._recent.get(mode)
+            return max(recent) if recent else None
 
-
-def record_task_seconds(runtime, mode: str, seconds: float) -> None:
-    with _durations_lock:
-        _durations.setdefault(runtime, {}).setdefault(mode, deque(maxlen=5)).append(seconds)
-
-
-_jobs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_jobs_lock = threading.Lock()
-
-
-def background_job(runtime) -> BackgroundJob | None:
-    """The process's background job for this runtime, created on first use; None when it is
-    switched off or Label Studio's API is not configured."""
-    settings = runtime.settings
-    if not (settings.background_job and settings.label_studio_url and settings.label_studio_api_key):
-        return None
-    with _jobs_lock:
-        job = _jobs.get(runtime)
-        if job is None:
-            try:
-                api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-            except Exception as e:  # an expired token, say: say so, answer what can be answered
-                log.warning("no background job: cannot use the Label Studio API (%s)", describe(e))
-                return None
-            job = _jobs[runtime] = BackgroundJob(runtime, api)
-        return job
+    def record(self, mode: str, seconds: float) -> None:
+        with self._lock:
+            self._recent.setdefault(mode, deque(maxlen=self._keep)).append(seconds)
 
 
 @dataclass
@@ -139,9 +119,6 @@ class BackgroundJob:
     """
 
     def __init__(self, runtime, api: LabelStudioAPI, log_every_s: float = 10.0):
-        from prometheus_client import Counter as PromCounter
-        from prometheus_client import Gauge
-
         self.runtime = runtime
         self.api = api
         self.log_every_s = log_every_s
@@ -150,14 +127,8 @@ class BackgroundJob:
         self._ids: set[int] = set()  # queued or being predicted
         self._thread: threading.Thread | None = None
         self.counts: Counter = Counter()
-        registry = runtime.metrics.registry
-        self._outcomes = PromCounter(
-            "sam2_background_tasks", "Tasks of the background job, by outcome", ["outcome"], registry=registry
-        )
-        pending = Gauge(
-            "sam2_background_tasks_pending", "Tasks queued for the background job", registry=registry
-        )
-        pending.set_function(lambda: len(self._ids))
+        self._outcomes = runtime.metrics.background_tasks
+        runtime.metrics.background_pending.set_function(lambda: len(self._ids))
 
     def holds(self, task_id) -> bool:
         with self._cv:
@@ -219,7 +190,7 @@ class BackgroundJob:
                 return "skipped"
             start = time.monotonic()
             outcome = engine.predict(item.task, item.config)
-            record_task_seconds(self.runtime, item.options.mode, time.monotonic() - start)
+            self.runtime.task_times.record(item.options.mode, time.monotonic() - start)
             if outcome.entry is None:
                 return "skipped"
             written = self.api.create_prediction(task_id, outcome.entry, engine.model_version)

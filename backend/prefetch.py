@@ -1,0 +1,77 @@
+"""Pre-encoding the next tasks after a labeler's click (PREFETCH_TASKS).
+
+After a click the server starts `python -m backend warm --after-task T --limit N` (backend.warm)
+as a separate process at the lowest CPU priority (nice 19), so it only uses time the server
+leaves idle; at most one such job runs at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+from backend.settings import Settings
+
+
+class Prefetcher:
+    """Starts `warm --after-task T --limit N` at nice 19 after a click; at most one at a time."""
+
+    def __init__(self, settings: Settings, model_source: str):
+        self.settings = settings
+        self.model_source = model_source
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._done: set[tuple[int, int]] = set()
+        self.started = 0
+
+    @property
+    def enabled(self) -> bool:
+        s = self.settings
+        return bool(s.prefetch_tasks > 0 and s.store_dir and s.label_studio_url and s.label_studio_api_key)
+
+    def after_click(self, project: int | None, task_id: int | None) -> bool:
+        if not self.enabled or project is None or task_id is None:
+            return False
+        with self._lock:
+            if (project, task_id) in self._done:
+                return False
+            if self._proc is not None and self._proc.poll() is None:
+                return False  # one job at a time; the next click will try again
+            self._done.add((project, task_id))
+            cmd = [
+                sys.executable,
+                "-m",
+                "backend",
+                "warm",
+                "--project",
+                str(project),
+                "--after-task",
+                str(task_id),
+                "--limit",
+                str(self.settings.prefetch_tasks),
+                "--quiet",
+            ]
+            env = {
+                **os.environ,
+                "SAM2_MODEL": self.model_source,
+                "EMBEDDING_STORE_DIR": self.settings.store_dir,
+            }
+            self._proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=_lowest_priority,
+            )
+            self.started += 1
+            return True
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        proc = self._proc
+        return None if proc is None else proc.wait(timeout_s)
+
+
+def _lowest_priority() -> None:
+    os.nice(19)  # only CPU time the server leaves idle; a click never waits for pre-encoding

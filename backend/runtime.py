@@ -1,0 +1,153 @@
+"""The composition root: the model and everything built around it, once per process.
+
+`Runtime` owns what lives as long as the process: the settings it was given, the metrics, the
+media client, the prompt memory, the loaded image model with its embedding cache and store, the
+video tracker (built on the first video task), the prefetcher, the task-time history of
+"Retrieve predictions" and its background job. The server (`backend.app`), the pre-encoding job
+(`backend.warm`) and the bulk CLI (`backend.preannotate.cli`) all build one; nothing else keeps
+per-process state in module globals.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from backend.errors import Unavailable
+from backend.media import LabelStudioAuth, MediaClient, MediaLimits
+from backend.metrics import Metrics
+from backend.preannotate.lsapi import LabelStudioAPI, describe
+from backend.preannotate.retrieve import BackgroundJob, TaskTimes
+from backend.prefetch import Prefetcher
+from backend.protocol import PromptMemory
+from backend.segment import ImageSegmenter
+from backend.settings import Settings
+from sam2.gpu import memory_gauges
+from sam2.image import EmbeddingCache, ImagePredictor
+from sam2.models import LoadedModel, load_image_model, load_video_model
+from sam2.store import EmbeddingStore
+from sam2.video import VideoTracker
+
+log = logging.getLogger("backend")
+
+
+class Runtime:
+    """The model and everything built around it, loaded once per process.
+
+    `loaded`: an already loaded model (tests, the CLIs), used as is. Otherwise, with
+    `load_in_background` (default: `settings.preload`), the model loads in a thread so /health
+    answers while weights load; without, call `load()`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        loaded: LoadedModel | None = None,
+        *,
+        load_in_background: bool | None = None,
+    ):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.segmenter: ImageSegmenter | None = None
+        self.image_model: LoadedModel | None = None
+        self.store: EmbeddingStore | None = None
+        self.prefetcher: Prefetcher | None = None
+        self.task_times = TaskTimes()  # "Retrieve predictions": recent seconds per task, by mode
+        self._video_tracker: VideoTracker | None = None
+        self._video_lock = threading.Lock()
+        self._job: BackgroundJob | None = None
+        self._job_lock = threading.Lock()
+        limits = MediaLimits(
+            max_bytes=settings.max_download_mb << 20,
+            max_pixels=int(settings.max_image_mp * 1e6),
+            timeout_s=settings.download_timeout_s,
+            allowed_hosts=settings.media_allowed_hosts,
+            deadline_s=settings.predict_deadline_s,  # no download outlives its request
+        )
+        self.media = MediaClient(
+            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
+        )
+        self.memory = PromptMemory(settings.prompt_memory_s)
+        if load_in_background is None:
+            load_in_background = settings.preload
+        if loaded is not None:
+            self._build(loaded)
+        elif load_in_background:
+            threading.Thread(target=self.load, name="model-loader", daemon=True).start()
+
+    @property
+    def model_version(self) -> str:
+        if self.image_model is None:
+            return "sam2"
+        mid = self.image_model.model_id
+        return mid if mid.startswith("sam2") else f"sam2-{mid}"
+
+    def load(self) -> None:
+        try:
+            start = time.perf_counter()
+            loaded = load_image_model(self.settings.model, self.settings.device)
+            log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
+            self._build(loaded)
+        except Exception as e:  # ModelUnavailable and anything else: /predict reports it
+            self.error = str(e)
+            log.error("model not loaded: %s", e)
+            self.ready.set()
+
+    def _build(self, loaded: LoadedModel) -> None:
+        self.image_model = loaded
+        cache = EmbeddingCache(self.settings.cache_mb << 20)
+        store = None
+        if self.settings.store_dir:
+            store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            self.metrics.watch_store(store)
+        self.store = store
+        if store is not None and self.settings.prefetch_tasks > 0:
+            self.prefetcher = Prefetcher(self.settings, loaded.source)
+        predictor = ImagePredictor(loaded, cache, store)
+        predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
+        self.metrics.watch_cache(cache)
+        self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
+        if loaded.device.type == "cuda":
+            self.metrics.watch(lambda: memory_gauges(loaded.device))
+        self.ready.set()
+
+    def require(self, timeout_s: float = 20.0) -> ImageSegmenter:
+        # well inside Label Studio's 100 s: a 503 with Retry-After beats a dropped request
+        if not self.ready.wait(timeout_s):
+            raise Unavailable("the SAM2 model is still loading; try again in a moment")
+        if self.segmenter is None:
+            raise Unavailable(f"the SAM2 model could not be loaded: {self.error}")
+        return self.segmenter
+
+    def video_tracker(self) -> VideoTracker:
+        """The video model, loaded on the first video task (sharing the image encoder)."""
+        with self._video_lock:
+            if self._video_tracker is None:
+                loaded = load_video_model(
+                    self.image_model.source, self.settings.device, share_with=self.image_model
+                )
+                self._video_tracker = VideoTracker(loaded)
+            return self._video_tracker
+
+    def background_job(self, api: LabelStudioAPI | None = None) -> BackgroundJob | None:
+        """The process's background job for "Retrieve predictions", created on first use (with
+        `api`, else a client for the configured Label Studio); None when it is switched off or
+        Label Studio's API is not configured."""
+        settings = self.settings
+        if not (settings.background_job and settings.label_studio_url and settings.label_studio_api_key):
+            return None
+        with self._job_lock:
+            if self._job is None:
+                try:
+                    api = api or LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+                except Exception as e:  # an expired token, say: say so, answer what can be answered
+                    logging.getLogger("backend.preannotate").warning(
+                        "no background job: cannot use the Label Studio API (%s)", describe(e)
+                    )
+                    return None
+                self._job = BackgroundJob(self, api)
+            return self._job
