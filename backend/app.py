@@ -61,7 +61,7 @@ def _check_basic_auth(settings: Settings) -> Response | None:
 
 def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     """Build the app. `loaded_model` (a sam2.models.LoadedModel) skips loading from settings
-    (tests pass a tiny in-process model)."""
+    (tests pass a tiny in-process model); otherwise the model loads in a background thread."""
     settings = settings or Settings.from_env()
     app = Flask("label-studio-sam2")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb << 20  # JSON: tasks and regions, not media

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from backend import warm
 from backend.app import create_app
 from backend.logs import setup_logging
 from backend.preannotate import cli as preannotate_cli
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from sam2.convert import convert_checkpoint
 from sam2.models import write_test_model
 
@@ -29,15 +28,15 @@ FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sam2-
 
 
 def cmd_serve(args) -> None:
-    settings = Settings.from_env(model=args.model, device=args.device)
+    settings = Settings.from_env(model=args.model, device=args.device, host=args.host, port=args.port)
     setup_logging(settings.log_level)
     if args.threads:
         torch.set_num_threads(args.threads)
     app = create_app(settings)
     logging.getLogger("backend").info(
-        "serving on http://%s:%d (model %s)", args.host, args.port, settings.model
+        "serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model
     )
-    run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
+    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False)
 
 
 def cmd_make_test_model(args) -> None:
@@ -61,8 +60,8 @@ def cmd_convert(args) -> None:
 
 def add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve the ML backend protocol (development server; gunicorn for teams)")
-    s.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    s.add_argument("--host", default=None, help="address to listen on (HOST, 0.0.0.0)")
+    s.add_argument("--port", type=int, default=None, help="port (PORT, 9090)")
     s.add_argument(
         "--model",
         default=None,
@@ -103,4 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     for add in COMMANDS:
         add(sub)
     args = p.parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except SettingsError as e:  # a bad environment variable: say which, no traceback
+        sys.exit(f"python -m backend {args.cmd}: {e}")

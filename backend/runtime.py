@@ -36,8 +36,8 @@ class Runtime:
     """The model and everything built around it, loaded once per process.
 
     `loaded`: an already loaded model (tests, the CLIs), used as is. Otherwise, with
-    `load_in_background` (default: `settings.preload`), the model loads in a thread so /health
-    answers while weights load; without, call `load()`.
+    `load_in_background`, the model loads in a thread so /health answers while weights load;
+    without, call `load()`.
     """
 
     def __init__(
@@ -46,7 +46,7 @@ class Runtime:
         metrics: Metrics | None = None,
         loaded: LoadedModel | None = None,
         *,
-        load_in_background: bool | None = None,
+        load_in_background: bool = True,
     ):
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -72,8 +72,6 @@ class Runtime:
             LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
         )
         self.memory = PromptMemory(settings.prompt_memory_s)
-        if load_in_background is None:
-            load_in_background = settings.preload
         if loaded is not None:
             self._build(loaded)
         elif load_in_background:

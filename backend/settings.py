@@ -1,97 +1,289 @@
-"""Settings from the environment (Label Studio ML backend conventions) and the command line."""
+"""Every setting of the backend, read from the environment once, typed and validated.
+
+One class for the server, the CLIs (`python -m backend ...`) and deploy/gunicorn.conf.py. A value
+that does not parse or is out of range (a misspelt RETRIEVE_MODE, a negative size, a word in a
+number field) stops start-up with a `SettingsError` naming the variable. An empty variable counts
+as unset. The README's table of environment variables is `env_table()` (a test keeps them equal).
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+class SettingsError(ValueError):
+    """A setting from the environment (or an override) is invalid; the message names it."""
 
 
-@dataclass
-class Settings:
-    model: str = "facebook/sam2.1-hiera-tiny"  # SAM2_MODEL: short name, hub id, directory or .pt
-    device: str = "auto"  # DEVICE: auto | cpu | cuda | cuda:1 | mps
-    label_studio_url: str | None = None  # LABEL_STUDIO_URL
-    label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
-    basic_auth_user: str | None = None  # BASIC_AUTH_USER
-    basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
-    cache_mb: int = 1024  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
-    store_dir: str | None = None  # EMBEDDING_STORE_DIR: persistent embedding store shared by workers
-    store_gb: float = 20.0  # EMBEDDING_STORE_GB: its size bound
-    prefetch_tasks: int = 0  # PREFETCH_TASKS: pre-encode this many next tasks in idle time (needs the store)
-    prompt_memory_s: float = 300.0  # PROMPT_MEMORY_S: how long a box is remembered for later clicks
-    max_image_mp: float = 120.0  # MAX_IMAGE_MP: decompression-bomb guard
-    max_download_mb: int = 200  # MAX_DOWNLOAD_MB
-    download_timeout_s: float = 30.0  # DOWNLOAD_TIMEOUT_S
-    media_allowed_hosts: tuple[str, ...] = ()  # MEDIA_ALLOWED_HOSTS: comma-separated; empty = any
-    predict_deadline_s: float = 90.0  # PREDICT_DEADLINE_S: answer before LS's 100 s timeout
-    queue_size: int = 6  # QUEUE_SIZE: /predict requests per worker (running + waiting); more get 503
-    max_body_mb: int = 64  # MAX_BODY_MB: request body size cap (413 above it)
-    video_max_frames: int = 300  # VIDEO_MAX_FRAMES: tracked frames each way from the prompts
-    retrieve_mode: str = "boxes"  # RETRIEVE_MODE: boxes | auto | none, for "Retrieve predictions"
-    output: str = "auto"  # OUTPUT: auto (the config's control) | brush | polygon
-    # bulk pre-annotation ("Retrieve predictions" and `python -m backend preannotate`)
-    boxes_from: str = "annotation"  # BOXES_FROM: annotation | prediction: where boxes mode reads rectangles
-    auto_label: str | None = None  # AUTO_LABEL: label of automatic masks (default: the control's first)
-    roi_label: str | None = None  # ROI_LABEL: automatic masks only inside rectangles with this label
-    points_per_side: int = 16  # POINTS_PER_SIDE: automatic-mask grid (SAM2 uses 32; 16 keeps CPUs usable)
-    auto_iou_thresh: float = 0.8  # AUTO_IOU_THRESH: minimum predicted IoU of an automatic mask
-    auto_stability_thresh: float = 0.92  # AUTO_STABILITY_THRESH: minimum stability score
-    min_area: int = 100  # MIN_AREA: minimum automatic-mask area, pixels
-    max_masks: int = 100  # AUTO_MAX_MASKS: at most this many automatic masks per image
-    polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification, pixels
-    background_job: bool = True  # BACKGROUND_JOB: finish a too-large "Retrieve predictions" via the LS API
-    log_level: str = "INFO"  # LOG_LEVEL
-    preload: bool = True  # load the model when the app starts (in a thread: /health answers at once)
+def _env(*names: str, **kw):
+    """A field read from the environment variable `names[0]` (the others are aliases)."""
+    return Field(validation_alias=AliasChoices(*names), **kw)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_ignore_empty=True, validate_by_name=True, validate_by_alias=True, extra="forbid"
+    )
+
+    # --- the model --------------------------------------------------------------------------------
+    model: str = _env(
+        "SAM2_MODEL",
+        default="facebook/sam2.1-hiera-tiny",
+        description="short name (`tiny`, `sam2.1-small`, `sam2-base-plus`, `sam2.1-large`, ...), a hub id, a local directory saved with `save_pretrained`, or a Meta `.pt` checkpoint (converted once, next to it, or under `SAM2_CONVERTED_DIR` when its folder is read-only)",
+    )
+    device: str = _env(
+        "DEVICE",
+        default="auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:1`, `mps`. On CUDA the model runs under bf16 (fp16 on older GPUs) autocast; fp32 on CPU",
+    )
+    # --- Label Studio -----------------------------------------------------------------------------
+    label_studio_url: str | None = _env(
+        "LABEL_STUDIO_URL",
+        "LABEL_STUDIO_HOST",
+        default=None,
+        description="where the backend fetches `/data/upload/...`, `/data/local-files/...` and presigns `s3://`/`gs://`/`azure-blob://` URIs; the API of bulk pre-annotation",
+    )
+    label_studio_api_key: str | None = _env(
+        "LABEL_STUDIO_API_KEY",
+        "LABEL_STUDIO_ACCESS_TOKEN",
+        default=None,
+        repr=False,
+        description="personal access token (preferred) or legacy token; never logged",
+    )
+    basic_auth_user: str | None = _env(
+        "BASIC_AUTH_USER",
+        default=None,
+        description="with `BASIC_AUTH_PASS`: protect every endpoint but `/health`",
+    )
+    basic_auth_pass: str | None = _env(
+        "BASIC_AUTH_PASS", default=None, repr=False, description="the basic auth password; never logged"
+    )
+    # --- embeddings -------------------------------------------------------------------------------
+    cache_mb: int = _env(
+        "EMBEDDING_CACHE_MB",
+        default=1024,
+        ge=0,
+        description="in-memory image embedding cache (LRU, by bytes): 16 MB per image at 1024 px",
+    )
+    store_dir: str | None = _env(
+        "EMBEDDING_STORE_DIR",
+        default=None,
+        description='persistent embedding store shared by workers (see "Zero-wait first click")',
+    )
+    store_gb: float = _env("EMBEDDING_STORE_GB", default=20.0, gt=0, description="its size bound")
+    prefetch_tasks: int = _env(
+        "PREFETCH_TASKS",
+        default=0,
+        ge=0,
+        description="pre-encode this many next tasks after a click (needs the store and LS credentials)",
+    )
+    prompt_memory_s: float = _env(
+        "PROMPT_MEMORY_S",
+        default=300.0,
+        ge=0,
+        description="how long a drawn box is remembered for following clicks",
+    )
+    # --- requests and media -----------------------------------------------------------------------
+    max_image_mp: float = _env(
+        "MAX_IMAGE_MP",
+        default=120.0,
+        gt=0,
+        description="images above this many megapixels are refused (decompression bombs)",
+    )
+    max_download_mb: int = _env("MAX_DOWNLOAD_MB", default=200, gt=0, description="per media download")
+    download_timeout_s: float = _env(
+        "DOWNLOAD_TIMEOUT_S", default=30.0, gt=0, description="per media download"
+    )
+    media_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = _env(
+        "MEDIA_ALLOWED_HOSTS",
+        default=(),
+        description="comma-separated hosts media may come from besides Label Studio (empty: any); link-local/metadata addresses are always refused",
+    )
+    predict_deadline_s: float = _env(
+        "PREDICT_DEADLINE_S", default=90.0, gt=0, description="answer before Label Studio's 100 s timeout"
+    )
+    queue_size: int = _env(
+        "QUEUE_SIZE",
+        default=6,
+        ge=0,
+        description="`/predict` requests a worker admits (running + waiting); the next gets **503 with `Retry-After`** at once instead of waiting past Label Studio's 100 s. Keep it below `THREADS`",
+    )
+    max_body_mb: int = _env("MAX_BODY_MB", default=64, gt=0, description="request body cap (413)")
+    video_max_frames: int = _env(
+        "VIDEO_MAX_FRAMES", default=300, ge=1, description="frames tracked each way from the prompted frames"
+    )
+    # --- bulk pre-annotation ("Retrieve predictions" and `python -m backend preannotate`) ---------
+    retrieve_mode: Literal["boxes", "auto", "none"] = _env(
+        "RETRIEVE_MODE",
+        default="boxes",
+        description='what "Retrieve predictions" (no context) does: `boxes` (masks for the latest annotation\'s rectangles), `auto` (automatic masks), `none`',
+    )
+    output: Literal["auto", "brush", "polygon"] = _env(
+        "OUTPUT",
+        default="auto",
+        description="bulk output: `auto` (the config's BrushLabels, else PolygonLabels), `brush`, `polygon`",
+    )
+    boxes_from: Literal["annotation", "prediction"] = _env(
+        "BOXES_FROM",
+        default="annotation",
+        description="boxes mode reads the rectangles of the latest `annotation` or `prediction`",
+    )
+    auto_label: str | None = _env(
+        "AUTO_LABEL",
+        default=None,
+        description="label of automatic masks (default: the output control's first)",
+    )
+    roi_label: str | None = _env(
+        "ROI_LABEL",
+        default=None,
+        description="automatic masks only inside rectangles with this label (default: whole image)",
+    )
+    points_per_side: int = _env(
+        "POINTS_PER_SIDE",
+        default=16,
+        ge=1,
+        description="automatic-mask grid (SAM2 uses 32; 16 keeps CPUs usable)",
+    )
+    auto_iou_thresh: float = _env(
+        "AUTO_IOU_THRESH", default=0.8, ge=0, le=1, description="minimum predicted IoU of an automatic mask"
+    )
+    auto_stability_thresh: float = _env(
+        "AUTO_STABILITY_THRESH",
+        default=0.92,
+        ge=0,
+        le=1,
+        description="minimum stability score of an automatic mask",
+    )
+    min_area: int = _env("MIN_AREA", default=100, ge=0, description="smallest automatic mask, pixels")
+    max_masks: int = _env(
+        "AUTO_MAX_MASKS", default=100, ge=1, description="automatic masks per image at most"
+    )
+    polygon_tolerance: float = _env(
+        "POLYGON_TOLERANCE", default=1.0, ge=0, description="polygon simplification, pixels"
+    )
+    background_job: bool = _env(
+        "BACKGROUND_JOB",
+        default=True,
+        description='finish a "Retrieve predictions" too large for one request in a background job that writes through the LS API',
+    )
+    # --- process ----------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _env(
+        "LOG_LEVEL", default="INFO", description="`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`"
+    )
+    host: str = _env("HOST", default="0.0.0.0", description="where to listen (`serve`, gunicorn)")
+    port: int = _env("PORT", default=9090, ge=1, le=65535, description="where to listen (`serve`, gunicorn)")
+    # --- gunicorn (deploy/gunicorn.conf.py) -------------------------------------------------------
+    workers: int = _env(
+        "WORKERS", default=1, ge=1, description="gunicorn processes; each holds one model. Use one per GPU"
+    )
+    threads: int = _env(
+        "THREADS",
+        default=8,
+        ge=1,
+        description="threads per worker (gthread): spare threads answer `/health`, `/metrics` and 503s while the model is busy",
+    )
+    worker_connections: int = _env(
+        "WORKER_CONNECTIONS",
+        default=64,
+        ge=1,
+        description="connections a worker holds at once (running, waiting for a thread, kept alive)",
+    )
+    timeout_s: int = _env(
+        "TIMEOUT",
+        default=180,
+        ge=1,
+        description="seconds before a silent gunicorn worker is restarted (above Label Studio's 100 s)",
+    )
+    graceful_timeout_s: int = _env(
+        "GRACEFUL_TIMEOUT", default=30, ge=0, description="on SIGTERM, how long requests in flight may take"
+    )
+    keepalive_s: int = _env(
+        "KEEPALIVE",
+        default=5,
+        ge=0,
+        description="seconds gunicorn keeps an idle connection from Label Studio open",
+    )
+    access_log: bool = _env(
+        "ACCESS_LOG",
+        default=True,
+        description="`false` turns off gunicorn's access log (request lines only, never headers)",
+    )
+    torch_threads: int | None = _env(
+        "TORCH_THREADS",
+        default=None,
+        ge=1,
+        description="torch CPU threads per gunicorn worker (default: cores / `WORKERS`)",
+    )
+
+    @field_validator("media_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("label_studio_url", mode="after")
+    @classmethod
+    def _no_trailing_slash(cls, value):
+        return value.rstrip("/") if value else value
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
-        s = cls(
-            model=_env("SAM2_MODEL", cls.model),
-            device=_env("DEVICE", cls.device),
-            label_studio_url=(_env("LABEL_STUDIO_URL") or _env("LABEL_STUDIO_HOST") or None),
-            label_studio_api_key=_env("LABEL_STUDIO_API_KEY") or _env("LABEL_STUDIO_ACCESS_TOKEN"),
-            basic_auth_user=_env("BASIC_AUTH_USER"),
-            basic_auth_pass=_env("BASIC_AUTH_PASS"),
-            cache_mb=int(_env("EMBEDDING_CACHE_MB", str(cls.cache_mb))),
-            store_dir=_env("EMBEDDING_STORE_DIR"),
-            store_gb=float(_env("EMBEDDING_STORE_GB", str(cls.store_gb))),
-            prefetch_tasks=int(_env("PREFETCH_TASKS", str(cls.prefetch_tasks))),
-            prompt_memory_s=float(_env("PROMPT_MEMORY_S", str(cls.prompt_memory_s))),
-            max_image_mp=float(_env("MAX_IMAGE_MP", str(cls.max_image_mp))),
-            max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),
-            download_timeout_s=float(_env("DOWNLOAD_TIMEOUT_S", str(cls.download_timeout_s))),
-            media_allowed_hosts=tuple(
-                h.strip() for h in (_env("MEDIA_ALLOWED_HOSTS", "") or "").split(",") if h.strip()
-            ),
-            predict_deadline_s=float(_env("PREDICT_DEADLINE_S", str(cls.predict_deadline_s))),
-            queue_size=int(_env("QUEUE_SIZE", str(cls.queue_size))),
-            max_body_mb=int(_env("MAX_BODY_MB", str(cls.max_body_mb))),
-            video_max_frames=int(_env("VIDEO_MAX_FRAMES", str(cls.video_max_frames))),
-            retrieve_mode=_env("RETRIEVE_MODE", cls.retrieve_mode),
-            output=_env("OUTPUT", cls.output),
-            boxes_from=_env("BOXES_FROM", cls.boxes_from),
-            auto_label=_env("AUTO_LABEL"),
-            roi_label=_env("ROI_LABEL"),
-            points_per_side=int(_env("POINTS_PER_SIDE", str(cls.points_per_side))),
-            auto_iou_thresh=float(_env("AUTO_IOU_THRESH", str(cls.auto_iou_thresh))),
-            auto_stability_thresh=float(_env("AUTO_STABILITY_THRESH", str(cls.auto_stability_thresh))),
-            min_area=int(_env("MIN_AREA", str(cls.min_area))),
-            max_masks=int(_env("AUTO_MAX_MASKS", str(cls.max_masks))),
-            polygon_tolerance=float(_env("POLYGON_TOLERANCE", str(cls.polygon_tolerance))),
-            background_job=_env("BACKGROUND_JOB", "true").lower() not in ("0", "false", "no", "off"),
-            log_level=_env("LOG_LEVEL", cls.log_level),
+        """The environment's settings; `overrides` (field names, None = keep) win over it.
+        Raises SettingsError naming the variable whose value is invalid."""
+        unknown = set(overrides) - set(cls.model_fields)
+        if unknown:
+            raise TypeError(f"unknown setting {', '.join(sorted(unknown))}")
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as e:
+            raise SettingsError(_describe(e)) from None
+
+
+def _env_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else field
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        field = Settings.model_fields.get(name)
+        if field is not None:
+            name = _env_name(name)
+        shown = "" if field is not None and not field.repr else f"={item.get('input')!r}"  # no secrets
+        lines.append(f"{name}{shown}: {item['msg']}")
+    return "invalid setting: " + "; ".join(lines)
+
+
+def env_table() -> str:
+    """The README's table: every environment variable, its default and what it does."""
+    rows = ["| Variable | Default | What it does |", "|---|---|---|"]
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if not isinstance(alias, AliasChoices):
+            continue
+        names = [str(n) for n in alias.choices]
+        variable = f"`{names[0]}`" + "".join(f" (or `{n}`)" for n in names[1:])
+        default = field.default
+        shown = (
+            ""
+            if default in (None, ())
+            else f"`{str(default).lower() if isinstance(default, bool) else default}`"
         )
-        names = {f.name for f in fields(cls)}
-        for k, v in overrides.items():
-            if k not in names:
-                raise TypeError(f"unknown setting {k}")
-            if v is not None:
-                setattr(s, k, v)
-        if s.label_studio_url:
-            s.label_studio_url = s.label_studio_url.rstrip("/")
-        return s
+        rows.append(f"| {variable} | {shown} | {field.description.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m backend.settings: the README's table
+    print(env_table())

@@ -62,7 +62,7 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
     for i in range(2):
         Path(tmp, f"img{i}.jpg").write_bytes(photo(width, height, i))
     httpd, base = serve_directory(tmp)
-    app = create_app(Settings.from_env(preload=False, cache_mb=512), loaded_model=loaded)
+    app = create_app(Settings.from_env(cache_mb=512), loaded_model=loaded)
     client = app.test_client()
     predictor = app.extensions["sam2"].segmenter.predictor
 
@@ -88,12 +88,12 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
         baseline.append(click(f"{base}/img0.jpg", 1, n + 1))
     # Pre-encoded: `warm` filled the store; a restarted server (empty memory cache) gets a click.
     store_dir = tempfile.mkdtemp()
-    warm_app = create_app(Settings.from_env(preload=False, store_dir=store_dir), loaded_model=loaded)
+    warm_app = create_app(Settings.from_env(store_dir=store_dir), loaded_model=loaded)
     warm_app.extensions["sam2"].segmenter.predictor.embedding(*_key_and_loader(f"{base}/img0.jpg", warm_app))
     store_bytes = warm_app.extensions["sam2"].store.bytes
     pre_encoded = []
     for n in range(clicks):
-        fresh = create_app(Settings.from_env(preload=False, store_dir=store_dir), loaded_model=loaded)
+        fresh = create_app(Settings.from_env(store_dir=store_dir), loaded_model=loaded)
         client = fresh.test_client()
         pre_encoded.append(click(f"{base}/img0.jpg", 1, n + 1))
         assert fresh.extensions["sam2"].segmenter.predictor.encoder_calls == 0

@@ -9,29 +9,35 @@ them pile up past Label Studio's 100 s timeout. QUEUE_SIZE must stay below THREA
 One GPU: WORKERS=1 (a second copy of the model buys little: the GPU is the bottleneck).
 CPU box: WORKERS = cores / TORCH_THREADS, e.g. 16 cores -> WORKERS=4 with 4 torch threads each.
 
-This file is read by the gunicorn master, which must never import torch: CUDA initialised
-before fork breaks every worker ("Cannot re-initialize CUDA in forked subprocess").
+Every value comes from backend.settings.Settings (the environment, validated: a bad value stops
+the master with a message naming the variable). This file is read by the gunicorn master, which
+must never import torch: CUDA initialised before fork breaks every worker ("Cannot re-initialize
+CUDA in forked subprocess"); backend.settings imports no torch.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository (or /app)
 
-def _int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
+from backend.settings import Settings, SettingsError  # noqa: E402
 
+try:
+    settings = Settings.from_env()
+except SettingsError as e:
+    sys.exit(f"label-studio-sam2: {e}")
 
 # --- sockets and processes ----------------------------------------------------------------------
-bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{_int('PORT', 9090)}"]
-workers = _int("WORKERS", 1)
+bind = [f"{settings.host}:{settings.port}"]
+workers = settings.workers
 worker_class = "gthread"
-threads = _int("THREADS", 8)
+threads = settings.threads
 # connections a worker holds at once (running, waiting for a thread, kept alive); beyond it the
 # kernel's listen backlog holds them
-worker_connections = _int("WORKER_CONNECTIONS", 64)
+worker_connections = settings.worker_connections
 backlog = 128
 
 # No preloading: the app (and the model) is built in each worker after fork. backend.wsgi:app is
@@ -41,10 +47,10 @@ preload_app = False
 # --- time ---------------------------------------------------------------------------------------
 # Label Studio waits 100 s for /predict (ML_TIMEOUT_PREDICT); the backend answers within
 # PREDICT_DEADLINE_S (90 s). A worker silent for longer than this is stuck and gets restarted.
-timeout = _int("TIMEOUT", 180)
+timeout = settings.timeout_s
 # On SIGTERM (docker stop, a deploy) finish the requests in flight, up to this long.
-graceful_timeout = _int("GRACEFUL_TIMEOUT", 30)
-keepalive = _int("KEEPALIVE", 5)  # Label Studio keeps connections to the backend open
+graceful_timeout = settings.graceful_timeout_s
+keepalive = settings.keepalive_s  # Label Studio keeps connections to the backend open
 
 # --- limits -------------------------------------------------------------------------------------
 limit_request_line = 8190
@@ -54,10 +60,10 @@ limit_request_field_size = 16384  # the body is capped by the app (MAX_BODY_MB -
 # --- logs ---------------------------------------------------------------------------------------
 # Request lines only: never headers (Authorization), never bodies. The request line of this
 # protocol carries no secret (no tokens in query strings).
-accesslog = "-" if os.environ.get("ACCESS_LOG", "1") != "0" else None
+accesslog = "-" if settings.access_log else None
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = settings.log_level.lower()
 # heartbeat files on tmpfs: a container's overlay filesystem can stall the worker heartbeat
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 proc_name = "label-studio-sam2"
@@ -74,11 +80,11 @@ def when_ready(server):
         "label-studio-sam2: %d worker(s) x %d thread(s), queue %s per worker, timeout %ds, model %s",
         server.cfg.workers,
         server.cfg.threads,
-        os.environ.get("QUEUE_SIZE", "6"),
+        settings.queue_size,
         server.cfg.timeout,
-        os.environ.get("SAM2_MODEL", "facebook/sam2.1-hiera-tiny"),
+        settings.model,
     )
-    queue = _int("QUEUE_SIZE", 6)
+    queue = settings.queue_size
     if queue <= 0 or queue >= server.cfg.threads:
         server.log.warning(
             "QUEUE_SIZE=%d with THREADS=%d: keep QUEUE_SIZE between 1 and THREADS-1 so busy workers "
@@ -101,7 +107,7 @@ def post_fork(server, worker):
     # torch's CPU threads: share the cores between workers instead of each taking all of them
     if "OMP_NUM_THREADS" not in os.environ:
         cores = os.cpu_count() or 1
-        torch_threads = _int("TORCH_THREADS", max(1, cores // max(1, server.cfg.workers)))
+        torch_threads = settings.torch_threads or max(1, cores // max(1, server.cfg.workers))
         os.environ["OMP_NUM_THREADS"] = str(torch_threads)
     server.log.info("worker %s forked (OMP_NUM_THREADS=%s)", worker.pid, os.environ["OMP_NUM_THREADS"])
 

@@ -98,7 +98,7 @@ def app_factory(tiny_model):
     from backend.settings import Settings
 
     def make(**overrides):
-        settings = Settings.from_env(**{"preload": False, **overrides})
+        settings = Settings.from_env(**overrides)
         return create_app(settings, loaded_model=tiny_model)
 
     return make

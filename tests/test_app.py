@@ -206,7 +206,7 @@ def test_model_that_cannot_load_gives_503_with_instructions(tmp_path):
     from backend.app import create_app
     from backend.settings import Settings
 
-    app = create_app(Settings.from_env(model=str(tmp_path / "nope.pt"), preload=True))
+    app = create_app(Settings.from_env(model=str(tmp_path / "nope.pt")))
     client = app.test_client()
     app.extensions["sam2"].ready.wait(10)
     assert client.get("/health").get_json()["status"] == "UP"

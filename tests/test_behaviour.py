@@ -47,7 +47,7 @@ def client(trained):
     from backend.app import create_app
     from backend.settings import Settings
 
-    return create_app(Settings.from_env(preload=False), loaded_model=trained).test_client()
+    return create_app(Settings.from_env(), loaded_model=trained).test_client()
 
 
 def png(rgb: np.ndarray, exif_orientation: int | None = None, fmt: str = "PNG") -> bytes:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import runpy
 import shutil
 import signal
 import socket
@@ -77,8 +78,7 @@ def test_gunicorn_accepts_the_config():
 def test_gunicorn_master_refuses_to_fork_after_cuda_was_initialised(monkeypatch):
     import types
 
-    cfg: dict = {}
-    exec((REPO / "deploy/gunicorn.conf.py").read_text(), cfg)
+    cfg = runpy.run_path(str(REPO / "deploy/gunicorn.conf.py"))  # as gunicorn loads it: with __file__
     fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: True))
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
     with pytest.raises(RuntimeError, match="CUDA was initialised"):
@@ -253,7 +253,6 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
     try:
         for url, key in ((ls.url, LEGACY_KEY), (ls.url, PAT), (dead, PAT), (dead, LEGACY_KEY)):
             settings = Settings.from_env(
-                preload=False,
                 label_studio_url=url,
                 label_studio_api_key=key,
                 basic_auth_user="ml",

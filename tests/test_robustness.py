@@ -137,7 +137,6 @@ def app(tiny_model):
     from backend.settings import Settings
 
     settings_ = Settings.from_env(
-        preload=False,
         download_timeout_s=1.0,
         max_download_mb=2,
         max_image_mp=1.0,

@@ -1,0 +1,103 @@
+"""Settings come from the environment, typed and validated; the README documents every variable
+the code reads."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.settings import Settings, SettingsError, env_table
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def test_environment_values_are_typed(monkeypatch):
+    monkeypatch.setenv("MEDIA_ALLOWED_HOSTS", "media.example.com, cdn.example.org")
+    monkeypatch.setenv("LABEL_STUDIO_HOST", "http://ls.example:8080/")  # the alias Label Studio sets
+    monkeypatch.setenv("LABEL_STUDIO_ACCESS_TOKEN", "tok-123")
+    monkeypatch.setenv("BACKGROUND_JOB", "off")
+    monkeypatch.setenv("EMBEDDING_STORE_GB", "2.5")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    monkeypatch.setenv("SAM2_MODEL", "")  # empty counts as unset
+    s = Settings.from_env(device="cpu")
+    assert s.media_allowed_hosts == ("media.example.com", "cdn.example.org")
+    assert s.label_studio_url == "http://ls.example:8080" and s.label_studio_api_key == "tok-123"
+    assert s.background_job is False and s.store_gb == 2.5 and s.log_level == "DEBUG"
+    assert s.model == "facebook/sam2.1-hiera-tiny" and s.device == "cpu"
+    assert "tok-123" not in repr(s)
+
+
+def test_the_primary_name_wins_over_its_alias(monkeypatch):
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://primary")
+    monkeypatch.setenv("LABEL_STUDIO_HOST", "http://alias")
+    assert Settings.from_env().label_studio_url == "http://primary"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("RETRIEVE_MODE", "box", "'boxes', 'auto' or 'none'"),
+        ("OUTPUT", "svg", "'auto', 'brush' or 'polygon'"),
+        ("EMBEDDING_CACHE_MB", "-1", "greater than or equal to 0"),
+        ("QUEUE_SIZE", "six", "valid integer"),
+        ("PREDICT_DEADLINE_S", "soon", "valid number"),
+        ("DEVICE", "gpu", "pattern"),
+    ],
+)
+def test_a_bad_value_names_the_variable(monkeypatch, variable, value, says):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env()
+    assert variable in str(e.value) and says in str(e.value)
+
+
+def test_a_bad_secret_is_named_but_not_shown():
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env(basic_auth_pass=["not", "a", "string"])
+    assert "BASIC_AUTH_PASS" in str(e.value) and "not" not in str(e.value)
+
+
+def test_an_unknown_override_is_a_programming_error():
+    with pytest.raises(TypeError, match="unknown setting"):
+        Settings.from_env(retrive_mode="auto")
+
+
+def test_a_bad_variable_stops_the_cli_with_its_name():
+    env = {"PATH": "/usr/bin:/bin", "RETRIEVE_MODE": "boxs", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [PY, "-m", "backend", "serve", "--model", "tiny"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "RETRIEVE_MODE='boxs'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_readme_table_is_the_settings_class():
+    readme = (REPO / "README.md").read_text()
+    table = re.search(r"<!-- env-table:start -->\n(.*?)\n<!-- env-table:end -->", readme, re.S)
+    assert table, "README.md lost its env-table markers"
+    assert table.group(1) == env_table(), "README's table is stale: paste `python -m backend.settings`"
+
+
+def test_every_variable_the_code_reads_is_documented():
+    """Environment variables read directly (not through Settings) are named in the README."""
+    readme = (REPO / "README.md").read_text()
+    pattern = re.compile(
+        r"""(?:environ\.get|getenv)\(\s*["']([A-Z][A-Z0-9_]+)["']|environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
+    )
+    read = set()
+    for folder in ("backend", "sam2", "deploy"):
+        for path in (REPO / folder).rglob("*.py"):
+            for m in pattern.finditer(path.read_text()):
+                read.add(m.group(1) or m.group(2))
+    missing = sorted(name for name in read if f"`{name}`" not in readme)
+    assert not missing, f"read by the code but not in README.md: {missing}"
