@@ -13,7 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from werkzeug.serving import run_simple
 
 from backend import warm
@@ -22,16 +21,17 @@ from backend.logs import setup_logging
 from backend.preannotate import cli as preannotate_cli
 from backend.settings import Settings, SettingsError
 from sam2.convert import convert_checkpoint
-from sam2.models import write_test_model
+from sam2.models import set_cpu_threads, write_test_model
 
-FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sam2-shapes"
+# The tiny SAM2 trained on synthetic shapes: part of the source checkout's development kit, not of
+# the Docker image (which holds only backend/ and sam2/).
+FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 
 
 def cmd_serve(args) -> None:
     settings = Settings.from_env(model=args.model, device=args.device, host=args.host, port=args.port)
     setup_logging(settings.log_level)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
     app = create_app(settings)
     logging.getLogger("backend").info(
         "serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model
@@ -43,7 +43,12 @@ def cmd_make_test_model(args) -> None:
     out = Path(args.dir)
     if args.trained:
         if not (FIXTURE / "config.json").is_file():
-            sys.exit(f"the trained fixture is missing at {FIXTURE}")
+            sys.exit(
+                f"the trained test model is not here ({FIXTURE}): it ships with the source checkout's "
+                "devkit/, not with the Docker image. Run this from a checkout, or mount a model "
+                "directory and pass it to --model; `make-test-model DIR` without --trained writes a "
+                "random tiny model anywhere"
+            )
         out.mkdir(parents=True, exist_ok=True)
         for f in FIXTURE.iterdir():
             if f.is_file():
@@ -76,7 +81,9 @@ def add_make_test_model(sub) -> None:
     m = sub.add_parser("make-test-model", help="write a tiny SAM2 for smoke tests (no download)")
     m.add_argument("dir")
     m.add_argument(
-        "--trained", action="store_true", help="the small model trained on synthetic shapes (tests/fixtures)"
+        "--trained",
+        action="store_true",
+        help="the small model trained on synthetic shapes (devkit/sam2-shapes; a source checkout only)",
     )
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--image-size", type=int, default=256)

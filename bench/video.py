@@ -140,7 +140,7 @@ def _baseline(loaded, video: str, count: int) -> None:
 
 
 def _video(path: str, frames: int, width: int, height: int) -> str:
-    from tests.videos import Shape, moving_shapes, write_video
+    from devkit.videos import Shape, moving_shapes, write_video
 
     shapes = [Shape((230, 40, 40), BOX, (1.5, 0.4)), Shape((40, 60, 230), (420, 200, 520, 300), (-1.0, -0.2))]
     return write_video(path, moving_shapes(frames, height, width, shapes), fps=30)

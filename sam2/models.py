@@ -80,6 +80,12 @@ def pick_device(preference: str | None = "auto") -> torch.device:
     return torch.device(pref)
 
 
+def set_cpu_threads(n: int) -> None:
+    """torch's intra-op CPU threads for this process (0: leave torch's choice)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 on GPUs that have it, fp16 on older GPUs, none (fp32) elsewhere: bf16 autocast on
     CPU was measured 11x slower here."""

@@ -1,7 +1,7 @@
 """Behaviour through the whole stack with a SAM2 that has learned something.
 
-`tests/fixtures/sam2-shapes` is a tiny SAM2 trained from scratch on synthetic shapes by
-`tools/train_tiny.py` (scenes from `tests/scenes.py`, split "train"). Here every scene comes from
+`devkit/sam2-shapes` is a tiny SAM2 trained from scratch on synthetic shapes by
+`tools/train_tiny.py` (scenes from `devkit/scenes.py`, split "train"). Here every scene comes from
 the "test" split, which the training never drew from, taken in order from seed 0: a Label Studio
 payload goes in through Flask's test client, the image comes over HTTP, and the brush RLE that
 comes out is decoded with the SDK's decoder and compared with the shape that was drawn.
@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devkit.scenes import Scene, box_of, interior_point, iou, make_scene
 from tests.conftest import decode_brush, keypoint, predict_body, rectangle
-from tests.scenes import Scene, box_of, interior_point, iou, make_scene
 
 pytestmark = pytest.mark.slow  # about a minute: some 250 requests with real HTTP media
 
-FIXTURE = Path(__file__).parent / "fixtures" / "sam2-shapes"
+FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 CLICK_IOU = 0.8
 BOX_IOU = 0.85
 SHARE = 0.8  # of the prompts that must reach the threshold (held out: 0.93 of clicks, 0.95 of boxes)

@@ -33,10 +33,10 @@ from backend.preannotate.project import Progress, Selection, Summary, run_projec
 from backend.protocol import Control, parse_label_config
 from backend.regions import polygon_results
 from backend.segment import ImageSegmenter
+from devkit.scenes import box_of, make_scene
 from sam2.image import ImagePredictor
 from sam2.models import LoadedModel
 from tests.conftest import IMAGE_CONFIG, decode_brush, encode_image, noise_image, predict_body, rectangle
-from tests.scenes import box_of, make_scene
 from tests.test_auto import ColourSam, shapes_image
 
 MODEL_VERSION = "test-v1"

@@ -22,11 +22,11 @@ from backend.video import (
     parse_video_config,
     predict_video_task,
 )
+from devkit.videos import Shape, moving_shapes, write_video
 from sam2.frames import UnreadableVideo, VideoReader
 from sam2.models import random_model, tiny_config
 from sam2.tracks import ObjectPrompt, ObjectTrack, TrackResult
 from sam2.video import VideoTracker
-from tests.videos import Shape, moving_shapes, write_video
 
 W, H, N, FPS = 96, 64, 40, 24
 RED = Shape((230, 20, 20), (8, 10, 28, 30), (1.0, 0.5))

@@ -5,7 +5,7 @@
 Label Studio runs from .venv-ls (installed on first use) with SQLite under .run/label-studio/,
 kept between runs; the backend runs from this virtualenv. The model is --model, else SAM2_MODEL,
 else SAM2.1 tiny, loaded offline first; when its weights cannot be had the demo says how to
-provide them and stops. --test-model uses the tiny SAM2 trained on synthetic shapes (tests/fixtures/sam2-shapes): no
+provide them and stops. --test-model uses the tiny SAM2 trained on synthetic shapes (devkit/sam2-shapes): no
 weights needed; it segments simple flat-coloured shapes like the demo's, nothing else.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.e2e import lsserver  # noqa: E402
-from tests.e2e.sample_media import make_scene  # noqa: E402
+from devkit import lsserver  # noqa: E402
+from devkit.sample_media import make_scene  # noqa: E402
 
 RUN_DIR = REPO_ROOT / ".run"
 PROJECT_TITLE = "SAM2 demo"

@@ -2,10 +2,10 @@
 
     .venv/bin/python tools/train_tiny.py --steps 3000 --out /tmp/sam2-image
     .venv/bin/python tools/train_tiny.py --init /tmp/sam2-image --steps 0 --video-steps 600 \
-        --clip-frames 10 --out tests/fixtures/sam2-shapes
-    .venv/bin/python tools/train_tiny.py --eval tests/fixtures/sam2-shapes --split test
+        --clip-frames 10 --out devkit/sam2-shapes
+    .venv/bin/python tools/train_tiny.py --eval devkit/sam2-shapes --split test
 
-Image stage. Scenes come from `tests/scenes.py` (split "train" only); every step encodes a batch
+Image stage. Scenes come from `devkit/scenes.py` (split "train" only); every step encodes a batch
 of scenes once and decodes several prompts per scene, SAM2-style: a box or one positive click,
 then a corrective click sampled from the prediction's errors (positive in a missed region,
 negative in a false one), with the previous low-res logits fed back as a mask prompt half the
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from devkit.scenes import box_of, interior_point, iou, make_clip, make_scene  # noqa: E402
 from sam2 import hf_internals as hf  # noqa: E402
 from sam2.models import tiny_config  # noqa: E402
 from sam2.transforms import preprocess, to_model_coords, upscale_logits  # noqa: E402
-from tests.scenes import box_of, interior_point, iou, make_clip, make_scene  # noqa: E402
 
 PAD = -10  # transformers' "ignore this point" label
 
@@ -504,7 +504,7 @@ def main(argv=None) -> None:
     ap.add_argument("--video-steps", type=int, default=0, help="then video steps (each with an image step)")
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock cap (stops early)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/sam2-shapes")
+    ap.add_argument("--out", type=Path, default=ROOT / "devkit/sam2-shapes")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="scenes per step")
     ap.add_argument("--objects", type=int, default=4, help="objects per scene per step")

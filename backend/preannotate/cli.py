@@ -8,8 +8,6 @@ import signal
 import sys
 import threading
 
-import torch
-
 from backend.errors import BadRequest
 from backend.logs import setup_logging
 from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
@@ -18,7 +16,7 @@ from backend.preannotate.project import Selection, run_project
 from backend.protocol import parse_label_config
 from backend.runtime import Runtime
 from backend.settings import Settings
-from sam2.models import load_image_model
+from sam2.models import load_image_model, set_cpu_threads
 from sam2.releases import ModelUnavailable
 
 log = logging.getLogger("backend.preannotate")
@@ -142,8 +140,7 @@ def cmd_preannotate(args) -> None:
         selection.query()
     except ValueError as e:
         sys.exit(f"preannotate: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
 
     stop = threading.Event()
 

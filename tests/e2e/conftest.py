@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import lsserver
+from devkit import lsserver
 
 OUTPUT_DIR = Path(os.environ.get("E2E_OUTPUT_DIR", lsserver.REPO_ROOT / "test-output" / "e2e"))
 

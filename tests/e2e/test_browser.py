@@ -13,9 +13,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.e2e import lsserver
+from devkit import lsserver
+from devkit.sample_media import make_scene
 from tests.e2e.regions import IMAGE_CONFIG, rectangle
-from tests.e2e.sample_media import make_scene
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.e2e import lsserver
+from devkit import lsserver
+from devkit.sample_media import make_scene, make_video
 from tests.e2e.regions import (
     IMAGE_CONFIG,
     VIDEO_CONFIG,
@@ -21,7 +22,6 @@ from tests.e2e.regions import (
     rectangle,
     videorectangle,
 )
-from tests.e2e.sample_media import make_scene, make_video
 
 pytestmark = pytest.mark.e2e
 

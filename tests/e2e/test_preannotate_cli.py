@@ -27,8 +27,8 @@ import pytest
 import requests
 from label_studio_sdk.converter.brush import decode_rle
 
-from tests.e2e import lsserver
-from tests.e2e.sample_media import make_scene
+from devkit import lsserver
+from devkit.sample_media import make_scene
 
 pytestmark = pytest.mark.e2e
 

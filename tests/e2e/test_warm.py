@@ -11,9 +11,9 @@ import time
 import pytest
 import requests
 
-from tests.e2e import lsserver
+from devkit import lsserver
+from devkit.sample_media import make_scene
 from tests.e2e.regions import IMAGE_CONFIG, brush_masks, keypoint
-from tests.e2e.sample_media import make_scene
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""Synthetic scenes for training and testing the tiny SAM2 fixture (`tests/fixtures/sam2-shapes`).
+"""Synthetic scenes for training and testing the tiny SAM2 fixture (`devkit/sam2-shapes`).
 
 Several filled shapes (ellipses, rotated rectangles, triangles, regular polygons, stars) of random
 colours on textured, noisy backgrounds, at non-square sizes. Some scenes hold a *touching pair*:

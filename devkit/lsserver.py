@@ -29,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 LS_VERSION = "1.23.2"
 LS_VENV = Path(os.environ.get("LS_VENV", REPO_ROOT / ".venv-ls"))
 INSTALL_SCRIPT = REPO_ROOT / "tools" / "install_ls.sh"
