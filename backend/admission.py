@@ -20,13 +20,11 @@ class AdmissionQueue:
         self.capacity = int(capacity)
         self._lock = threading.Lock()
         self.depth = 0  # requests admitted and not yet answered
-        self.rejected = 0
         self._mean_s = 1.0  # moving average of an admitted request's time inside
 
     def try_enter(self) -> bool:
         with self._lock:
             if 0 < self.capacity <= self.depth:
-                self.rejected += 1
                 return False
             self.depth += 1
             return True

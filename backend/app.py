@@ -227,9 +227,7 @@ def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, obj
     def work(task: dict) -> dict[str, Any]:
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline)
-        if objects:
-            return segmenter.interactive(task, config, objects)
-        return segmenter.interactive(task, config, [])
+        return segmenter.interactive(task, config, objects)  # no objects: an empty entry
 
     return work
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,12 +27,6 @@ from backend.regions import mask_result, rect_to_box_px, task_entry
 from sam2.image import Prompt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskOutcome:
-    entry: dict
-    encoded: bool = False  # the encoder ran for this task (cache miss)
 
 
 class ImageSegmenter:

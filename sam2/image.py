@@ -145,15 +145,6 @@ class EmbeddingCache:
 ImageLoader = Callable[[], np.ndarray]
 
 
-@dataclass
-class Timings:
-    """Seconds spent in the encoder and decoder by the last calls (for logs and metrics)."""
-
-    encoder_s: float = 0.0
-    decoder_s: float = 0.0
-    encoded: bool = False
-
-
 class ImagePredictor:
     """Stateless per call: every method takes the image key; embeddings live in the cache.
 
