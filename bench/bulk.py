@@ -162,7 +162,7 @@ def run(
                 "masks": len(masks),
             }
         )
-    httpd.shutdown()
+    httpd.close()
 
     images_per_s = images / pipeline_s
     encoder_images_per_s = images / encoder_only_s

@@ -97,7 +97,7 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
         client = fresh.test_client()
         pre_encoded.append(click(f"{base}/img0.jpg", 1, n + 1))
         assert fresh.extensions["sam2"].segmenter.predictor.encoder_calls == 0
-    httpd.shutdown()
+    httpd.close()
 
     from bench.rle import run as rle_run
 

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
-import threading
 
 import numpy as np
 from PIL import Image
 
+from devkit.media_server import MediaServer
 
-def serve_directory(directory: str) -> tuple[http.server.ThreadingHTTPServer, str]:
+
+def serve_directory(directory: str) -> tuple[MediaServer, str]:
     """Serve `directory` on 127.0.0.1 (a free port) in a thread; returns (server, base URL)."""
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=directory))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    server = MediaServer(directory).serve_files()
+    return server, server.url
 
 
 def photo(width: int, height: int, seed: int) -> bytes:

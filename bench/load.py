@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import numpy as np
 import requests
 
 from bench.common import photo, serve_directory
+from devkit.lsserver import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "load.json"
@@ -77,12 +77,6 @@ def model_dir(spec: str, workdir: Path) -> str:
     torch.manual_seed(0)
     Sam2VideoModel(real_config()).eval().save_pretrained(out)
     return str(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Gunicorn:
@@ -308,7 +302,7 @@ def run(args) -> dict:
             metrics = requests.get(f"{server.url}/metrics", timeout=5).text
         finally:
             rc = server.stop()
-            httpd.shutdown()
+            httpd.close()
 
     lat = out.latencies
     result = {

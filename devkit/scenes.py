@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+from sam2.transforms import mask_boxes
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
 KINDS = ("ellipse", "rectangle", "triangle", "polygon", "star")
@@ -323,8 +326,7 @@ def interior_point(mask: np.ndarray) -> np.ndarray:
 
 def box_of(mask: np.ndarray) -> np.ndarray:
     """Tight box of a mask in continuous pixels: (4,) float x1, y1, x2, y2."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+    return mask_boxes(torch.as_tensor(np.asarray(mask, bool))[None])[0].numpy().astype(np.float64)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,17 +1,15 @@
-"""Shared fixtures: tiny in-process models, a loopback media server, an app around a model."""
+"""Shared fixtures and region builders: tiny in-process models, a loopback media server, an app
+around a model, Label Studio regions in percent or pixels."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import io
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from devkit.media_server import MediaServer, encode_image  # noqa: F401  (tests import encode_image here)
 
 torch.set_num_threads(2)
 
@@ -38,51 +36,10 @@ def tiny_model(tiny_model_dir):
     return load_image_model(str(tiny_model_dir), "cpu")
 
 
-class MediaServer:
-    """Serves files from a directory on 127.0.0.1 (a stand-in for any media host)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        handler = functools.partial(_QuietHandler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def add(self, name: str, data: bytes) -> str:
-        (self.root / name).write_bytes(data)
-        return f"{self.url}/{name}"
-
-    def add_image(
-        self, name: str, rgb: np.ndarray, exif_orientation: int | None = None, fmt: str = "PNG"
-    ) -> str:
-        return self.add(name, encode_image(rgb, exif_orientation, fmt))
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def encode_image(rgb: np.ndarray, exif_orientation: int | None = None, fmt: str = "PNG") -> bytes:
-    im = Image.fromarray(rgb)
-    buf = io.BytesIO()
-    if exif_orientation:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        im.save(buf, format=fmt, exif=exif)
-    else:
-        im.save(buf, format=fmt)
-    return buf.getvalue()
-
-
 @pytest.fixture
 def media_server(tmp_path):
-    server = MediaServer(tmp_path)
+    """Files on a loopback host (devkit.media_server on pytest-httpserver): add(), add_image()."""
+    server = MediaServer(tmp_path).serve_files()
     yield server
     server.close()
 
@@ -147,6 +104,22 @@ def rectangle(x, y, width, height, label="object", rotation=0, w=64, h=48) -> di
             "rectanglelabels": [label],
         },
     }
+
+
+def rect_px(box, w: int, h: int, label: str = "object", region_id: str | None = None) -> dict:
+    """`rectangle` for a pixel box (x1, y1, x2, y2) of a w x h image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    region = rectangle(100 * x1 / w, 100 * y1 / h, 100 * (x2 - x1) / w, 100 * (y2 - y1) / h, label, w=w, h=h)
+    region["id"] = region_id or f"r{x1:.0f}_{y1:.0f}"
+    return region
+
+
+def click_px(xy, hw: tuple[int, int], positive: bool = True) -> dict:
+    """`keypoint` at continuous pixel `xy` of an (H, W) image."""
+    h, w = hw
+    region = keypoint(xy[0] / w * 100, xy[1] / h * 100, positive=positive, w=w, h=h)
+    region["id"] = f"kp{xy[0]:.1f}_{xy[1]:.1f}"
+    return region
 
 
 def predict_body(tasks: list[dict], regions: list[dict] | None, config: str = IMAGE_CONFIG) -> dict:

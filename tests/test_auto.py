@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from devkit.scenes import iou
 from sam2.auto import (
     AutoMask,
     AutoMaskConfig,
@@ -95,10 +96,6 @@ def shapes_image(hw=(160, 240), boxes=((20, 20, 90, 70), (130, 30, 220, 120), (4
         m[y1:y2, x1:x2] = True
         masks.append(m)
     return img, masks
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
 
 
 def cfg(**kw) -> AutoMaskConfig:

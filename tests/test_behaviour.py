@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from devkit.scenes import Scene, box_of, interior_point, iou, make_scene
-from tests.conftest import decode_brush, keypoint, predict_body, rectangle
+from tests.conftest import click_px, decode_brush, predict_body, rect_px
 
 pytestmark = pytest.mark.slow  # about a minute: some 250 requests with real HTTP media
 
@@ -59,18 +59,9 @@ def png(rgb: np.ndarray, exif_orientation: int | None = None, fmt: str = "PNG") 
     return buf.getvalue()
 
 
-def click(xy: np.ndarray, hw: tuple[int, int], positive: bool = True) -> dict:
-    """A keypoint region at continuous pixel `xy` of an (H, W) image, in percent."""
-    h, w = hw
-    region = keypoint(xy[0] / w * 100, xy[1] / h * 100, positive=positive, w=w, h=h)
-    region["id"] = f"kp{xy[0]:.1f}_{xy[1]:.1f}"
-    return region
-
-
 def box(mask: np.ndarray) -> dict:
     h, w = mask.shape
-    x1, y1, x2, y2 = box_of(mask)
-    return rectangle(x1 / w * 100, y1 / h * 100, (x2 - x1) / w * 100, (y2 - y1) / h * 100, w=w, h=h)
+    return rect_px(box_of(mask), w, h)
 
 
 def segment(
@@ -103,7 +94,7 @@ def click_and_box_ious(client, media_server, scene: Scene, name: str) -> tuple[l
     clicks, boxes = [], []
     for i in isolated_shapes(scene):
         m = scene.masks[i]
-        mask = segment(client, media_server, name, image, [click(interior_point(m), scene.hw)])
+        mask = segment(client, media_server, name, image, [click_px(interior_point(m), scene.hw)])
         assert mask.shape == scene.hw
         clicks.append(iou(mask, m))
         boxes.append(iou(segment(client, media_server, name, image, [box(m)]), m))
@@ -151,7 +142,7 @@ def test_an_exif_rotated_photo_gives_the_object_in_display_coordinates(client, m
         stored = png(np.ascontiguousarray(np.rot90(scene.image, k=turn)), exif_orientation=orientation)
         for i in isolated_shapes(scene):
             m = scene.masks[i]
-            regions = [click(interior_point(m), scene.hw)]
+            regions = [click_px(interior_point(m), scene.hw)]
             mask = segment(client, media_server, f"r{seed}.png", stored, regions)
             assert mask.shape == scene.hw  # the displayed size, not the stored one
             np.testing.assert_array_equal(
@@ -164,7 +155,9 @@ def test_an_exif_rotated_photo_gives_the_object_in_display_coordinates(client, m
     jpeg = png(np.ascontiguousarray(np.rot90(scene.image, k=turn)), exif_orientation=orientation, fmt="JPEG")
     ious = [
         iou(
-            segment(client, media_server, "r.jpg", jpeg, [click(interior_point(scene.masks[i]), scene.hw)]),
+            segment(
+                client, media_server, "r.jpg", jpeg, [click_px(interior_point(scene.masks[i]), scene.hw)]
+            ),
             scene.masks[i],
         )
         for i in isolated_shapes(scene)
@@ -183,8 +176,8 @@ def test_a_negative_click_on_a_touching_shape_of_the_same_colour_removes_it(clie
         image = png(scene.image)
         for keep, drop in ((a, b), (b, a)):
             mk, md = scene.masks[keep], scene.masks[drop]
-            pos = click(interior_point(mk), scene.hw)
-            neg = click(interior_point(md), scene.hw, positive=False)
+            pos = click_px(interior_point(mk), scene.hw)
+            neg = click_px(interior_point(md), scene.hw, positive=False)
             task = next(_task_ids)
             first = segment(client, media_server, f"p{seed}.png", image, [pos], task)
             second = segment(client, media_server, f"p{seed}.png", image, [pos, neg], task)

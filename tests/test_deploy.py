@@ -4,7 +4,6 @@ and the Docker files checked statically (no Docker engine runs here)."""
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ import re
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,18 +20,15 @@ from pathlib import Path
 import pytest
 import requests
 from flask import Flask, abort, redirect, request
+from werkzeug import Response
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from devkit.lsserver import free_port
+from devkit.media_server import MediaServer
 from tests.conftest import encode_image, keypoint, noise_image, predict_body
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _basic(user: str, password: str) -> dict[str, str]:
@@ -234,7 +229,7 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
     from backend.settings import Settings
 
     ls = _LabelStudioThatRefuses()
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     auth = _basic("ml", BASIC_PASS)
     tasks = [
         {"id": 1, "data": {"image": "/data/upload/1/a.png"}},
@@ -306,33 +301,24 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
 # --- gunicorn, for real -------------------------------------------------------------------------
 
 
-class _SlowImages(http.server.BaseHTTPRequestHandler):
-    image = b""
-
-    def do_GET(self):
-        time.sleep(2.5 if self.path.startswith("/slow") else 0)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(self.image)))
-        self.end_headers()
-        self.wfile.write(self.image)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def slow_media():
-    _SlowImages.image = encode_image(noise_image(48, 64))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowImages)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def slow_media(tmp_path):
+    """Images on a loopback host; paths under /slow answer after 2.5 s."""
+    image = encode_image(noise_image(48, 64))
+
+    def slow(request):
+        time.sleep(2.5)
+        return Response(image, content_type="image/png")
+
+    server = MediaServer(tmp_path)
+    server.expect(re.compile(r"^/slow")).respond_with_handler(slow)
+    server.expect(re.compile(r"^/")).respond_with_data(image, content_type="image/png")
+    yield server.url
+    server.close()
 
 
 def test_gunicorn_serves_sheds_load_and_shuts_down_gracefully(tiny_model_dir, slow_media, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))},
         "SAM2_MODEL": str(tiny_model_dir),

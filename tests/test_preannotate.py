@@ -9,8 +9,6 @@ the /predict paths. The job against the real Label Studio is tests/e2e/test_prea
 from __future__ import annotations
 
 import copy
-import functools
-import http.server
 import logging
 import threading
 import time
@@ -33,10 +31,11 @@ from backend.preannotate.project import Progress, Selection, Summary, run_projec
 from backend.protocol import Control, parse_label_config
 from backend.regions import polygon_results
 from backend.segment import ImageSegmenter
-from devkit.scenes import box_of, make_scene
+from devkit.media_server import MediaServer
+from devkit.scenes import box_of, iou, make_scene
 from sam2.image import ImagePredictor
 from sam2.models import LoadedModel
-from tests.conftest import IMAGE_CONFIG, decode_brush, encode_image, noise_image, predict_body, rectangle
+from tests.conftest import IMAGE_CONFIG, decode_brush, noise_image, predict_body, rect_px
 from tests.test_auto import ColourSam, shapes_image
 
 MODEL_VERSION = "test-v1"
@@ -63,10 +62,6 @@ def rasterize(points_pct, w: int, h: int) -> np.ndarray:
 def disc(h, w, cx, cy, r):
     yy, xx = np.mgrid[0:h, 0:w]
     return (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
-
-
-def iou(a, b) -> float:
-    return float((a & b).sum() / (a | b).sum())
 
 
 POLY = Control("poly", "polygonlabels", "image", ("object", "car"))
@@ -144,13 +139,6 @@ def segmenter_for(predictor) -> ImageSegmenter:
     return ImageSegmenter(predictor, MediaClient(LabelStudioAuth(None, None)), MODEL_VERSION)
 
 
-def rect_region(box, label, w, h, region_id=None) -> dict:
-    x1, y1, x2, y2 = box
-    r = rectangle(100 * x1 / w, 100 * y1 / h, 100 * (x2 - x1) / w, 100 * (y2 - y1) / h, label, w=w, h=h)
-    r["id"] = region_id or f"r{x1:.0f}_{y1:.0f}"
-    return r
-
-
 def annotated_task(task_id, url, regions, key="annotations", updated="2026-01-01T00:00:00Z") -> dict:
     return {
         "id": task_id,
@@ -168,7 +156,7 @@ def test_boxes_mode_gives_one_mask_per_rectangle_with_its_label(box_predictor, m
     url = media_server.add_image("scene.png", scene.image)
     boxes = [box_of(m) for m in scene.masks]
     labels = ["object", "car"] * 2
-    task = annotated_task(1, url, [rect_region(b, lab, w, h) for b, lab in zip(boxes, labels, strict=False)])
+    task = annotated_task(1, url, [rect_px(b, w, h, lab) for b, lab in zip(boxes, labels, strict=False)])
     engine = Preannotator(segmenter_for(box_predictor), PreannotateOptions(mode="boxes"))
     outcome = engine.predict(task, parse_label_config(IMAGE_CONFIG))
     result = outcome.entry["result"]
@@ -185,12 +173,12 @@ def test_boxes_mode_gives_one_mask_per_rectangle_with_its_label(box_predictor, m
 
 def test_boxes_come_from_the_latest_annotation_or_prediction(box_predictor, media_server):
     url = media_server.add_image("a.png", noise_image(60, 80))
-    old = annotated_task(1, url, [rect_region((0, 0, 40, 30), "car", 80, 60)], updated="2025-01-01")[
+    old = annotated_task(1, url, [rect_px((0, 0, 40, 30), 80, 60, "car")], updated="2025-01-01")[
         "annotations"
     ]
-    task = annotated_task(1, url, [rect_region((40, 30, 80, 60), "object", 80, 60)])
+    task = annotated_task(1, url, [rect_px((40, 30, 80, 60), 80, 60, "object")])
     task["annotations"] += old
-    task["predictions"] = [{"id": 9, "result": [rect_region((0, 0, 20, 20), "car", 80, 60)]}]
+    task["predictions"] = [{"id": 9, "result": [rect_px((0, 0, 20, 20), 80, 60, "car")]}]
     config = parse_label_config(IMAGE_CONFIG)
     seg = segmenter_for(box_predictor)
     (latest,) = Preannotator(seg, PreannotateOptions()).predict(task, config).entry["result"]
@@ -205,7 +193,7 @@ def test_boxes_come_from_the_latest_annotation_or_prediction(box_predictor, medi
 
 def test_polygon_output_follows_the_option_and_its_tolerance(box_predictor, media_server):
     url = media_server.add_image("a.png", noise_image(100, 120))
-    task = annotated_task(1, url, [rect_region((10, 20, 70, 90), "car", 120, 100)])
+    task = annotated_task(1, url, [rect_px((10, 20, 70, 90), 120, 100, "car")])
     config = parse_label_config(BOTH_CONFIG)
     seg = segmenter_for(box_predictor)
     (brush,) = Preannotator(seg, PreannotateOptions()).predict(task, config).entry["result"]
@@ -234,11 +222,11 @@ def test_auto_mode_inside_roi_rectangles_with_the_configured_label(media_server)
     engine = Preannotator(segmenter_for(predictor), options)
     config = parse_label_config(BOTH_CONFIG)
     task = annotated_task(
-        1, url, [rect_region((120, 20, 230, 130), "roi", w, h), rect_region((0, 0, 5, 5), "object", w, h)]
+        1, url, [rect_px((120, 20, 230, 130), w, h, "roi"), rect_px((0, 0, 5, 5), w, h, "object")]
     )
     (region,) = engine.predict(task, config).entry["result"]
     assert region["value"]["brushlabels"] == ["car"] and iou(decode_brush(region), truth[1]) > 0.9
-    skipped = engine.predict(annotated_task(2, url, [rect_region((0, 0, 5, 5), "object", w, h)]), config)
+    skipped = engine.predict(annotated_task(2, url, [rect_px((0, 0, 5, 5), w, h, "object")]), config)
     assert skipped.entry is None and "'roi' rectangle" in skipped.skip
     whole = Preannotator(segmenter_for(predictor), PreannotateOptions(mode="auto", points_per_side=8))
     result = whole.predict({"id": 3, "data": {"image": url}}, config).entry["result"]
@@ -297,33 +285,17 @@ class FakeLabelStudio:
         return sum(p["model_version"] == model_version for p in self.tasks[task_id]["predictions"])
 
 
-class _SlowHandler(http.server.SimpleHTTPRequestHandler):
-    delay_s = 0.0
-
-    def do_GET(self):
-        time.sleep(self.delay_s)
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def slow_media(tmp_path):
     """Images served after a delay: a task takes long enough for the deadline to bite."""
-    handler = type("Slow", (_SlowHandler,), {"delay_s": 0.4})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=str(tmp_path))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    (tmp_path / "a.png").write_bytes(encode_image(noise_image(40, 60)))
-    yield f"http://127.0.0.1:{server.server_address[1]}/a.png"
-    server.shutdown()
-    server.server_close()
+    server = MediaServer(tmp_path, delay_s=0.4).serve_files()
+    url = server.add_image("a.png", noise_image(40, 60))
+    yield url
+    server.close()
 
 
 def retrieve_tasks(url, n):
-    return [annotated_task(i, url, [rect_region((5, 5, 40, 30), "object", 60, 40)]) for i in range(1, n + 1)]
+    return [annotated_task(i, url, [rect_px((5, 5, 40, 30), 60, 40, "object")]) for i in range(1, n + 1)]
 
 
 def test_retrieve_answers_in_time_and_the_background_job_writes_the_rest(app_factory, slow_media):
@@ -420,9 +392,7 @@ def test_retrieve_with_a_config_the_mode_cannot_use_is_a_bad_request(client, med
 def project(media_server, n_good=4):
     """Tasks with rectangles, plus one of each kind that cannot be predicted."""
     url = media_server.add_image("a.png", noise_image(60, 80))
-    tasks = [
-        annotated_task(i, url, [rect_region((10, 10, 50, 40), "car", 80, 60)]) for i in range(1, n_good + 1)
-    ]
+    tasks = [annotated_task(i, url, [rect_px((10, 10, 50, 40), 80, 60, "car")]) for i in range(1, n_good + 1)]
     tasks.append({"id": 20, "data": {"image": url}})  # no annotation
     brush_only = {
         "type": "brushlabels",
@@ -432,9 +402,9 @@ def project(media_server, n_good=4):
     }
     tasks.append(annotated_task(21, url, [brush_only]))  # an annotation without rectangles
     tasks.append(
-        annotated_task(22, media_server.url + "/missing.png", [rect_region((1, 1, 9, 9), "car", 80, 60)])
+        annotated_task(22, media_server.url + "/missing.png", [rect_px((1, 1, 9, 9), 80, 60, "car")])
     )
-    done = annotated_task(23, url, [rect_region((10, 10, 50, 40), "car", 80, 60)])
+    done = annotated_task(23, url, [rect_px((10, 10, 50, 40), 80, 60, "car")])
     done["predictions"] = [{"id": 1, "model_version": MODEL_VERSION, "result": []}]
     tasks.append(done)
     return tasks

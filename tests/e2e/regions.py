@@ -42,7 +42,7 @@ def keypoint(scene, positive: bool = True) -> dict:
     }
 
 
-def rectangle(scene) -> dict:
+def rectangle(scene, label: str = "object") -> dict:
     return {
         "id": region_id(),
         "type": "rectanglelabels",
@@ -52,7 +52,7 @@ def rectangle(scene) -> dict:
         "original_height": scene.height,
         "image_rotation": 0,
         "origin": "manual",
-        "value": {**scene.box_pct(), "rectanglelabels": ["object"]},
+        "value": {**scene.box_pct(), "rectanglelabels": [label]},
     }
 
 

@@ -13,13 +13,10 @@ is read back from Label Studio.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -28,7 +25,9 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 
 from devkit import lsserver
+from devkit.media_server import MediaServer
 from devkit.sample_media import make_scene
+from tests.e2e.regions import rectangle
 
 pytestmark = pytest.mark.e2e
 
@@ -42,38 +41,13 @@ CONFIG = """<View>
 MEDIA_DELAY_S = 0.3
 
 
-class _SlowHandler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):
-        time.sleep(MEDIA_DELAY_S)
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def slow_media(tmp_path_factory):
     """A media host that takes MEDIA_DELAY_S per image; yields (directory, base URL)."""
     root = tmp_path_factory.mktemp("slow-media")
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_SlowHandler, directory=str(root))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-def rectangle(scene, label: str) -> dict:
-    return {
-        "type": "rectanglelabels",
-        "from_name": "box",
-        "to_name": "image",
-        "original_width": scene.width,
-        "original_height": scene.height,
-        "image_rotation": 0,
-        "value": {**scene.box_pct(), "rectanglelabels": [label]},
-    }
+    server = MediaServer(root, delay_s=MEDIA_DELAY_S).serve_files()
+    yield root, server.url
+    server.close()
 
 
 def make_project(ls, slow_media, title: str, n_uploaded: int, n_slow: int, annotate=True):
