@@ -289,7 +289,7 @@ class _Object:
             "value": value,
         }
         if seen:
-            result["score"] = float(sum(seen) / len(seen))  # mean presence probability
+            result["score"] = float(sum(seen) / len(seen))  # mean tracking confidence (sam2.tracks)
         for key in ("id", "origin"):  # the user's region id: Label Studio merges the track into it
             if self.region.get(key):
                 result[key] = self.region[key]
