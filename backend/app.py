@@ -327,13 +327,17 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         log.info(
             "predict: %d task(s), %d region(s) in context, %d result region(s), %.3f s",
             len(results),
-            len(objects),
+            len(objects) or _count_list(context.get("result") if isinstance(context, dict) else None),
             sum(len(e["result"]) for e in results if e != []),
             time.perf_counter() - request.environ["sam2.start"],
         )
         return jsonify(results=results, model_version=runtime.model_version)
 
     return app
+
+
+def _count_list(value) -> int:
+    return len(value) if isinstance(value, list) else 0
 
 
 def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
@@ -362,20 +366,26 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
 
     regions = context.get("result") if isinstance(context, dict) else None
     url = task_data_url(task, config, config.videos()[0].name)
-    path = runtime.media.download_to_file(url, task.get("id"))
+    downloaded = []
+
+    def download() -> str:  # only once there is a region to track
+        downloaded.append(runtime.media.download_to_file(url, task.get("id")))
+        return str(downloaded[-1])
+
     try:
         return predict_video_task(
             task,
             regions,
             xml,
-            str(path),
+            download,
             runtime.video_tracker(),
             deadline_s=max(1.0, deadline - time.monotonic()),
             max_frames=settings.video_max_frames,
             model_version=runtime.model_version,
         )
     finally:
-        path.unlink(missing_ok=True)
+        for path in downloaded:
+            path.unlink(missing_ok=True)
 
 
 def _retrieve_worker(runtime: Runtime, config, deadline):

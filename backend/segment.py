@@ -149,6 +149,6 @@ def answer_each(tasks: list, work, model_version: str, errors_as_entries: bool =
                 raise TaskError(f"task id must be an integer, got {type(task['id']).__name__}")
             entries.append(work(task))
         except TaskError as e:
-            log.warning("task %s: %s", task.get("id"), e.message)
+            log.log(e.log_level, "task %s: %s", task.get("id"), e.message)
             entries.append(task_entry([], model_version, 0.0, error=e.message) if errors_as_entries else [])
     return entries

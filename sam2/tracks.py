@@ -64,6 +64,7 @@ class TrackResult:
     frames_processed: int  # frames run through the model, prompted frames included
     partial: bool  # stopped early (deadline) before covering every requested frame
     message: str  # one line for logs and users
+    notes: list[str] = field(default_factory=list)  # the message's warnings (partial, unreadable)
 
 
 @dataclass(frozen=True)

@@ -243,14 +243,20 @@ class _Run:
             session.close()
         tracks = {p.prompt.obj_id: p.track for p in self.plans}
         partial = self.clock.stopped
-        message = f"tracked {len(tracks)} object(s) over {self.frames_done} frame(s) in {time.monotonic() - t0:.1f} s"
+        found = sum(1 for t in tracks.values() if t.boxes)
+        message = (
+            f"found {found} of {len(tracks)} object(s), running the model on {self.frames_done} frame(s)"
+            f" in {time.monotonic() - t0:.1f} s"
+        )
+        notes = list(self.notes)
         if partial:
-            message += f"; partial: stopped before the deadline after {self.frames_done} of {self.frames_total} frames"
-        if self.notes:
-            message += "; " + "; ".join(self.notes)
+            notes.insert(
+                0,
+                f"partial: stopped before the deadline after {self.frames_done} of {self.frames_total} frames",
+            )
         if self.frames_done:
             self.tracker.frame_cost_s = self.clock.step_s
-        return TrackResult(tracks, self.frames_done, partial, message)
+        return TrackResult(tracks, self.frames_done, partial, "; ".join([message, *notes]), notes)
 
     # --- the three phases ----------------------------------------------------------------------
 

@@ -539,7 +539,11 @@ def test_video_task_end_to_end_with_a_tiny_model(video_path, present_tracker, on
     context = [region("red", keyframe(11, box_of(RED, 10))), region("blue", keyframe(21, box_of(BLUE, 20)))]
     out = predict_video_task(TASK, context, CONFIG, video_path, present_tracker, deadline_s=60, max_frames=4)
     red, blue = out["result"]
-    assert out["model_version"] == present_tracker.model_id and "tracked 2 object(s)" in out["message"]
+    assert out["model_version"] == present_tracker.model_id
+    # The log line says what the labeler gets: regions, the frames they were found on, keyframes.
+    new = sum("sam2" in k for r in (red, blue) for k in r["value"]["sequence"])
+    assert out["message"].startswith("tracked 2 of 2 region(s) (red frames 7-15, 8 keyframe(s); blue frames")
+    assert f"{new} new keyframe(s); the model ran on 18 frame(s)" in out["message"]
     for result, user_frame in ((red, 11), (blue, 21)):
         frames = [k["frame"] for k in result["value"]["sequence"]]
         assert frames == sorted(frames) and user_frame in frames
@@ -640,3 +644,18 @@ def test_an_object_that_comes_back_starts_a_new_span(trained_loaded, one_thread)
     assert set(range(4, 14)) <= set(track.boxes) and set(range(20, 30)) <= set(track.boxes)
     assert track.lost_forward_at is None
     assert all(box_iou(box, clip.box(f)) >= 0.5 for f, box in track.boxes.items())
+
+
+def test_a_task_opened_without_regions_is_not_downloaded_nor_warned_about(app_factory, media_server, caplog):
+    # Label Studio asks for predictions every time a labeler opens a task, several times. The URL
+    # points at nothing: downloading it would be a logged media error.
+    from tests.conftest import predict_body
+
+    task = {"id": 9, "data": {"video": f"{media_server.url}/not-there.mp4"}}
+    client = app_factory().test_client()
+    caplog.set_level("DEBUG")
+    for context in (None, []):
+        resp = client.post("/predict", json=predict_body([task], context, CONFIG))
+        assert resp.status_code == 200 and resp.get_json()["results"] == [[]]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert any("no VideoRectangle region" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
