@@ -60,6 +60,15 @@ def browser():
     shutil.rmtree(user_data_dir, ignore_errors=True)
 
 
+def log_in(page, label_studio) -> None:
+    """Log in through Label Studio's login form, as a person does."""
+    page.goto(f"{label_studio.url}/user/login/")
+    page.fill("input[name=email]", label_studio.username)
+    page.fill("input[name=password]", label_studio.password)
+    page.click("button[type=submit]")
+    page.wait_for_url(lambda url: "/user/login" not in url, timeout=30_000)
+
+
 @pytest.fixture(scope="module")
 def task_with_prediction(label_studio, backend_server, tmp_path_factory):
     """A task whose only content is a prediction LS stored from our backend ("Retrieve predictions"
@@ -88,12 +97,7 @@ def test_labeling_page_shows_the_predicted_brush_region(
     console_errors: list[str] = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
 
-    page.goto(f"{label_studio.url}/user/login/")
-    page.fill("input[name=email]", label_studio.username)
-    page.fill("input[name=password]", label_studio.password)
-    page.click("button[type=submit]")
-    page.wait_for_url(lambda url: "/user/login" not in url, timeout=30_000)
-
+    log_in(page, label_studio)
     page.goto(f"{label_studio.url}/projects/{project.id}/data?task={task['id']}")
     region = page.locator(".lsf-outliner-item").filter(has_text="object")
     brush = page.locator(".lsf-tree__node_type_brushregion")
