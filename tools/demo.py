@@ -73,6 +73,39 @@ def demo_project(ls: lsserver.LabelStudio, backend_url: str, samples: list[Path]
     return project
 
 
+VIDEO_PROJECT_TITLE = "SAM2 video demo"
+VIDEO_CONFIG = """<View>
+  <Labels name="videoLabels" toName="video">
+    <Label value="ellipse" background="#ff4d4f"/>
+    <Label value="square" background="#1890ff"/>
+  </Labels>
+  <Video name="video" value="$video" framerate="25"/>
+  <VideoRectangle name="box" toName="video" smart="true"/>
+</View>"""
+
+
+def video_demo(ls: lsserver.LabelStudio, backend_url: str, directory: Path) -> None:
+    """A small video project (an ellipse and a square crossing paths, 48 frames), made on the
+    first run and connected to the backend; prints where it is and the gesture that tracks."""
+    from tests.videos import crossing_clip, write_video
+
+    client = ls.client
+    project = next((p for p in client.projects.list() if p.title == VIDEO_PROJECT_TITLE), None)
+    if project is None:
+        path = directory / "crossing.mp4"
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            write_video(path, crossing_clip(0, num_frames=48, hw=(240, 320)).frames, fps=25)
+        project = lsserver.create_project(ls, VIDEO_PROJECT_TITLE, VIDEO_CONFIG)
+        ls.upload(project.id, path, "video/mp4")
+    if not [m for m in client.ml.list(project=project.id) if m.url.rstrip("/") == backend_url]:
+        lsserver.connect_backend(ls, project.id, backend_url)
+    say(f"  Video demo     {ls.url}/projects/{project.id}/data")
+    say("    Track an object: Auto-Annotation on, NO label selected, draw a box around it, click the")
+    say("    box to select it, then pick its label: the tracked keyframes fill the timeline. To")
+    say('    re-track after edits: "Delete predictions", then "Retrieve predictions" in the Data Manager.')
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -143,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  Login          {ls.username} / {ls.password}")
         say(f"  ML backend     {backend.url}  (model {health.get('model_version')})")
         say(f"  Logs           {RUN_DIR / 'label-studio.log'}, {RUN_DIR / 'backend.log'}")
+        video_demo(ls, backend.url, RUN_DIR / "samples")
         say("")
         say("Open a task, switch on Auto-Annotation (bottom bar), pick the smart keypoint or rectangle")
         say('tool with the "object" label and click an object. Ctrl-C stops both servers.')
