@@ -1,9 +1,10 @@
 """Video tracking: frame reader, streaming tracker, Label Studio video tasks.
 
-A random model cannot track, so tracker tests check structure (which frames, both directions,
-1-based numbering), the deadline and memory; the model's presence score is pinned (always there,
-or never) by setting the bias of its object-score head. Tracking quality is tested elsewhere with
-a trained fixture model.
+A random model cannot track, so most tracker tests check structure (which frames, both
+directions, 1-based numbering), the deadline and memory; the model's presence score is pinned
+(always there, or never) by setting the bias of its object-score head. Tracking quality (boxes on
+the object, nothing after it leaves) is tested at the end with the trained fixture
+(tests/fixtures/sam2-shapes) on clips of tests/videos.py.
 """
 
 from __future__ import annotations
