@@ -599,17 +599,23 @@ def _on_object(seen: _Seen, frame: int, near: np.ndarray | None) -> _Found | Non
     if seen.mask is None:
         return None
     labels, count = ndimage.label(seen.mask, structure=np.ones((3, 3), bool))
-    if near is None:
-        keep = np.array([int(np.argmax(np.bincount(labels.ravel())[1:])) + 1])
+    if near is None:  # the largest
+        keep = np.array([int(np.argmax(ndimage.sum_labels(seen.mask, labels, np.arange(1, count + 1)))) + 1])
     else:
         keep = np.unique(labels[_grown(near, _margin(near))])
         keep = keep[keep > 0]
         if keep.size == 0:
             return None
-    part = np.isin(labels, keep) if count > 1 else seen.mask
+    if keep.size == count:  # the whole mask (the usual case)
+        part, share = seen.mask, 1.0
+    else:  # clear the other components, each within its own box
+        part = seen.mask.copy()
+        for k, where in enumerate(ndimage.find_objects(labels), start=1):
+            if k not in keep:
+                part[where] &= labels[where] != k
+        share = float(np.count_nonzero(part)) / float(np.count_nonzero(seen.mask))
     rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
     box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
-    share = float(part.sum()) / float(seen.mask.sum())
     return _Found(frame, part, box, seen.score * share)
 
 
