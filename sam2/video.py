@@ -10,11 +10,11 @@ One `track()` call follows every object of a request in one inference session:
 3. Backward pass, from just before the latest first prompt down to `max_frames_each_way` before
    each object's first prompt (SAM2's reverse tracking: memories of the following frames).
 
-What counts as the object on a frame: SAM2's mask can hold stray
-fragments away from the object (a coarse feature grid leaks onto edges and texture), and the tight
-box around the whole mask would swallow them. So only the mask's connected components that touch
-the object's mask on the previous frame of the pass (grown by a small margin) are the object; on a
-prompted frame, those that touch the user's box. A frame with no such component, or a presence
+What counts as the object on a frame: SAM2's mask can hold stray fragments away from the object
+(seen on background texture and next to other objects), and the tight box around the whole mask
+would swallow them. So only the mask's connected components that touch the object's part on the
+previous frame of the pass (grown by a small margin) are the object; on a prompted frame, those
+that touch the user's box. Memory is still encoded from SAM2's whole mask, as SAM2 does. A frame with no such component, or a presence
 score <= 0, is a frame without the object. After such a gap the object counts as found again only
 when a component of plausible size (within `SIZE_RATIO` of its last area) persists for
 `REAPPEAR_FRAMES` frames in a row, each touching the one before; those frames then start a new
@@ -495,7 +495,7 @@ class _Session:
 
     def _finish(self, frame: int, outs: dict[int, dict], conditioning: bool) -> dict[int, _Seen]:
         """Store outputs, encode their memories (batched), drop what memory never reads, and
-        turn masks into boxes."""
+        return each object's mask at the video's size with its presence probability."""
         obj_idxs = [self.idx[obj_id] for obj_id in outs]
         for obj_idx, out in zip(obj_idxs, outs.values(), strict=True):
             self.inner.store_output(obj_idx, frame, output_value=out, is_conditioning_frame=conditioning)
