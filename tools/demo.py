@@ -51,21 +51,25 @@ SAMPLE_COUNT = 4
 RECTANGLES_SAMPLE = "sample-rectangles.png"  # the task with a submitted annotation of plain rectangles
 TOKEN_CHECK_S = 5.0
 
-# Where people get lost; shown in the project's instructions (the "i" button of the labeling page).
+# Where people get lost; shown in the project's instructions (the Instructions button of the
+# labeling page).
 INSTRUCTIONS = f"""<h3>SAM2 demo: a mask from a click or a box</h3>
 <ol>
 <li>Open a task. Switch on <b>Auto-Annotation</b> in the bar at the bottom of the labeling page.</li>
 <li>The smart tools are in the <b>Auto-Detect</b> fly-out (shortcut <b>M</b>) of the tool bar on the
 left: the smart keypoint and the smart rectangle. The plain keypoint and rectangle tools at the top
 never call the model.</li>
-<li>Select the label <b>object</b>, then click an object (or drag a box around it): its mask appears.</li>
+<li>Select the label <b>object</b>, then click an object (or drag a box around it): its mask appears
+as a suggestion; accept it with the check mark in the bottom bar, or turn on
+<i>Auto-Accept Suggestions</i> there.</li>
 <li>More clicks refine it: select the label again before each click, or turn on
 <i>Keep label selected after creating a region</i> in the settings (gear icon).
 Alt+click makes a negative point.</li>
 <li>Submit to keep the mask.</li>
 </ol>
 <p><b>Retrieve predictions</b>: the task <i>{RECTANGLES_SAMPLE}</i> has a submitted annotation with
-plain rectangles. In the Data Manager select it, then Actions &rarr; Retrieve Predictions, and open it:
+plain rectangles. In the Data Manager tick it, open the tasks menu at the top left ("1 Task"),
+choose Retrieve Predictions and confirm; open the task and pick the prediction's tab (sam2-...):
 a mask for each rectangle.</p>"""
 
 
@@ -175,12 +179,14 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
     say("How to get a mask:")
     say("  Open a task and switch on Auto-Annotation (bottom bar). The smart keypoint and rectangle")
     say("  are in the Auto-Detect fly-out (M) of the tool bar on the left; the plain tools at the top")
-    say('  never call the model. Select the "object" label and click an object (or drag a box).')
+    say('  never call the model. Select the "object" label and click an object (or drag a box); accept')
+    say("  the suggested mask with the check mark in the bottom bar (or turn on Auto-Accept Suggestions).")
     say("  More clicks refine it: select the label again before each click, or turn on")
     say('  "Keep label selected after creating a region" in the settings (gear icon).')
     if rect_task is not None:
         say(f"Retrieve predictions: task {rect_task} has a submitted annotation with plain rectangles;")
-        say("  in the Data Manager select it, Actions -> Retrieve Predictions, then open it.")
+        say('  in the Data Manager tick it, open the tasks menu at the top left ("1 Task"), Retrieve')
+        say("  Predictions, OK; then open the task and pick the prediction's tab (sam2-...).")
     say("Backend only (your own backend against this Label Studio; connect it in a project under")
     say(f"  Settings -> Model -> Connect Model, with a Name and this URL: http://127.0.0.1:{port}):")
     say(
@@ -188,7 +194,7 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
         f"\"import json; print(json.load(open('{creds}'))['token'])\") "
         f".venv/bin/python -m backend serve --port {port} --model {model}"
     )
-    say("The demo's project instructions (the i button on the labeling page) repeat this.")
+    say("The demo project's instructions (the Instructions button of the labeling page) repeat this.")
     say("Ctrl-C stops both servers.")
 
 

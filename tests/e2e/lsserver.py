@@ -399,6 +399,9 @@ class Backend:
     def log(self) -> str:
         return _log_tail(self.log_path, 20000)
 
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health", timeout=5).json()
+
     def wait_for_model(self, timeout_s: float = 600.0) -> dict:
         """Poll /health until the model has loaded or failed to; return the last /health body
         (its "error" says why a model could not be loaded)."""

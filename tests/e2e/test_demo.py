@@ -106,8 +106,7 @@ def click_gives_a_mask(demo: Demo, tmp_path: Path) -> None:
     )
     data = raw.response.json()["data"]
     assert not data.get("error"), data
-    # the demo names its brush control "mask"; brush_masks checks the E2E config's "tag"
-    [mask] = brush_masks([dict(r, from_name="tag") for r in data["result"]], scene.width, scene.height)
+    [mask] = brush_masks(data["result"], scene.width, scene.height, from_name="mask")
     assert object_iou(mask, scene) >= 0.8
 
 
@@ -145,3 +144,21 @@ def test_the_demo_survives_a_revoked_token_while_running_and_at_the_next_start(t
     finally:
         again.stop()
     assert "Label Studio and the backend are stopped." in again.output()
+
+
+def test_without_weights_the_demo_says_each_fact_once_and_how_to_go_on(tmp_path):
+    missing = tmp_path / "sam2.1_hiera_tiny.pt"
+    proc = subprocess.run(
+        [sys.executable, "tools/demo.py", "--model", str(missing), "--run-dir", str(tmp_path / "run")]
+        + ["--port", str(lsserver.free_port()), "--backend-port", str(lsserver.free_port())],
+        cwd=lsserver.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout
+    assert proc.returncode == 3, out + proc.stderr
+    assert out.count("does not exist") == 1, out  # the cause, once
+    assert "Provide them" in out and out.count("Provide them") == 1, out
+    assert "make run MODEL=test" in out and "make-test-model DIR --trained" in out, out
+    assert "stopped" not in out and "Traceback" not in out, out  # nothing was started, nothing to stop
