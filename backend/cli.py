@@ -107,6 +107,30 @@ def cmd_convert(args) -> None:
     print(f"converted {args.checkpoint} -> {out}")
 
 
+MODEL_HELP = (
+    "short name (sam2.1-tiny), hub id, HF directory or Meta .pt "
+    "(default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny)"
+)
+DEVICE_HELP = "auto | cpu | cuda | mps (default: DEVICE, else auto)"
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --device, as every command that loads SAM2 takes them."""
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_label_studio_options(p: argparse.ArgumentParser) -> None:
+    """--url and --api-key, as every command that talks to Label Studio takes them."""
+    p.add_argument("--url", default=None, help="Label Studio URL (default: LABEL_STUDIO_URL)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="Label Studio token (default: LABEL_STUDIO_API_KEY; prefer it: a key on the command line "
+        "is visible to other users)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m backend",
@@ -131,13 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--port", type=int, default=int(os.environ.get("PORT", "9090")), help="(default: PORT, else 9090)"
     )
-    s.add_argument(
-        "--model",
-        default=None,
-        help="short name (sam2.1-tiny), hub id, HF directory or Meta .pt "
-        "(default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny)",
-    )
-    s.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: DEVICE, else auto)")
+    add_model_options(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(fn=cmd_serve)
 

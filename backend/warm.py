@@ -243,6 +243,8 @@ def cmd_warm(args) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from backend.cli import add_label_studio_options, add_model_options
+
     w = sub.add_parser(
         "warm",
         help="pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)",
@@ -253,23 +255,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     w.add_argument("--project", type=int, required=True, help="project id")
     w.add_argument("--store", default=None, help="store directory (default: EMBEDDING_STORE_DIR)")
-    w.add_argument(
-        "--model",
-        default=None,
-        help="SAM2 model, the one the server uses: short name, hub id, directory or .pt "
-        "(default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny)",
-    )
-    w.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: DEVICE, else auto)")
+    add_model_options(w)
     w.add_argument(
         "--after-task", type=int, default=None, help="only tasks with a larger id (default: from the first)"
     )
     w.add_argument("--limit", type=int, default=None, help="at most this many tasks (default: all)")
     w.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    w.add_argument("--url", default=None, help="Label Studio URL (default: LABEL_STUDIO_URL)")
-    w.add_argument(
-        "--api-key",
-        default=None,
-        help="Label Studio token (default: LABEL_STUDIO_API_KEY; prefer it: a key on the command line "
-        "is visible to other users)",
-    )
+    add_label_studio_options(w)
     w.set_defaults(fn=cmd_warm)

@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.e2e import lsserver  # noqa: E402
+from tests.e2e.regions import rectangle  # noqa: E402
 from tests.e2e.sample_media import make_scene  # noqa: E402
 
 RUN_DIR = REPO_ROOT / ".run"
@@ -91,19 +92,10 @@ def sample_images(directory: Path) -> list[Path]:
 def plain_rectangles(scene) -> list[dict]:
     """A labeler's rectangles drawn with the plain tool around the scene's two shapes."""
     boxes = (("object", scene.object_box_px), ("background", scene.distractor_box_px))
-    return [
-        {
-            "id": f"rect{i}",
-            "type": "rectanglelabels",
-            "from_name": "box",
-            "to_name": "image",
-            "original_width": scene.width,
-            "original_height": scene.height,
-            "image_rotation": 0,
-            "value": {**scene.box_pct(box_px=box), "rectanglelabels": [label]},
-        }
-        for i, (label, box) in enumerate(boxes)
-    ]
+    regions = [rectangle(scene, label, box) for label, box in boxes]
+    for region in regions:
+        del region["origin"]  # what Label Studio stores for a submitted annotation
+    return regions
 
 
 def add_rectangles_task(ls: lsserver.LabelStudio, project_id: int, directory: Path) -> dict:

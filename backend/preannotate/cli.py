@@ -34,6 +34,8 @@ def _task_ids(text: str) -> frozenset[int]:
 
 
 def add_parser(subparsers) -> None:
+    from backend.cli import add_label_studio_options, add_model_options
+
     p = subparsers.add_parser(
         "preannotate",
         help="pre-annotate a whole Label Studio project (writes predictions only; resumable)",
@@ -119,12 +121,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--tasks", type=_task_ids, default=None, help="only these task ids: 1,2,10-12 (default: every task)"
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="SAM2 model: short name, hub id, directory or .pt (default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny)",
-    )
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: DEVICE, else auto)")
+    add_model_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--model-version",
@@ -134,12 +131,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--prefetch", type=int, default=2, help="tasks downloaded ahead (default 2)")
     p.add_argument("--retries", type=int, default=5, help="attempts per Label Studio call (default 5)")
-    p.add_argument("--url", default=None, help="Label Studio URL (default: LABEL_STUDIO_URL)")
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="Label Studio token (default: LABEL_STUDIO_API_KEY; prefer it: a key on the command line is visible to other users)",
-    )
+    add_label_studio_options(p)
     p.set_defaults(fn=cmd_preannotate)
 
 

@@ -42,17 +42,18 @@ def keypoint(scene, positive: bool = True) -> dict:
     }
 
 
-def rectangle(scene) -> dict:
+def rectangle(scene, label: str = "object", box_px=None, from_name: str = "box") -> dict:
+    """A rectangle around the scene's object (or `box_px`), as the UI sends or stores it."""
     return {
         "id": region_id(),
         "type": "rectanglelabels",
-        "from_name": "box",
+        "from_name": from_name,
         "to_name": "image",
         "original_width": scene.width,
         "original_height": scene.height,
         "image_rotation": 0,
         "origin": "manual",
-        "value": {**scene.box_pct(), "rectanglelabels": ["object"]},
+        "value": {**scene.box_pct(box_px=box_px), "rectanglelabels": [label]},
     }
 
 
