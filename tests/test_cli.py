@@ -4,6 +4,8 @@ told otherwise."""
 from __future__ import annotations
 
 import argparse
+import re
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +50,8 @@ def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch):
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     monkeypatch.setenv("HOST", "0.0.0.0")  # what the Docker image sets
     assert build_parser().parse_args(["serve"]).host == "0.0.0.0"
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert re.search(r"^\s+HOST=0\.0\.0\.0 \\$", dockerfile, re.M), "the image must listen on every interface"
 
 
 def test_listening_beyond_loopback_without_auth_is_warned_about():

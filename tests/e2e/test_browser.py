@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.e2e import lsserver
 from tests.e2e.regions import IMAGE_CONFIG, brush_masks, object_iou, rectangle
@@ -172,7 +173,7 @@ def test_the_newcomer_gets_a_mask_from_the_smart_keypoint_then_a_prediction_from
 
         open_task(page, label_studio, project.id, rect_id)
         page.locator(".lsf-annotation-button").filter(has_text="sam2").first.click()  # the prediction's tab
-        page.locator(".lsf-tree__node_type_brushregion").nth(1).wait_for(state="visible", timeout=30_000)
+        expect(page.locator(".lsf-tree__node_type_brushregion")).to_have_count(2, timeout=30_000)
     page.close()
 
 
@@ -265,9 +266,11 @@ def test_labeling_page_shows_the_predicted_brush_region(
     region = page.locator(".lsf-outliner-item").filter(has_text="object")
     brush = page.locator(".lsf-tree__node_type_brushregion")
     with screenshot_on_failure(page, e2e_output_dir / "task-with-prediction-failed.png"):
-        brush.first.wait_for(state="visible", timeout=60_000)
-        assert brush.count() == len([r for r in prediction.result if r["type"] == "brushlabels"])
-        assert region.first.is_visible()
+        # polled: the page may render twice (the Data Manager adds its tab to the URL)
+        expect(brush).to_have_count(
+            len([r for r in prediction.result if r["type"] == "brushlabels"]), timeout=60_000
+        )
+        expect(region.first).to_be_visible()
     print(
         f"\nrequests to other hosts: {sorted(set(elsewhere)) or 'none'}; console errors: {console_errors[:3]}"
     )

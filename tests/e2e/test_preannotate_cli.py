@@ -203,6 +203,32 @@ def test_cli_interrupted_and_resumed_predicts_every_task_once(label_studio, back
     assert annotations(ls, scenes) == before  # a labeler's work is never touched
 
 
+def test_cli_predicts_a_task_whose_prediction_of_this_version_is_empty(
+    label_studio, backend_server, backend_model_dir, slow_media
+):
+    """Earlier backends answered a task opened in Label Studio with an empty result, which Label
+    Studio stored as a prediction of the backend's model version ("0.00%"); the CLI treats such a
+    prediction as absent."""
+    ls = label_studio
+    project, scenes, unannotated = make_project(ls, slow_media, "bulk empty", n_uploaded=1, n_slow=0)
+    [task_id] = [t for t in scenes if t != unannotated]
+    version = backend_server.health()["model_version"]  # the same model directory as the CLI's
+    ls.client.predictions.create(task=task_id, result=[], score=0.0, model_version=version)
+    done = subprocess.run(
+        cli(ls, backend_model_dir, project.id, "--tasks", str(task_id)),
+        env=cli_env(ls),
+        cwd=lsserver.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "1 predicted" in out, out
+    stored = lsserver.predictions(ls, task_id)
+    assert sorted(bool(p.result) for p in stored) == [False, True]
+    assert all(p.model_version == version for p in stored)
+
+
 def test_cli_auto_masks_as_polygons(label_studio, backend_model_dir, slow_media):
     ls = label_studio
     project, scenes, _ = make_project(ls, slow_media, "bulk auto", n_uploaded=1, n_slow=1, annotate=False)
