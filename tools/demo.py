@@ -176,9 +176,9 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
     say("  More clicks refine it: select the label again before each click, or turn on")
     say('  "Keep label selected after creating a region" in the settings (gear icon).')
     if rect_task is not None:
-        say(f"Retrieve predictions: task {rect_task} has a submitted annotation with plain rectangles;")
-        say('  in the Data Manager tick it, open the tasks menu at the top left ("1 Task"), Retrieve')
-        say("  Predictions, OK; then open the task and pick the prediction's tab (sam2-...).")
+        say(f"Retrieve predictions: task {rect_task} has a submitted annotation with plain rectangles.")
+        say('  In the Data Manager tick it, open the tasks menu at the top left ("1 Task"):')
+        say("  Retrieve Predictions, OK; then open the task and pick the prediction's tab (sam2-...).")
     say("Backend only (your own backend against this Label Studio; connect it in a project under")
     say(f"  Settings -> Model -> Connect Model, with a Name and this URL: http://127.0.0.1:{port}):")
     say(
