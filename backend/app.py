@@ -321,6 +321,11 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             # [] answers a task handed to the background job (Label Studio stores nothing for it)
             outcome = "handed_off" if entry == [] else "error" if entry.get("error") else "ok"
             metrics.tasks.labels(outcome).inc()
+        if not asked:
+            # Without regions in the context (a task opened, "Retrieve predictions") Label Studio
+            # stores every entry as a prediction of this model version and never asks again for
+            # that task; for [] it stores nothing, so a task with nothing to predict stays open.
+            results = [[] if isinstance(e, dict) and not e["result"] else e for e in results]
         if objects and runtime.prefetcher is not None and project.isdigit():
             # the labeler is working here: pre-encode the next tasks while the CPU/GPU is idle
             runtime.prefetcher.after_click(int(project), tasks[0].get("id"))

@@ -47,12 +47,30 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def exposure_warning(host: str, port: int, settings) -> str | None:
+    """What to tell a user who serves beyond loopback without basic auth (None otherwise)."""
+    if host in LOOPBACK or settings.basic_auth_user:
+        return None
+    return (
+        f"listening on {host}, beyond this machine, without authentication: anyone who reaches port "
+        f"{port} can use the model and, through it, the Label Studio media its token can read. Set "
+        "BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same user and password in Label Studio's model "
+        "connection), or listen on --host 127.0.0.1"
+    )
+
+
 def cmd_serve(args) -> None:
     from backend.app import create_app
     from backend.settings import Settings
 
     settings = Settings.from_env(model=args.model, device=args.device)
     setup_logging(settings.log_level)
+    warning = exposure_warning(args.host, args.port, settings)
+    if warning:
+        logging.getLogger("backend").warning(warning)
     if args.threads:
         import torch
 
@@ -89,36 +107,89 @@ def cmd_convert(args) -> None:
     print(f"converted {args.checkpoint} -> {out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m backend", description="Label Studio ML backend for SAM2")
-    sub = p.add_subparsers(dest="cmd", required=True)
+MODEL_HELP = (
+    "short name (sam2.1-tiny), hub id, HF directory or Meta .pt "
+    "(default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny)"
+)
+DEVICE_HELP = "auto | cpu | cuda | mps (default: DEVICE, else auto)"
 
-    s = sub.add_parser("serve", help="serve the ML backend protocol (development server; gunicorn for teams)")
-    s.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
-    s.add_argument(
-        "--model",
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --device, as every command that loads SAM2 takes them."""
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+
+
+def add_label_studio_options(p: argparse.ArgumentParser) -> None:
+    """--url and --api-key, as every command that talks to Label Studio takes them."""
+    p.add_argument("--url", default=None, help="Label Studio URL (default: LABEL_STUDIO_URL)")
+    p.add_argument(
+        "--api-key",
         default=None,
-        help="short name (sam2.1-tiny), hub id, HF directory or Meta .pt (SAM2_MODEL)",
+        help="Label Studio token (default: LABEL_STUDIO_API_KEY; prefer it: a key on the command line "
+        "is visible to other users)",
     )
-    s.add_argument("--device", default=None, help="auto | cpu | cuda | mps (DEVICE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m backend",
+        description="Label Studio ML backend for SAM2: serve it, pre-annotate or pre-encode projects, "
+        "prepare models. `python -m backend COMMAND --help` explains each command.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="serve the ML backend protocol (development server; gunicorn for teams)",
+        description="Serve /health, /setup, /predict, /webhook and /metrics for Label Studio with the "
+        "threaded development server (a team deployment runs gunicorn: see the README). Listens on "
+        "127.0.0.1 unless --host says otherwise; beyond loopback, set BASIC_AUTH_USER and "
+        "BASIC_AUTH_PASS. Media are fetched from LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY.",
+    )
+    s.add_argument(
+        "--host",
+        default=os.environ.get("HOST", "127.0.0.1"),
+        help="address to listen on: 0.0.0.0 for every interface (default: HOST, else 127.0.0.1)",
+    )
+    s.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "9090")), help="(default: PORT, else 9090)"
+    )
+    add_model_options(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(fn=cmd_serve)
 
-    m = sub.add_parser("make-test-model", help="write a tiny SAM2 for smoke tests (no download)")
-    m.add_argument("dir")
-    m.add_argument(
-        "--trained", action="store_true", help="the small model trained on synthetic shapes (tests/fixtures)"
+    m = sub.add_parser(
+        "make-test-model",
+        help="write a tiny SAM2 for smoke tests (no download)",
+        description="Write a tiny SAM2 in Hugging Face format, usable as --model DIR without any "
+        "weights: random (structure only: its masks mean nothing), or with --trained the small "
+        "model trained on synthetic shapes, which segments simple flat shapes.",
     )
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--image-size", type=int, default=256)
+    m.add_argument("dir", help="directory to write (created)")
+    m.add_argument(
+        "--trained",
+        action="store_true",
+        help="the small model trained on synthetic shapes (tests/fixtures/sam2-shapes) instead of a random one",
+    )
+    m.add_argument("--seed", type=int, default=0, help="random model: weight seed (default: 0)")
+    m.add_argument(
+        "--image-size", type=int, default=256, help="random model: input size in px (default: 256)"
+    )
     m.set_defaults(fn=cmd_make_test_model)
 
-    c = sub.add_parser("convert", help="convert a Meta SAM2 .pt checkpoint to a Hugging Face directory")
-    c.add_argument("checkpoint")
-    c.add_argument("dir")
+    c = sub.add_parser(
+        "convert",
+        help="convert a Meta SAM2 .pt checkpoint to a Hugging Face directory",
+        description="Convert a Meta SAM2 / SAM2.1 checkpoint (.pt, a release or a fine-tune of one) "
+        "into a Hugging Face directory for --model DIR. The size is read from the weights.",
+    )
+    c.add_argument("checkpoint", help="the Meta .pt file")
+    c.add_argument("dir", help="directory to write")
     c.add_argument(
-        "--config", default=None, help="size (tiny/small/base-plus/large); guessed from the file name"
+        "--config",
+        default=None,
+        help="size: tiny | small | base-plus | large (default: read from the weights and the file name)",
     )
     c.set_defaults(fn=cmd_convert)
 
@@ -132,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             continue
         mod.add_parser(sub)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.fn(args)

@@ -42,30 +42,35 @@ def keypoint(scene, positive: bool = True) -> dict:
     }
 
 
-def rectangle(scene) -> dict:
+def rectangle(scene, label: str = "object", box_px=None, from_name: str = "box") -> dict:
+    """A rectangle around the scene's object (or `box_px`), as the UI sends or stores it."""
     return {
         "id": region_id(),
         "type": "rectanglelabels",
-        "from_name": "box",
+        "from_name": from_name,
         "to_name": "image",
         "original_width": scene.width,
         "original_height": scene.height,
         "image_rotation": 0,
         "origin": "manual",
-        "value": {**scene.box_pct(), "rectanglelabels": ["object"]},
+        "value": {**scene.box_pct(box_px=box_px), "rectanglelabels": [label]},
     }
 
 
-def brush_masks(result: list[dict], width: int, height: int) -> list[np.ndarray]:
-    """Decode every brush region of a result with the SDK's reference decoder; check its size."""
+def brush_masks(
+    result: list[dict], width: int, height: int, from_name: str = "tag", labels: tuple[str, ...] = ("object",)
+) -> list[np.ndarray]:
+    """Decode every brush region of a result with the SDK's reference decoder; check its size,
+    its control (`from_name`: IMAGE_CONFIG's "tag" by default) and that its label is one of
+    `labels`."""
     brushes = [r for r in result if r["type"] == "brushlabels"]
     assert brushes, f"no brushlabels region in {result}"
     masks = []
     for r in brushes:
         assert (r["original_width"], r["original_height"]) == (width, height)
-        assert (r["from_name"], r["to_name"]) == ("tag", "image")
+        assert (r["from_name"], r["to_name"]) == (from_name, "image")
         assert r["value"]["format"] == "rle"
-        assert r["value"]["brushlabels"] == ["object"]
+        assert len(r["value"]["brushlabels"]) == 1 and r["value"]["brushlabels"][0] in labels
         data = decode_rle(r["value"]["rle"])
         assert data.size == width * height * 4, "RLE must decode to the displayed image's RGBA size"
         masks.append(data.reshape(height, width, 4)[:, :, 3] > 0)

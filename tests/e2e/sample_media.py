@@ -15,21 +15,26 @@ from PIL import Image, ImageDraw
 
 @dataclass(frozen=True)
 class Scene:
-    """An image file and the pixel box (x0, y0, x1, y1) of its main object."""
+    """An image file and the pixel boxes (x0, y0, x1, y1) of its main object and of the
+    distractor square."""
 
     path: Path
     width: int
     height: int
     object_box_px: tuple[int, int, int, int]
+    distractor_box_px: tuple[int, int, int, int] | None = None
 
     def center_pct(self) -> tuple[float, float]:
         """Centre of the main object in percent of the image size (Label Studio's units)."""
         x0, y0, x1, y1 = self.object_box_px
         return 100.0 * (x0 + x1) / 2 / self.width, 100.0 * (y0 + y1) / 2 / self.height
 
-    def box_pct(self, margin_px: int = 2) -> dict[str, float]:
-        """The object's box, a little enlarged, as a Label Studio rectangle value (percent)."""
-        x0, y0, x1, y1 = self.object_box_px
+    def box_pct(
+        self, margin_px: int = 2, box_px: tuple[int, int, int, int] | None = None
+    ) -> dict[str, float]:
+        """The object's box (or `box_px`), a little enlarged, as a Label Studio rectangle value
+        (percent)."""
+        x0, y0, x1, y1 = box_px or self.object_box_px
         x0, y0 = max(0, x0 - margin_px), max(0, y0 - margin_px)
         x1, y1 = min(self.width, x1 + margin_px), min(self.height, y1 + margin_px)
         return {
@@ -66,7 +71,9 @@ def make_scene(path: Path, width: int = 96, height: int = 72, seed: int = 0) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
-    return Scene(path=path, width=width, height=height, object_box_px=box)
+    return Scene(
+        path=path, width=width, height=height, object_box_px=box, distractor_box_px=(sx, sy, sx + s, sy + s)
+    )
 
 
 @dataclass(frozen=True)
