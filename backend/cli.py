@@ -134,4 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         mod.add_parser(sub)
 
     args = p.parse_args(argv)
-    args.fn(args)
+    from backend.settings import SettingsError
+
+    try:
+        args.fn(args)
+    except SettingsError as e:
+        sys.exit(f"label-studio-sam2: {e}")
