@@ -316,6 +316,18 @@ def test_token_exchange_never_follows_a_redirect(servers):
     assert other.connections == 0
 
 
+def test_bulk_api_client_never_follows_label_studio_elsewhere(servers):
+    from backend.preannotate.lsapi import LabelStudioAPI, Retry
+
+    ls, other = servers["127.0.0.2"], servers["127.0.0.3"]
+    ls.routes["/api/tasks/1/"] = lambda req: send(req, 302, b"", {"Location": other.url("/api/tasks/1/")})
+    api = LabelStudioAPI(ls.url(""), LEGACY, Retry(sleep=lambda s: None))
+    with pytest.raises(Exception):  # noqa: B017 (what matters is where the token went)
+        api.task(1)
+    assert ls.seen and ls.seen[-1].headers.get("Authorization") == f"Token {LEGACY}"
+    assert other.connections == 0
+
+
 def test_credentials_in_label_studio_url_never_show(servers, caplog):
     ls = servers["127.0.0.2"]
     auth = LabelStudioAuth(f"http://admin:hunter2pw@127.0.0.2:{ls.port}", LEGACY)
