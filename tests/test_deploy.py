@@ -308,6 +308,20 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
 # --- gunicorn, for real -------------------------------------------------------------------------
 
 
+def wait_loaded(base: str, proc: subprocess.Popen, log_path: Path) -> None:
+    """Wait until the gunicorn at `base` reports its model loaded (its log if it dies)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if requests.get(f"{base}/health", timeout=1).json()["model_loaded"]:
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "the worker never loaded its model"
+        time.sleep(0.3)
+
+
 class _SlowImages(http.server.BaseHTTPRequestHandler):
     image = b""
 
@@ -364,16 +378,7 @@ def test_gunicorn_serves_sheds_load_and_shuts_down_gracefully(tiny_model_dir, sl
     base = f"http://127.0.0.1:{port}"
     auth = _basic("ml", BASIC_PASS)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, Path(log.name).read_text()
-            try:
-                if requests.get(f"{base}/health", timeout=1).json()["model_loaded"]:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the worker never loaded its model"
-            time.sleep(0.3)
+        wait_loaded(base, proc, Path(log.name))
         slow = predict_body([{"id": 1, "data": {"image": f"{slow_media}/slow.png"}}], [keypoint(50, 50)])
         first: dict = {}
 

@@ -3,7 +3,6 @@ auth that fails closed, /health that reveals nothing, per-task errors and the re
 
 from __future__ import annotations
 
-import base64
 import os
 import socket
 import subprocess
@@ -17,20 +16,11 @@ import requests
 
 from backend.settings import Settings, SettingsError
 from tests.conftest import keypoint, noise_image, predict_body, rectangle
+from tests.test_deploy import _basic, _free_port, wait_loaded
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 PASS = "s3cret-basic-pass"
-
-
-def _basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(**extra) -> dict[str, str]:
@@ -91,19 +81,6 @@ def start_gunicorn(tiny_model_dir, port: int, log_path: Path, **env) -> subproce
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
     )
-
-
-def wait_loaded(base: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        try:
-            if requests.get(f"{base}/health", timeout=1).json()["model_loaded"]:
-                return
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "the worker never loaded its model"
-        time.sleep(0.3)
 
 
 def test_slow_header_clients_do_not_starve_health_or_clicks(tiny_model_dir, media_server, tmp_path):
