@@ -300,8 +300,9 @@ def parse_target(url: str) -> Target:
 
 
 def _shown(url) -> str:
-    text = str(url)
-    return repr(text.split("?")[0][:80])
+    """A URL fit for messages: no query string (presigned credentials), no user:password@."""
+    text = re.sub(r"//[^/?#]*@", "//***@", str(url).split("?")[0])
+    return repr(text[:80])
 
 
 def resolve_host(host: str, port: int) -> list[str]:

@@ -409,6 +409,14 @@ def test_malformed_urls_are_media_errors(url):
     assert 400 <= e.value.status < 500
 
 
+def test_refusals_never_repeat_credentials_from_the_url():
+    media = MediaClient(LabelStudioAuth(None, None))
+    for url in ("http://admin:pa55word@example.com/a.png", "http://x\\admin:pa55word@example.com/"):
+        with pytest.raises(MediaError) as e:
+            media.fetch(url)
+        assert "pa55word" not in e.value.message
+
+
 @pytest.mark.parametrize(
     "location",
     ["http://[::1", "http://127.0.0.2:99999/", "\\\\127.0.0.3\\a.png", "http://a b/", "http://\x00/"],
