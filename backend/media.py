@@ -251,14 +251,16 @@ class Target:
 
 def parse_target(url: str) -> Target:
     """Parse an absolute http(s) URL, refusing every spelling two URL parsers could read
-    differently: backslashes, userinfo, control characters, whitespace, non-ASCII, percent
-    signs in the host, and host names that are not plain DNS names or canonical IP literals."""
-    if not isinstance(url, str) or not url.isascii() or any(c <= " " or c in "\\\x7f" for c in url):
-        raise MediaError(
-            f"refusing media URL {_shown(url)}: control characters, spaces, backslashes or non-ASCII"
-        )
+    differently: backslashes, userinfo, control characters, spaces or non-ASCII in the host,
+    percent signs in the host, and host names that are not plain DNS names or canonical IP
+    literals. Spaces and non-ASCII in the path and query are percent-encoded."""
+    if not isinstance(url, str) or any(c < " " or c in "\\\x7f" for c in url):
+        raise MediaError(f"refusing media URL {_shown(url)}: control characters or backslashes")
     scheme, sep, rest = url.partition("://")
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0] if sep else ""
+    # spaces and non-ASCII in the path are percent-encoded (file names have them); never in the host
+    if not authority.isascii() or " " in authority:
+        raise MediaError(f"refusing media URL {_shown(url)}: spaces or non-ASCII in the host")
     if scheme.lower() not in ("http", "https") or not authority:
         raise MediaError(f"refusing media URL {_shown(url)}: expected http:// or https:// with a host")
     if "@" in authority:

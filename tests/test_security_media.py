@@ -433,6 +433,14 @@ def test_malformed_redirect_location_is_a_media_error(servers, location):
     assert servers["127.0.0.3"].connections == 0
 
 
+def test_spaces_and_non_ascii_in_the_path_are_encoded(servers):
+    s = servers["127.0.0.2"]
+    s.routes["/my%20photo%20%C3%A9.png"] = _png
+    media = MediaClient(LabelStudioAuth(None, None), MediaLimits(allowed_hosts=("127.0.0.2",)))
+    assert media.fetch(s.url("/my photo \u00e9.png")) == PNG
+    assert s.seen[-1].path == "/my%20photo%20%C3%A9.png"
+
+
 def test_parse_target_keeps_what_the_connection_uses():
     t = parse_target("https://Media.Example:8443/a/b.png?sig=secret#frag")
     assert (t.scheme, t.host, t.port, t.request_uri) == (
