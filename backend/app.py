@@ -12,6 +12,7 @@ Views parse, call and serialise; the work is in backend.segment (images) and bac
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -326,14 +327,19 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work = _task_worker(runtime, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(runtime, settings, config, xml, context, objects, deadline)
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
             asked = bool(objects) or bool(isinstance(context, dict) and context.get("result"))
-            with request_deadline(deadline):  # no download outlives the request
+            # no download outlives the request (Retrieve paces its downloads itself)
+            with contextlib.nullcontext() if paced else request_deadline(deadline):
                 results = answer_each(
-                    tasks, work, runtime.model_version, errors_as_entries=asked, deadline=deadline
+                    tasks,
+                    work,
+                    runtime.model_version,
+                    errors_as_entries=asked,
+                    deadline=None if paced else deadline,
                 )
         finally:
             metrics.in_flight.dec()
@@ -395,11 +401,12 @@ def _parse_float(text: str) -> float:
 
 
 def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
-    """What /predict does for one task, chosen by the label config and the context."""
+    """What /predict does for one task, chosen by the label config and the context, and whether
+    it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
     segmenter = runtime.segmenter
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
-        return _retrieve_worker(runtime, config, deadline)
+        return _retrieve_worker(runtime, config, deadline), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
@@ -408,7 +415,7 @@ def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, obj
             return segmenter.interactive(task, config, objects)
         return segmenter.interactive(task, config, [])
 
-    return work
+    return work, False
 
 
 def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:

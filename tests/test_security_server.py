@@ -108,6 +108,9 @@ def test_slow_header_clients_do_not_starve_health_or_clicks(tiny_model_dir, medi
         click_s = time.monotonic() - t0
         assert resp.status_code == 200 and resp.json()["results"][0]["result"], resp.text
         assert health_s < 2.0 and click_s < 5.0, (health_s, click_s)
+        with requests.Session() as kept_alive:  # Label Studio reuses connections: so does this
+            for _ in range(3):
+                assert kept_alive.get(f"{base}/health", timeout=5).status_code == 200
         for t in slow:
             t.join(12)
         assert len(cut) == 10 and all(0 < s < 8 for s in cut), cut  # disconnected, not served
