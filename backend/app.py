@@ -1,6 +1,7 @@
 """Flask app factory: the Label Studio ML backend protocol.
 
-/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it)
+/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it;
+                 the loading error only for callers with the basic auth credentials)
 /setup   POST -> {"model_version": ...}   (cheap: LS gives it 3 s; the label config is remembered)
 /predict POST -> {"results": [one entry per task]}
 /webhook POST -> 200 for any event (LS creates the webhook itself)
@@ -11,7 +12,9 @@ Views parse, call and serialise; the work is in backend.segment (images) and bac
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -24,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.admission import AdmissionQueue
 from backend.errors import BackendError, BadRequest, TaskError, Unavailable
-from backend.media import LabelStudioAuth, MediaClient, MediaLimits
+from backend.media import LabelStudioAuth, MediaClient, MediaLimits, request_deadline
 from backend.metrics import Metrics
 from backend.protocol import PromptMemory, parse_context, parse_label_config
 from backend.segment import ImageSegmenter, answer_each
@@ -152,9 +155,8 @@ class Runtime:
             return self._video_tracker
 
 
-def _check_basic_auth(settings: Settings) -> Response | None:
-    if not settings.basic_auth_user:
-        return None
+def _has_credentials(settings: Settings) -> bool:
+    """The request carries the configured basic auth user and password."""
     header = request.headers.get("Authorization", "")
     ok = False
     if header.startswith("Basic "):
@@ -165,7 +167,11 @@ def _check_basic_auth(settings: Settings) -> Response | None:
             )
         except (ValueError, UnicodeDecodeError):
             ok = False
-    if ok:
+    return bool(ok)
+
+
+def _check_basic_auth(settings: Settings) -> Response | None:
+    if not settings.basic_auth_user or _has_credentials(settings):
         return None
     resp = jsonify(
         error="authentication required: set the backend's basic auth user/password in Label Studio"
@@ -179,6 +185,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     """Build the app. `loaded_model` (a sam2.models.LoadedModel) skips loading from settings
     (tests pass a tiny in-process model)."""
     settings = settings or Settings.from_env()
+    settings.check()  # auth fails closed: half a basic auth pair or an empty password never serves
     app = Flask("label-studio-sam2")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb << 20  # JSON: tasks and regions, not media
     metrics = Metrics()
@@ -256,7 +263,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         return resp
 
     def _json_body() -> dict:
-        body = request.get_json(silent=True)
+        body = parse_json_body(request.get_data(cache=True))
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
@@ -264,13 +271,21 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     @app.get("/health")
     @app.get("/")
     def health():
-        return jsonify(
+        # Anyone who reaches the port may ask: no model path, no error text (both in the log);
+        # a caller with the basic auth credentials gets the loading error too.
+        answer = dict(
             status="UP",
             model_class=MODEL_CLASS,
             model_loaded=runtime.segmenter is not None,
             model_version=runtime.model_version,
-            error=runtime.error,
         )
+        if runtime.error is not None:
+            answer["error"] = (
+                runtime.error
+                if settings.basic_auth_user and _has_credentials(settings)
+                else "the model could not be loaded; see the backend's log"
+            )
+        return jsonify(answer)
 
     @app.post("/setup")
     def setup():
@@ -285,7 +300,10 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True)
+        try:
+            body = parse_json_body(request.get_data(cache=True))
+        except BadRequest:
+            body = None
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
         return jsonify(status="ok", action=action)
@@ -309,12 +327,20 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work = _task_worker(runtime, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(runtime, settings, config, xml, context, objects, deadline)
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
             asked = bool(objects) or bool(isinstance(context, dict) and context.get("result"))
-            results = answer_each(tasks, work, runtime.model_version, errors_as_entries=asked)
+            # no download outlives the request (Retrieve paces its downloads itself)
+            with contextlib.nullcontext() if paced else request_deadline(deadline):
+                results = answer_each(
+                    tasks,
+                    work,
+                    runtime.model_version,
+                    errors_as_entries=asked,
+                    deadline=None if paced else deadline,
+                )
         finally:
             metrics.in_flight.dec()
         for entry in results:
@@ -345,12 +371,51 @@ def _count_list(value) -> int:
     return len(value) if isinstance(value, list) else 0
 
 
+_MAX_SAFE_INT = 2**53  # larger integers are not numbers Label Studio sends (ids, pixels, percents)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number this backend accepts")
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > _MAX_SAFE_INT:
+        raise ValueError(f"integer {text[:20]}... is too large")
+    return value
+
+
+def parse_json_body(data: bytes) -> Any:
+    """The request body as JSON, or BadRequest (400) for anything malformed: invalid JSON, nesting
+    deep enough to exhaust the parser's recursion, NaN/Infinity, integers beyond 2**53 and floats
+    that overflow to infinity."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(
+            text, parse_constant=_refuse_constant, parse_int=_parse_int, parse_float=_parse_float
+        )
+    except RecursionError:
+        raise BadRequest("the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(
+            f"the request body must be a JSON object; it is not valid JSON: {str(e)[:120]}"
+        ) from None
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is too large")
+    return value
+
+
 def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
-    """What /predict does for one task, chosen by the label config and the context."""
+    """What /predict does for one task, chosen by the label config and the context, and whether
+    it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
     segmenter = runtime.segmenter
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
-        return _retrieve_worker(runtime, config, deadline)
+        return _retrieve_worker(runtime, config, deadline), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
@@ -359,7 +424,7 @@ def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, obj
             return segmenter.interactive(task, config, objects)
         return segmenter.interactive(task, config, [])
 
-    return work
+    return work, False
 
 
 def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:

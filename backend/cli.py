@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from backend.settings import SettingsError
+
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sam2-shapes"
 
 
@@ -208,4 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except SettingsError as e:
+        sys.exit(f"label-studio-sam2: {e}")

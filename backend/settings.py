@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit, urlunsplit
+
+
+def without_userinfo(url: str) -> str:
+    """`url` without a `user:password@` part (it would end up in messages and logs; the backend
+    authenticates to Label Studio with LABEL_STUDIO_API_KEY)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.rpartition("@")[2] if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+class SettingsError(ValueError):
+    """A setting the server must not start with; the message says what to change."""
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -56,7 +73,7 @@ class Settings:
             label_studio_url=(_env("LABEL_STUDIO_URL") or _env("LABEL_STUDIO_HOST") or None),
             label_studio_api_key=_env("LABEL_STUDIO_API_KEY") or _env("LABEL_STUDIO_ACCESS_TOKEN"),
             basic_auth_user=_env("BASIC_AUTH_USER"),
-            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            basic_auth_pass=os.environ.get("BASIC_AUTH_PASS") if "BASIC_AUTH_PASS" in os.environ else None,
             cache_mb=int(_env("EMBEDDING_CACHE_MB", str(cls.cache_mb))),
             store_dir=_env("EMBEDDING_STORE_DIR"),
             store_gb=float(_env("EMBEDDING_STORE_GB", str(cls.store_gb))),
@@ -93,5 +110,17 @@ class Settings:
             if v is not None:
                 setattr(s, k, v)
         if s.label_studio_url:
-            s.label_studio_url = s.label_studio_url.rstrip("/")
+            s.label_studio_url = without_userinfo(s.label_studio_url).rstrip("/")
+        s.check()
         return s
+
+    def check(self) -> None:
+        """Refuse settings that would leave the server open by mistake (auth fails closed)."""
+        user, password = self.basic_auth_user, self.basic_auth_pass
+        if (user and password is None) or (not user and password):
+            raise SettingsError(
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither, for a backend "
+                f"only Label Studio can reach); only {'BASIC_AUTH_USER' if user else 'BASIC_AUTH_PASS'} is set"
+            )
+        if user and not password.strip():
+            raise SettingsError("BASIC_AUTH_PASS is empty: set a password (e.g. `openssl rand -hex 20`)")

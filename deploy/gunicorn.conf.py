@@ -27,7 +27,9 @@ def _int(name: str, default: int) -> int:
 # --- sockets and processes ----------------------------------------------------------------------
 bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{_int('PORT', 9090)}"]
 workers = _int("WORKERS", 1)
-worker_class = "gthread"
+# gthread with request headers read by the event loop (backend/gworker.py): clients that send
+# their headers slowly hold no thread, and are cut off after HEADER_TIMEOUT_S (10 s)
+worker_class = "backend.gworker.HeaderTimeoutWorker"
 threads = _int("THREADS", 8)
 # connections a worker holds at once (running, waiting for a thread, kept alive); beyond it the
 # kernel's listen backlog holds them
@@ -67,6 +69,16 @@ proc_name = "label-studio-sam2"
 def _cuda_initialised() -> bool:
     torch = sys.modules.get("torch")  # never imported here: only looked at if something did
     return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def on_starting(server):
+    # auth fails closed: refuse to start with half a basic auth pair or an empty password
+    from backend.settings import Settings, SettingsError  # plain Python: no torch in the master
+
+    try:
+        Settings.from_env()
+    except SettingsError as e:
+        raise SystemExit(f"label-studio-sam2: {e}") from None
 
 
 def when_ready(server):

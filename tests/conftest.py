@@ -80,6 +80,16 @@ def encode_image(rgb: np.ndarray, exif_orientation: int | None = None, fmt: str 
     return buf.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def _loopback_media_is_trusted(monkeypatch):
+    """The suite's media servers live on 127.0.0.1, which the default fetch policy refuses; trust
+    that one address here (an explicit test override, the default stays closed). The security
+    tests serve from 127.0.0.2 and up, which stay untrusted."""
+    from backend import media
+
+    monkeypatch.setattr(media, "TRUSTED_FOR_TESTS", {"127.0.0.1"})
+
+
 @pytest.fixture
 def media_server(tmp_path):
     server = MediaServer(tmp_path)

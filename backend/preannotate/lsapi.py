@@ -96,7 +96,10 @@ class LabelStudioAPI:
 
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
-        self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s, max_retries=0)
+        # never redirected: the token goes to LABEL_STUDIO_URL's origin only
+        self.client = LabelStudio(
+            base_url=self.url, api_key=api_key, timeout=timeout_s, max_retries=0, follow_redirects=False
+        )
         httpx_log = logging.getLogger("httpx")
         if httpx_log.level == logging.NOTSET:  # a line per request at INFO: keep it for DEBUG runs
             httpx_log.setLevel(logging.WARNING)
