@@ -16,8 +16,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/models/hf \
     HF_HUB_DISABLE_TELEMETRY=1 \
     MALLOC_ARENA_MAX=2 \
+    HOST=0.0.0.0 \
     PORT=9090
 
+# HOST=0.0.0.0: in a container the port is published by Docker, so listen on every interface
+# (outside Docker, `serve` listens on 127.0.0.1 unless told otherwise).
 # MALLOC_ARENA_MAX=2: glibc's per-thread malloc arenas otherwise add ~0.5 GB of RSS to a worker
 # serving 8 threads (bench/load.py: 1288 -> 1755 MB without, 1189 -> 1206 MB with).
 WORKDIR /app

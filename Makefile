@@ -3,17 +3,21 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+export TORCH_INDEX
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv test lint format run serve bench clean
 
+# torch first, from the source that suits this machine (tools/install_torch.sh: PyTorch's CPU
+# index, else the registry; the registry's CUDA build where an NVIDIA GPU is; TORCH_INDEX=URL|pypi
+# overrides), so no requirement can pull another build of it.
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU wheel first, so nothing else can pull a CUDA build of torch.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	TORCH_VERSION=$(TORCH_VERSION) bash tools/install_torch.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
-	$(BIN)/python -c "import torch, transformers; assert '+cpu' in torch.__version__ or not torch.cuda.is_available()"
+	$(BIN)/python -c "import torch, transformers; assert torch.__version__.split('+')[0] == '$(TORCH_VERSION)', torch.__version__"
 	touch $(STAMP)
 
 venv: $(STAMP)

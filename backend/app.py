@@ -1,6 +1,7 @@
 """Flask app factory: the Label Studio ML backend protocol.
 
-/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it)
+/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it;
+                 the loading error only for callers with the basic auth credentials)
 /setup   POST -> {"model_version": ...}   (cheap: LS gives it 3 s; the label config is remembered)
 /predict POST -> {"results": [one entry per task]}
 /webhook POST -> 200 for any event (LS creates the webhook itself)
@@ -11,7 +12,9 @@ Views parse, call and serialise; the work is in backend.segment (images) and bac
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import json
 import logging
 import time
 from base64 import b64decode
@@ -23,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.admission import AdmissionQueue
 from backend.errors import BackendError, BadRequest, Unavailable
+from backend.media import request_deadline
 from backend.metrics import Metrics
 from backend.preannotate.retrieve import retrieve_worker
 from backend.protocol import parse_context, parse_label_config, task_data_url
@@ -36,9 +40,8 @@ log = logging.getLogger("backend")
 MODEL_CLASS = "SAM2"
 
 
-def _check_basic_auth(settings: Settings) -> Response | None:
-    if not settings.basic_auth_user:
-        return None
+def _has_credentials(settings: Settings) -> bool:
+    """The request carries the configured basic auth user and password."""
     header = request.headers.get("Authorization", "")
     ok = False
     if header.startswith("Basic "):
@@ -49,7 +52,11 @@ def _check_basic_auth(settings: Settings) -> Response | None:
             )
         except (ValueError, UnicodeDecodeError):
             ok = False
-    if ok:
+    return bool(ok)
+
+
+def _check_basic_auth(settings: Settings) -> Response | None:
+    if not settings.basic_auth_user or _has_credentials(settings):
         return None
     resp = jsonify(
         error="authentication required: set the backend's basic auth user/password in Label Studio"
@@ -63,6 +70,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     """Build the app. `loaded_model` (a sam2.models.LoadedModel) skips loading from settings
     (tests pass a tiny in-process model); otherwise the model loads in a background thread."""
     settings = settings or Settings.from_env()
+    settings.check()  # auth fails closed: half a basic auth pair or an empty password never serves
     app = Flask("label-studio-sam2")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb << 20  # JSON: tasks and regions, not media
     metrics = Metrics()
@@ -135,7 +143,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         return resp
 
     def _json_body() -> dict:
-        body = request.get_json(silent=True)
+        body = parse_json_body(request.get_data(cache=True))
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
@@ -143,13 +151,21 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     @app.get("/health")
     @app.get("/")
     def health():
-        return jsonify(
+        # Anyone who reaches the port may ask: no model path, no error text (both in the log);
+        # a caller with the basic auth credentials gets the loading error too.
+        answer = dict(
             status="UP",
             model_class=MODEL_CLASS,
             model_loaded=runtime.segmenter is not None,
             model_version=runtime.model_version,
-            error=runtime.error,
         )
+        if runtime.error is not None:
+            answer["error"] = (
+                runtime.error
+                if settings.basic_auth_user and _has_credentials(settings)
+                else "the model could not be loaded; see the backend's log"
+            )
+        return jsonify(answer)
 
     @app.post("/setup")
     def setup():
@@ -164,7 +180,10 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True)
+        try:
+            body = parse_json_body(request.get_data(cache=True))
+        except BadRequest:
+            body = None
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
         return jsonify(status="ok", action=action)
@@ -188,25 +207,38 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work = _task_worker(runtime, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(runtime, settings, config, xml, context, objects, deadline)
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
             asked = bool(objects) or bool(isinstance(context, dict) and context.get("result"))
-            results = answer_each(tasks, work, runtime.model_version, errors_as_entries=asked)
+            # no download outlives the request (Retrieve paces its downloads itself)
+            with contextlib.nullcontext() if paced else request_deadline(deadline):
+                results = answer_each(
+                    tasks,
+                    work,
+                    runtime.model_version,
+                    errors_as_entries=asked,
+                    deadline=None if paced else deadline,
+                )
         finally:
             metrics.in_flight.dec()
         for entry in results:
             # [] answers a task handed to the background job (Label Studio stores nothing for it)
             outcome = "handed_off" if entry == [] else "error" if entry.get("error") else "ok"
             metrics.tasks.labels(outcome).inc()
+        if not asked:
+            # Without regions in the context (a task opened, "Retrieve predictions") Label Studio
+            # stores every entry as a prediction of this model version and never asks again for
+            # that task; for [] it stores nothing, so a task with nothing to predict stays open.
+            results = [[] if isinstance(e, dict) and not e["result"] else e for e in results]
         if objects and runtime.prefetcher is not None and project.isdigit():
             # the labeler is working here: pre-encode the next tasks while the CPU/GPU is idle
             runtime.prefetcher.after_click(int(project), tasks[0].get("id"))
         log.info(
             "predict: %d task(s), %d region(s) in context, %d result region(s), %.3f s",
             len(results),
-            len(objects),
+            len(objects) or _count_list(context.get("result") if isinstance(context, dict) else None),
             sum(len(e["result"]) for e in results if e != []),
             time.perf_counter() - request.environ["sam2.start"],
         )
@@ -215,37 +247,86 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     return app
 
 
+def _count_list(value) -> int:
+    return len(value) if isinstance(value, list) else 0
+
+
+_MAX_SAFE_INT = 2**53  # larger integers are not numbers Label Studio sends (ids, pixels, percents)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number this backend accepts")
+
+
+def _parse_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > _MAX_SAFE_INT:
+        raise ValueError(f"integer {text[:20]}... is too large")
+    return value
+
+
+def parse_json_body(data: bytes) -> Any:
+    """The request body as JSON, or BadRequest (400) for anything malformed: invalid JSON, nesting
+    deep enough to exhaust the parser's recursion, NaN/Infinity, integers beyond 2**53 and floats
+    that overflow to infinity."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(
+            text, parse_constant=_refuse_constant, parse_int=_parse_int, parse_float=_parse_float
+        )
+    except RecursionError:
+        raise BadRequest("the JSON body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(
+            f"the request body must be a JSON object; it is not valid JSON: {str(e)[:120]}"
+        ) from None
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is too large")
+    return value
+
+
 def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
-    """What /predict does for one task, chosen by the label config and the context."""
+    """What /predict does for one task, chosen by the label config and the context, and whether
+    it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
     segmenter = runtime.segmenter
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
         # "Retrieve predictions": boxes to masks or automatic masks by the bulk engine, which
         # answers what fits before the deadline and hands the rest to the background job
-        return retrieve_worker(runtime, config, deadline)
+        return retrieve_worker(runtime, config, deadline), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline)
         return segmenter.interactive(task, config, objects)  # no objects: an empty entry
 
-    return work
+    return work, False
 
 
 def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:
     regions = context.get("result") if isinstance(context, dict) else None
     url = task_data_url(task, config, config.videos()[0].name)
-    path = runtime.media.download_to_file(url, task.get("id"))
+    downloaded = []
+
+    def download() -> str:  # only once there is a region to track
+        downloaded.append(runtime.media.download_to_file(url, task.get("id")))
+        return str(downloaded[-1])
+
     try:
         return predict_video_task(
             task,
             regions,
             xml,
-            str(path),
+            download,
             runtime.video_tracker(),
             deadline_s=max(1.0, deadline - time.monotonic()),
             max_frames=settings.video_max_frames,
             model_version=runtime.model_version,
         )
     finally:
-        path.unlink(missing_ok=True)
+        for path in downloaded:
+            path.unlink(missing_ok=True)

@@ -1,14 +1,14 @@
 """`python -m backend serve|make-test-model|convert|preannotate|warm`.
 
-Every subcommand is registered here, in `COMMANDS`: a function that adds its parser (and sets
-`fn`, the function that runs it). Commands that live with their code (bulk pre-annotation,
-pre-encoding) export such a function.
+`build_parser` adds serve, make-test-model and convert, then every command in `COMMANDS` (a
+function that adds its parser, from the module whose code it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +17,7 @@ from werkzeug.serving import run_simple
 
 from backend import warm
 from backend.app import create_app
+from backend.cli_options import add_model_options
 from backend.logs import setup_logging
 from backend.preannotate import cli as preannotate_cli
 from backend.settings import Settings, SettingsError
@@ -27,16 +28,37 @@ from sam2.models import set_cpu_threads, write_test_model
 # the Docker image (which holds only backend/ and sam2/).
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 
+# subcommands registered beside serve, make-test-model and convert (each adds its parser)
+COMMANDS = (preannotate_cli.add_parser, warm.add_parser)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def exposure_warning(host: str, port: int, settings) -> str | None:
+    """What to tell a user who serves beyond loopback without basic auth (None otherwise)."""
+    if host in LOOPBACK or settings.basic_auth_user:
+        return None
+    return (
+        f"listening on {host}, beyond this machine, without authentication: anyone who reaches port "
+        f"{port} can use the model and, through it, the Label Studio media its token can read. Set "
+        "BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same user and password in Label Studio's model "
+        "connection), or listen on --host 127.0.0.1"
+    )
+
 
 def cmd_serve(args) -> None:
-    settings = Settings.from_env(model=args.model, device=args.device, host=args.host, port=args.port)
+    settings = Settings.from_env(model=args.model, device=args.device)
     setup_logging(settings.log_level)
+    warning = exposure_warning(args.host, args.port, settings)
+    if warning:
+        logging.getLogger("backend").warning(warning)
     set_cpu_threads(args.threads)
     app = create_app(settings)
     logging.getLogger("backend").info(
-        "serving on http://%s:%d (model %s)", settings.host, settings.port, settings.model
+        "serving on http://%s:%d (model %s)", args.host, args.port, settings.model
     )
-    run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False)
+    run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
 
 
 def cmd_make_test_model(args) -> None:
@@ -63,53 +85,76 @@ def cmd_convert(args) -> None:
     print(f"converted {args.checkpoint} -> {out}")
 
 
-def add_serve(sub) -> None:
-    s = sub.add_parser("serve", help="serve the ML backend protocol (development server; gunicorn for teams)")
-    s.add_argument("--host", default=None, help="address to listen on (HOST, 0.0.0.0)")
-    s.add_argument("--port", type=int, default=None, help="port (PORT, 9090)")
-    s.add_argument(
-        "--model",
-        default=None,
-        help="short name (sam2.1-tiny), hub id, HF directory or Meta .pt (SAM2_MODEL)",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m backend",
+        description="Label Studio ML backend for SAM2: serve it, pre-annotate or pre-encode projects, "
+        "prepare models. `python -m backend COMMAND --help` explains each command.",
     )
-    s.add_argument("--device", default=None, help="auto | cpu | cuda | mps (DEVICE)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="serve the ML backend protocol (development server; gunicorn for teams)",
+        description="Serve /health, /setup, /predict, /webhook and /metrics for Label Studio with the "
+        "threaded development server (a team deployment runs gunicorn: see the README). Listens on "
+        "127.0.0.1 unless --host says otherwise; beyond loopback, set BASIC_AUTH_USER and "
+        "BASIC_AUTH_PASS. Media are fetched from LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY.",
+    )
+    s.add_argument(
+        "--host",
+        default=os.environ.get("HOST", "127.0.0.1"),
+        help="address to listen on: 0.0.0.0 for every interface (default: HOST, else 127.0.0.1)",
+    )
+    s.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "9090")), help="(default: PORT, else 9090)"
+    )
+    add_model_options(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(fn=cmd_serve)
 
-
-def add_make_test_model(sub) -> None:
-    m = sub.add_parser("make-test-model", help="write a tiny SAM2 for smoke tests (no download)")
-    m.add_argument("dir")
+    m = sub.add_parser(
+        "make-test-model",
+        help="write a tiny SAM2 for smoke tests (no download)",
+        description="Write a tiny SAM2 in Hugging Face format, usable as --model DIR without any "
+        "weights: random (structure only: its masks mean nothing), or with --trained the small "
+        "model trained on synthetic shapes, which segments simple flat shapes.",
+    )
+    m.add_argument("dir", help="directory to write (created)")
     m.add_argument(
         "--trained",
         action="store_true",
-        help="the small model trained on synthetic shapes (devkit/sam2-shapes; a source checkout only)",
+        help="the small model trained on synthetic shapes (devkit/sam2-shapes; a source checkout only) instead of a random one",
     )
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--image-size", type=int, default=256)
+    m.add_argument("--seed", type=int, default=0, help="random model: weight seed (default: 0)")
+    m.add_argument(
+        "--image-size", type=int, default=256, help="random model: input size in px (default: 256)"
+    )
     m.set_defaults(fn=cmd_make_test_model)
 
-
-def add_convert(sub) -> None:
-    c = sub.add_parser("convert", help="convert a Meta SAM2 .pt checkpoint to a Hugging Face directory")
-    c.add_argument("checkpoint")
-    c.add_argument("dir")
+    c = sub.add_parser(
+        "convert",
+        help="convert a Meta SAM2 .pt checkpoint to a Hugging Face directory",
+        description="Convert a Meta SAM2 / SAM2.1 checkpoint (.pt, a release or a fine-tune of one) "
+        "into a Hugging Face directory for --model DIR. The size is read from the weights.",
+    )
+    c.add_argument("checkpoint", help="the Meta .pt file")
+    c.add_argument("dir", help="directory to write")
     c.add_argument(
-        "--config", default=None, help="size (tiny/small/base-plus/large); guessed from the file name"
+        "--config",
+        default=None,
+        help="size: tiny | small | base-plus | large (default: read from the weights and the file name)",
     )
     c.set_defaults(fn=cmd_convert)
 
-
-COMMANDS = (add_serve, add_make_test_model, add_convert, preannotate_cli.add_parser, warm.add_parser)
+    for add in COMMANDS:  # commands that live with their code
+        add(sub)
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m backend", description="Label Studio ML backend for SAM2")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for add in COMMANDS:
-        add(sub)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except SettingsError as e:  # a bad environment variable: say which, no traceback
-        sys.exit(f"python -m backend {args.cmd}: {e}")
+    except SettingsError as e:
+        sys.exit(f"label-studio-sam2: {e}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 
 class BackendError(Exception):
     status = 500
@@ -24,6 +26,7 @@ class TaskError(BackendError):
     this message, the others in the same request are still answered."""
 
     status = 422
+    log_level = logging.WARNING  # how the server logs it
 
 
 class MediaError(TaskError):

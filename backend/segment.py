@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from backend.errors import BadRequest, TaskError
+from backend.errors import BackendError, BadRequest, TaskError
 from backend.media import ImageFile, MediaClient
 from backend.protocol import (
     LabelConfig,
@@ -122,10 +122,14 @@ class ImageSegmenter:
         )
 
 
-def answer_each(tasks: list, work, model_version: str, errors_as_entries: bool = True) -> list[dict | list]:
+def answer_each(
+    tasks: list, work, model_version: str, errors_as_entries: bool = True, deadline: float | None = None
+) -> list[dict | list]:
     """Run `work(task)` for every task; a TaskError becomes that task's error entry (or `[]`,
     which Label Studio stores no prediction for, with `errors_as_entries=False`), the other
-    tasks are still answered. Exactly one entry per task, in order."""
+    tasks are still answered. Exactly one entry per task, in order. A task not started by
+    `deadline` (time.monotonic()) gets an error entry instead of running: the request answers in
+    time. Any other exception a hostile task provokes costs that task only (logged in full)."""
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list of task objects")
     if not all(isinstance(t, dict) for t in tasks):
@@ -135,8 +139,20 @@ def answer_each(tasks: list, work, model_version: str, errors_as_entries: bool =
         try:
             if isinstance(task.get("id"), (list, dict, float)):
                 raise TaskError(f"task id must be an integer, got {type(task['id']).__name__}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TaskError("the request ran out of time (PREDICT_DEADLINE_S) before this task")
             entries.append(work(task))
         except TaskError as e:
-            log.warning("task %s: %s", task.get("id"), e.message)
+            log.log(e.log_level, "task %s: %s", _task_id(task), e.message)
             entries.append(task_entry([], model_version, 0.0, error=e.message) if errors_as_entries else [])
+        except BackendError:
+            raise  # the request as a whole is wrong (BadRequest) or the model is unavailable
+        except Exception as e:
+            log.exception("task %s: unexpected error", _task_id(task))
+            message = f"this task could not be processed ({type(e).__name__}); see the backend's log"
+            entries.append(task_entry([], model_version, 0.0, error=message) if errors_as_entries else [])
     return entries
+
+
+def _task_id(task: dict) -> str:
+    return repr(task.get("id"))[:40]  # a hostile id must not flood the log

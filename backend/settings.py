@@ -8,14 +8,29 @@ as unset. The README's table of environment variables is `env_table()` (a test k
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def without_userinfo(url: str) -> str:
+    """`url` without a `user:password@` part (it would end up in messages and logs; the backend
+    authenticates to Label Studio with LABEL_STUDIO_API_KEY)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.rpartition("@")[2] if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class SettingsError(ValueError):
-    """A setting from the environment (or an override) is invalid; the message names it."""
+    """A setting the server must not start with (invalid, out of range, or leaving it open by
+    mistake); the message names the variable and says what to change."""
 
 
 def _env(*names: str, **kw):
@@ -57,7 +72,7 @@ class Settings(BaseSettings):
     basic_auth_user: str | None = _env(
         "BASIC_AUTH_USER",
         default=None,
-        description="with `BASIC_AUTH_PASS`: protect every endpoint but `/health`",
+        description="with `BASIC_AUTH_PASS`: protect every endpoint but `/health`; set both or neither (one alone, or an empty password, and the server refuses to start)",
     )
     basic_auth_pass: str | None = _env(
         "BASIC_AUTH_PASS", default=None, repr=False, description="the basic auth password; never logged"
@@ -101,10 +116,13 @@ class Settings(BaseSettings):
     media_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = _env(
         "MEDIA_ALLOWED_HOSTS",
         default=(),
-        description="comma-separated hosts media may come from besides Label Studio (empty: any); link-local/metadata addresses are always refused",
+        description='comma-separated hosts media may come from besides Label Studio\'s host; empty: any host whose addresses are all public (see "Security model")',
     )
     predict_deadline_s: float = _env(
-        "PREDICT_DEADLINE_S", default=90.0, gt=0, description="answer before Label Studio's 100 s timeout"
+        "PREDICT_DEADLINE_S",
+        default=90.0,
+        gt=0,
+        description="answer before Label Studio's 100 s timeout: bounds every download, and tasks not started by then get an error entry (interactive) or are handed to the background job (Retrieve)",
     )
     queue_size: int = _env(
         "QUEUE_SIZE",
@@ -174,7 +192,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _env(
         "LOG_LEVEL", default="INFO", description="`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`"
     )
-    host: str = _env("HOST", default="0.0.0.0", description="where to listen (`serve`, gunicorn)")
+    host: str | None = _env(
+        "HOST",
+        default=None,
+        description="where to listen: `serve` defaults to 127.0.0.1, gunicorn to 0.0.0.0",
+    )
     port: int = _env("PORT", default=9090, ge=1, le=65535, description="where to listen (`serve`, gunicorn)")
     # --- gunicorn (deploy/gunicorn.conf.py) -------------------------------------------------------
     workers: int = _env(
@@ -200,6 +222,12 @@ class Settings(BaseSettings):
     )
     graceful_timeout_s: int = _env(
         "GRACEFUL_TIMEOUT", default=30, ge=0, description="on SIGTERM, how long requests in flight may take"
+    )
+    header_timeout_s: float = _env(
+        "HEADER_TIMEOUT_S",
+        default=10.0,
+        gt=0,
+        description='a client must send its request headers within this; until then it holds no thread (see "Security model")',
     )
     keepalive_s: int = _env(
         "KEEPALIVE",
@@ -234,7 +262,7 @@ class Settings(BaseSettings):
     @field_validator("label_studio_url", mode="after")
     @classmethod
     def _no_trailing_slash(cls, value):
-        return value.rstrip("/") if value else value
+        return without_userinfo(value).rstrip("/") if value else value
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
@@ -243,10 +271,26 @@ class Settings(BaseSettings):
         unknown = set(overrides) - set(cls.model_fields)
         if unknown:
             raise TypeError(f"unknown setting {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if "BASIC_AUTH_PASS" in os.environ and "basic_auth_pass" not in values:
+            values["basic_auth_pass"] = os.environ["BASIC_AUTH_PASS"]  # empty is refused, not unset
         try:
-            return cls(**{k: v for k, v in overrides.items() if v is not None})
+            settings = cls(**values)
         except ValidationError as e:
             raise SettingsError(_describe(e)) from None
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse settings that would leave the server open by mistake (auth fails closed)."""
+        user, password = self.basic_auth_user, self.basic_auth_pass
+        if (user and password is None) or (not user and password):
+            raise SettingsError(
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither, for a backend "
+                f"only Label Studio can reach); only {'BASIC_AUTH_USER' if user else 'BASIC_AUTH_PASS'} is set"
+            )
+        if user and not password.strip():
+            raise SettingsError("BASIC_AUTH_PASS is empty: set a password (e.g. `openssl rand -hex 20`)")
 
 
 def _env_name(field: str) -> str:

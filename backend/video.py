@@ -28,7 +28,9 @@ toggled no longer matches its signature and is a prompt again. A user keyframe w
 and tracked keyframes inside a span the user hid are dropped.
 
 Errors a user can act on (no regions, a region without keyframes, a keyframe past the video's
-end, an unreadable video) raise `VideoError`, a per-task error. No torch here.
+end, an unreadable video) raise `VideoError`, a per-task error. A task without any video region
+(Label Studio asks on every open, several times) raises `NothingToTrack`, logged at debug level,
+before the video is downloaded. No torch here.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,6 +59,12 @@ SIGNATURE_KEY = "sam2"
 
 class VideoError(TaskError):
     """This video task cannot be tracked; the message says why."""
+
+
+class NothingToTrack(VideoError):
+    """No video region yet: the usual state of a task just opened, not worth a warning."""
+
+    log_level = logging.DEBUG
 
 
 class Tracker(Protocol):
@@ -102,7 +111,7 @@ def predict_video_task(
     task: dict,
     context_regions: list[dict] | None,
     label_config_xml: str,
-    video_path: str | os.PathLike,
+    video_path: str | os.PathLike | Callable[[], str],
     tracker: Tracker,
     *,
     deadline_s: float,
@@ -116,7 +125,8 @@ def predict_video_task(
         task: the Label Studio task (its `data`, and `annotations` for Retrieve predictions).
         context_regions: `params.context.result` of an interactive request; None when there is
             no context (Retrieve predictions): then the task's latest annotation is used.
-        video_path: the task's video, already downloaded.
+        video_path: the task's video, downloaded; or a function that downloads it and returns its
+            path, called only when there is something to track.
         tracker: sam2.video.VideoTracker (anything with its `track` and `model_id`).
         deadline_s: seconds from this call until tracking must have stopped (the caller
             subtracts what it has already spent of Label Studio's 100 s).
@@ -125,16 +135,21 @@ def predict_video_task(
         model_version: what the entry reports (default: the tracker's model id).
     Returns:
         `{"result": [videorectangle, ...], "score": float, "model_version": str,
-        "message": str}`; `message` says what was tracked and whether the deadline cut it
-        (`partial`), for the log: Label Studio reads only the first three keys.
+        "message": str}`; `message` says how many regions were tracked on how many frames and
+        whether the deadline cut it (`partial`), for the log: Label Studio reads only the first
+        three keys. `score`: the mean of the regions' scores, each the mean tracking confidence
+        over its tracked frames (sam2.tracks.ObjectTrack.scores).
     Raises:
-        VideoError: no regions, a region without keyframes, a keyframe past the video's end,
-        an unreadable video.
+        NothingToTrack: no video region in the context (or the latest annotation).
+        VideoError: a region without keyframes, a keyframe past the video's end, an unreadable
+        video.
     """
     started = time.monotonic()
     data = task.get("data")
     config = parse_video_config(label_config_xml, data if isinstance(data, dict) else {})
     regions = regions_to_track(task, context_regions, config)
+    if callable(video_path):
+        video_path = video_path()
     try:
         reader = VideoReader(video_path)
     except UnreadableVideo as e:
@@ -154,7 +169,7 @@ def predict_video_task(
             raise VideoError(f"cannot read the video: {e}") from None
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]
     scores = [r["score"] for r in results if "score" in r]
-    message = result.message
+    message = _summary(results, result, time.monotonic() - started)
     (log.warning if result.partial else log.info)("video task %s: %s", task.get("id"), message)
     return {
         "result": results,
@@ -180,11 +195,26 @@ def regions_to_track(task: dict, context_regions: list[dict] | None, config: Vid
         and r.get("to_name", config.video_name) == config.video_name
     ]
     if not regions:
-        raise VideoError(
+        raise NothingToTrack(
             f"no VideoRectangle region to track in {source}: draw a box around the object "
             f"on any frame with the {config.control_name!r} tool"
         )
     return regions
+
+
+def _summary(results: list[dict], result: TrackResult, took_s: float) -> str:
+    """One log line: what the labeler gets back (regions, the frames each was found on, new
+    keyframes), then what it cost, then the tracker's notes (partial, unreadable)."""
+    parts, new = [], 0
+    for r in results:
+        ours = [k["frame"] for k in r["value"]["sequence"] if SIGNATURE_KEY in k]
+        new += len(ours)
+        where = f"frames {min(ours)}-{max(ours)}, {len(ours)} keyframe(s)" if ours else "not found"
+        parts.append(f"{r.get('id') or 'region'} {where}")
+    tracked = sum(1 for p in parts if not p.endswith("not found"))
+    line = f"tracked {tracked} of {len(results)} region(s) ({'; '.join(parts)}), {new} new keyframe(s)"
+    line += f"; the model ran on {result.frames_processed} frame(s) in {took_s:.1f} s"
+    return "; ".join([line, *result.notes])
 
 
 # --- frame numbers ---------------------------------------------------------------------------
@@ -287,7 +317,7 @@ class _Object:
             "value": value,
         }
         if seen:
-            result["score"] = float(sum(seen) / len(seen))  # mean presence probability
+            result["score"] = float(sum(seen) / len(seen))  # mean tracking confidence (sam2.tracks)
         for key in ("id", "origin"):  # the user's region id: Label Studio merges the track into it
             if self.region.get(key):
                 result[key] = self.region[key]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from backend.cli_options import add_label_studio_options, add_model_options
 from backend.errors import BackendError
 from backend.logs import setup_logging
 from backend.preannotate.lsapi import LabelStudioAPI
@@ -34,7 +35,8 @@ def _api(settings: Settings):
     """The Label Studio API client bulk pre-annotation uses (label-studio-sdk, with retries)."""
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise SystemExit(
-            "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token or legacy token)"
+            "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token or legacy token), "
+            "or pass --url and --api-key"
         )
     return LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
 
@@ -153,7 +155,13 @@ def _progress(total: int, enabled: bool):
 
 
 def cmd_warm(args) -> None:
-    settings = Settings.from_env(model=args.model, device=args.device, store_dir=args.store)
+    settings = Settings.from_env(
+        model=args.model,
+        device=args.device,
+        store_dir=args.store,
+        label_studio_url=args.url,
+        label_studio_api_key=args.api_key,
+    )
     setup_logging("WARNING" if args.quiet else settings.log_level)
     summary = warm_project(
         settings, args.project, after_task=args.after_task, limit=args.limit, progress=not args.quiet
@@ -165,13 +173,20 @@ def cmd_warm(args) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser(
-        "warm", help="pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)"
+        "warm",
+        help="pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)",
+        description="Encode every image of a Label Studio project into the persistent embedding store, "
+        "so a labeler's first click on it only runs the mask decoder. Resumable: images already "
+        "stored are skipped. Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / "
+        "--api-key).",
     )
-    w.add_argument("--project", type=int, required=True)
-    w.add_argument("--store", default=None, help="store directory (EMBEDDING_STORE_DIR)")
-    w.add_argument("--model", default=None)
-    w.add_argument("--device", default=None)
-    w.add_argument("--after-task", type=int, default=None, help="only tasks with a larger id")
-    w.add_argument("--limit", type=int, default=None, help="at most this many tasks")
-    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.add_argument("--project", type=int, required=True, help="project id")
+    w.add_argument("--store", default=None, help="store directory (default: EMBEDDING_STORE_DIR)")
+    add_model_options(w)
+    w.add_argument(
+        "--after-task", type=int, default=None, help="only tasks with a larger id (default: from the first)"
+    )
+    w.add_argument("--limit", type=int, default=None, help="at most this many tasks (default: all)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_label_studio_options(w)
     w.set_defaults(fn=cmd_warm)

@@ -25,15 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from backend.settings import Settings, SettingsError  # noqa: E402
 
-try:
+try:  # also where auth fails closed: half a basic auth pair or an empty password stops the master
     settings = Settings.from_env()
 except SettingsError as e:
     sys.exit(f"label-studio-sam2: {e}")
 
 # --- sockets and processes ----------------------------------------------------------------------
-bind = [f"{settings.host}:{settings.port}"]
+bind = [f"{settings.host or '0.0.0.0'}:{settings.port}"]
 workers = settings.workers
-worker_class = "gthread"
+# gthread with request headers read by the event loop (backend/gworker.py): clients that send
+# their headers slowly hold no thread, and are cut off after HEADER_TIMEOUT_S (10 s)
+worker_class = "backend.gworker.HeaderTimeoutWorker"
 threads = settings.threads
 # connections a worker holds at once (running, waiting for a thread, kept alive); beyond it the
 # kernel's listen backlog holds them

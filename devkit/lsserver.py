@@ -144,6 +144,11 @@ def prepare_data_dir(data_dir: Path) -> Credentials:
         return Credentials(**json.loads(creds_path.read_text()))
     template = template_dir()
     if not (template / CREDENTIALS_FILE).exists():
+        print(
+            "Preparing Label Studio's database (first run only: migrations take about 30 s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         building = Path(tempfile.mkdtemp(prefix="template-", dir=LS_VENV))
         bootstrap(building)
         try:
@@ -286,8 +291,24 @@ class LabelStudio:
         """Upload a media file into `project_id` (one new task); return that task as a dict."""
         return upload_file(self, project_id, path, content_type)
 
+    def use_token(self, token: str) -> None:
+        """Switch to another personal access token (a fresh one after the old was revoked)."""
+        self.token = token
+        self._access = None
+        self._client = None
+
     def stop(self) -> None:
         _stop_process(self.process)
+
+
+def token_works(url: str, token: str) -> bool:
+    """Whether Label Studio at `url` accepts the personal access token; a revoked (blacklisted)
+    or expired one is refused with 401. Other answers (a busy server) raise."""
+    response = requests.post(f"{url}/api/token/refresh/", json={"refresh": token}, timeout=10)
+    if response.status_code in (400, 401):
+        return False
+    response.raise_for_status()
+    return True
 
 
 def upload_file(ls: LabelStudio, project_id: int, path: Path, content_type: str | None = None) -> dict:
@@ -377,6 +398,9 @@ class Backend:
 
     def log(self) -> str:
         return _log_tail(self.log_path, 20000)
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health", timeout=5).json()
 
     def wait_for_model(self, timeout_s: float = 600.0) -> dict:
         """Poll /health until the model has loaded or failed to; return the last /health body

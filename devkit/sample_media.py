@@ -6,6 +6,7 @@ something a real SAM2 segments well (flat shapes on a soft gradient).
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,21 +16,26 @@ from PIL import Image, ImageDraw
 
 @dataclass(frozen=True)
 class Scene:
-    """An image file and the pixel box (x0, y0, x1, y1) of its main object."""
+    """An image file and the pixel boxes (x0, y0, x1, y1) of its main object and of the
+    distractor square."""
 
     path: Path
     width: int
     height: int
     object_box_px: tuple[int, int, int, int]
+    distractor_box_px: tuple[int, int, int, int] | None = None
 
     def center_pct(self) -> tuple[float, float]:
         """Centre of the main object in percent of the image size (Label Studio's units)."""
         x0, y0, x1, y1 = self.object_box_px
         return 100.0 * (x0 + x1) / 2 / self.width, 100.0 * (y0 + y1) / 2 / self.height
 
-    def box_pct(self, margin_px: int = 2) -> dict[str, float]:
-        """The object's box, a little enlarged, as a Label Studio rectangle value (percent)."""
-        x0, y0, x1, y1 = self.object_box_px
+    def box_pct(
+        self, margin_px: int = 2, box_px: tuple[int, int, int, int] | None = None
+    ) -> dict[str, float]:
+        """The object's box (or `box_px`), a little enlarged, as a Label Studio rectangle value
+        (percent)."""
+        x0, y0, x1, y1 = box_px or self.object_box_px
         x0, y0 = max(0, x0 - margin_px), max(0, y0 - margin_px)
         x1, y1 = min(self.width, x1 + margin_px), min(self.height, y1 + margin_px)
         return {
@@ -66,7 +72,9 @@ def make_scene(path: Path, width: int = 96, height: int = 72, seed: int = 0) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
-    return Scene(path=path, width=width, height=height, object_box_px=box)
+    return Scene(
+        path=path, width=width, height=height, object_box_px=box, distractor_box_px=(sx, sy, sx + s, sy + s)
+    )
 
 
 @dataclass(frozen=True)
@@ -113,3 +121,42 @@ def make_video(path: Path, width: int = 64, height: int = 48, frames: int = 12, 
         for packet in stream.encode():
             container.mux(packet)
     return VideoScene(path=path, width=width, height=height, fps=fps, boxes_px=boxes)
+
+
+# --- regions on a scene, in the shapes Label Studio 1.23.2 sends and stores -------------------
+
+
+def region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def keypoint(scene, positive: bool = True) -> dict:
+    """A smart keypoint on the scene's object, in the shape the 1.23.2 UI sends."""
+    x, y = scene.center_pct()
+    return {
+        "id": region_id(),
+        "type": "keypointlabels",
+        "from_name": "kp",
+        "to_name": "image",
+        "original_width": scene.width,
+        "original_height": scene.height,
+        "image_rotation": 0,
+        "origin": "manual",
+        "is_positive": positive,
+        "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["object"], "labels": ["object"]},
+    }
+
+
+def rectangle(scene, label: str = "object", box_px=None, from_name: str = "box") -> dict:
+    """A rectangle around the scene's object (or `box_px`), as the UI sends or stores it."""
+    return {
+        "id": region_id(),
+        "type": "rectanglelabels",
+        "from_name": from_name,
+        "to_name": "image",
+        "original_width": scene.width,
+        "original_height": scene.height,
+        "image_rotation": 0,
+        "origin": "manual",
+        "value": {**scene.box_pct(box_px=box_px), "rectanglelabels": [label]},
+    }

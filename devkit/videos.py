@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import av
@@ -102,3 +102,80 @@ def write_video(
             for packet in stream.encode():
                 container.mux(packet)
     return path
+
+
+# --- clips for the trained fixture (devkit/sam2-shapes) ---------------------------------
+
+
+@dataclass
+class Clip:
+    """frames: (H, W, 3) uint8 RGB frames in memory; truth: per frame, the visible mask of the
+    tracked shape, (H, W) bool (None where it is out of the picture)."""
+
+    frames: list[np.ndarray]
+    truth: list[np.ndarray | None]
+
+    def box(self, index: int) -> tuple[float, float, float, float]:
+        """Tight box of the tracked shape's visible part, continuous pixels."""
+        ys, xs = np.nonzero(self.truth[index])
+        return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+class ClipFrames:
+    """A `Clip` as the tracker's FrameSource."""
+
+    def __init__(self, clip: Clip):
+        self.clip = clip
+        self.num_frames = len(clip.frames)
+        self.height, self.width = clip.frames[0].shape[:2]
+
+    def frame(self, index: int) -> np.ndarray:
+        return self.clip.frames[index]
+
+    def frames(self, indices: range) -> Iterator[tuple[int, np.ndarray]]:
+        return ((i, self.clip.frames[i]) for i in indices)
+
+
+def crossing_clip(seed: int, num_frames: int = 50, hw: tuple[int, int] = (96, 128)) -> Clip:
+    """A red ellipse (the tracked shape, in front) and a blue rectangle crossing paths over a
+    textured background of the fixture's training kind (devkit/scenes.py, split "test")."""
+    from devkit import scenes
+
+    rng = np.random.default_rng(np.random.SeedSequence([scenes.SPLITS["test"], 1000 + seed]))
+    h, w = hw
+    bg = scenes.background(rng, hw)
+    ellipse = scenes.Shape("ellipse", 0.15 * w, 0.35 * h, 0.13 * h, 0.7, rng.uniform(0, 0.5), (220, 40, 40))
+    rect = scenes.Shape("rectangle", 0.85 * w, 0.65 * h, 0.16 * h, 0.8, rng.uniform(0, 0.5), (40, 40, 220))
+    ve = (0.7 * w / num_frames, 0.3 * h / num_frames)  # crossing near the middle of the clip
+    vr = (-0.7 * w / num_frames, -0.3 * h / num_frames)
+    frames, truth = [], []
+    for i in range(num_frames):
+        e = replace(ellipse, cx=ellipse.cx + ve[0] * i, cy=ellipse.cy + ve[1] * i)
+        r = replace(rect, cx=rect.cx + vr[0] * i, cy=rect.cy + vr[1] * i)
+        image, masks = scenes.render(bg, [r, e], rng, noise=4)
+        frames.append(image)
+        truth.append(masks[1])
+    return Clip(frames, truth)
+
+
+def leaving_clip(
+    num_frames: int = 40, exit_frame: int = 24, hw: tuple[int, int] = (96, 128), hidden: range = range(0)
+) -> Clip:
+    """A red ellipse crossing to the right edge and out of the picture (gone from `exit_frame`
+    on), passing a blue rectangle that stays; on the `hidden` frames the ellipse is not drawn."""
+    from devkit import scenes
+
+    rng = np.random.default_rng(np.random.SeedSequence([scenes.SPLITS["test"], 2000]))
+    h, w = hw
+    bg = scenes.background(rng, hw)
+    radius = 0.13 * h
+    start, speed = 0.2 * w, (w + radius - 0.2 * w) / exit_frame  # its left edge reaches w at exit_frame
+    ellipse = scenes.Shape("ellipse", start, 0.35 * h, radius, 0.7, 0.0, (220, 40, 40))
+    rect = scenes.Shape("rectangle", 0.75 * w, 0.72 * h, 0.16 * h, 0.8, 0.3, (40, 40, 220))
+    frames, truth = [], []
+    for i in range(num_frames):
+        e = replace(ellipse, cx=start + speed * i)
+        image, masks = scenes.render(bg, [rect] if i in hidden else [rect, e], rng, noise=4)
+        frames.append(image)
+        truth.append(masks[1] if len(masks) > 1 and masks[1].any() else None)
+    return Clip(frames, truth)

@@ -62,16 +62,24 @@ class Prompt:
 class MaskPrediction:
     """One object's mask.
 
-    mask: (H, W) bool at the original image size.
+    mask: (H, W) bool at the original image size, upscaled from the low-res logits on each
+        access: a batch of many objects on a large image never holds more than the mask in use
+        (100 boxes on a 12 MP image would otherwise be 4.8 GB of upscaled float logits).
     score: the decoder's predicted IoU of the chosen mask, in [0, 1] (clipped).
     object_score: probability that the object is present (sigmoid of the object-score logit).
     low_res_logits: (1, h, w) logits for refinement (`Prompt.mask_logits`).
+    original_hw: the image's (H, W).
     """
 
-    mask: np.ndarray
     score: float
     object_score: float
     low_res_logits: torch.Tensor
+    original_hw: tuple[int, int]
+
+    @property
+    def mask(self) -> np.ndarray:
+        with torch.inference_mode():
+            return (upscale_logits(self.low_res_logits, self.original_hw) > 0)[0].cpu().numpy()
 
 
 @dataclass
@@ -293,16 +301,15 @@ class ImagePredictor:
         logits, iou, object_logits = self.decode_logits(emb, prompts)
         best = iou.argmax(dim=-1)  # (n,)
         rows = torch.arange(n, device=logits.device)
-        chosen = logits[rows, best]  # (n, h, w)
-        masks = upscale_logits(chosen, emb.original_hw) > 0
+        chosen = logits[rows, best]  # (n, h, w); upscaled one at a time by MaskPrediction.mask
         presence = torch.sigmoid(object_logits)
         scores = iou[rows, best].clamp(0, 1)
         return [
             MaskPrediction(
-                mask=masks[i].cpu().numpy(),
                 score=float(scores[i]),
                 object_score=float(presence[i]),
                 low_res_logits=chosen[i : i + 1].detach().cpu(),
+                original_hw=tuple(emb.original_hw),
             )
             for i in range(n)
         ]

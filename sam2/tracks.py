@@ -36,15 +36,19 @@ class ObjectPrompt:
 class ObjectTrack:
     """Where one object was found.
 
-    `boxes` holds every frame where SAM2 saw the object (the tight box of its mask), prompted
+    `boxes` holds every frame where SAM2 saw the object (the tight box of the object's part of its
+    mask: the components that continue the track, without stray fragments elsewhere), prompted
     frames included; a frame inside `span` without a box is a frame where the object was absent.
+    `scores` holds every frame examined: on a frame with a box, the tracking confidence (object
+    presence probability x the share of the mask that is the object's part); on one without, the
+    presence probability.
     `lost_forward_at` / `lost_backward_at`: the first frame of the run of absent frames that made
     the tracker give the object up in that direction (None: it was not lost).
     """
 
     obj_id: int
     boxes: dict[int, Box] = field(default_factory=dict)
-    scores: dict[int, float] = field(default_factory=dict)  # frame -> object presence probability
+    scores: dict[int, float] = field(default_factory=dict)  # frame -> confidence (see above)
     span: tuple[int, int] | None = None  # first and last frame examined (inclusive)
     lost_forward_at: int | None = None
     lost_backward_at: int | None = None
@@ -60,6 +64,7 @@ class TrackResult:
     frames_processed: int  # frames run through the model, prompted frames included
     partial: bool  # stopped early (deadline) before covering every requested frame
     message: str  # one line for logs and users
+    notes: list[str] = field(default_factory=list)  # the message's warnings (partial, unreadable)
 
 
 @dataclass(frozen=True)

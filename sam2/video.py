@@ -10,8 +10,17 @@ One `track()` call follows every object of a request in one inference session:
 3. Backward pass, from just before the latest first prompt down to `max_frames_each_way` before
    each object's first prompt (SAM2's reverse tracking: memories of the following frames).
 
-An object whose presence score stays <= 0 for `lost_after` consecutive frames is given up in that
-direction (instead of drifting onto the background); it resumes at its next prompt, if any.
+What counts as the object on a frame: SAM2's mask can hold stray fragments away from the object
+(seen on background texture and next to other objects), and the tight box around the whole mask
+would swallow them. So only the mask's connected components that touch the object's part on the
+previous frame of the pass (grown by a small margin) are the object; on a prompted frame, those
+that touch the user's box. Memory is still encoded from SAM2's whole mask, as SAM2 does. A frame with no such component, or a presence
+score <= 0, is a frame without the object. After such a gap the object counts as found again only
+when a component of plausible size (within `SIZE_RATIO` of its last area) persists for
+`REAPPEAR_FRAMES` frames in a row, each touching the one before; those frames then start a new
+visible span, so a stray sliver never makes a keyframe. An object absent for `lost_after`
+consecutive frames is given up in that direction (instead of drifting onto the background); it
+resumes at its next prompt, if any.
 
 Bounded memory: frames come from a `FrameSource` one at a time (sam2/frames.py bounds the
 decoder's share). The `transformers` session keeps every frame's outputs unless told otherwise;
@@ -36,13 +45,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 from transformers import Sam2VideoInferenceSession
 
 from sam2 import hf_internals as hf
 from sam2.frames import FrameSource, UnreadableVideo
 from sam2.models import LoadedModel
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
-from sam2.transforms import mask_boxes, preprocess, to_model_coords, upscale_logits
+from sam2.transforms import preprocess, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +63,16 @@ class VideoTracker:
     """Tracks boxed objects through a video with a loaded `Sam2VideoModel`. Stateless between
     calls (each call has its own session), so one instance serves every request."""
 
-    def __init__(self, loaded: LoadedModel, *, max_prompt_frames_attended: int = 8):
+    def __init__(
+        self, loaded: LoadedModel, *, max_prompt_frames_attended: int = 8, prune_memory: bool = True
+    ):
         """`max_prompt_frames_attended`: how many of an object's prompted frames (the temporally
         closest) its memory attention reads on each frame; bounds the cost when a user has drawn
-        many keyframes. With fewer prompts than this, tracking is exactly SAM2's."""
+        many keyframes. With fewer prompts than this, tracking is exactly SAM2's.
+        `prune_memory`: drop what the memory bank will not read again after each frame (False
+        keeps every output, as the `transformers` session does by itself: tests compare the two)."""
         self.loaded = loaded
+        self.prune_memory = bool(prune_memory)
         config = loaded.model.config
         self.num_maskmem = int(config.num_maskmem)
         self.max_pointers = int(config.max_object_pointers_in_encoder)
@@ -111,10 +126,24 @@ class VideoTracker:
 # --- one call's work -------------------------------------------------------------------------
 
 
+REAPPEAR_FRAMES = 3  # frames in a row an object must be seen again after a gap to count as found
+SIZE_RATIO = 4.0  # ... each time with an area within this factor of its last area
+
+
 @dataclass
 class _Seen:
-    box: Box | None  # None: absent (presence score <= 0 or an empty mask)
+    mask: np.ndarray | None  # (H, W) bool, the model's whole mask; None: presence score <= 0 or empty
     score: float  # presence probability
+
+
+@dataclass
+class _Found:
+    """The object's part of one frame's mask."""
+
+    frame: int
+    mask: np.ndarray  # (H, W) bool: the components that are the object
+    box: Box
+    confidence: float  # presence probability x the share of the mask that is the object
 
 
 @dataclass
@@ -126,9 +155,12 @@ class _ObjectPlan:
     prompt_frames: list[int]
     forward_end: int  # last frame the forward pass follows it to
     backward_end: int  # first frame the backward pass follows it to
-    absent_run: int = 0
+    absent_run: int = 0  # frames since the object was last seen, in this pass
     paused_until: int | None = None  # lost: skip frames until this prompt frame
     done: bool = False  # nothing left in this pass
+    prompt_masks: dict[int, np.ndarray] = field(default_factory=dict)  # the object on its prompted frames
+    seen_last: _Found | None = None  # where it was last seen in this pass
+    again: list[_Found] = field(default_factory=list)  # seen again after a gap, not yet sustained
 
     @property
     def first(self) -> int:
@@ -213,14 +245,20 @@ class _Run:
             session.close()
         tracks = {p.prompt.obj_id: p.track for p in self.plans}
         partial = self.clock.stopped
-        message = f"tracked {len(tracks)} object(s) over {self.frames_done} frame(s) in {time.monotonic() - t0:.1f} s"
+        found = sum(1 for t in tracks.values() if t.boxes)
+        message = (
+            f"found {found} of {len(tracks)} object(s), running the model on {self.frames_done} frame(s)"
+            f" in {time.monotonic() - t0:.1f} s"
+        )
+        notes = list(self.notes)
         if partial:
-            message += f"; partial: stopped before the deadline after {self.frames_done} of {self.frames_total} frames"
-        if self.notes:
-            message += "; " + "; ".join(self.notes)
+            notes.insert(
+                0,
+                f"partial: stopped before the deadline after {self.frames_done} of {self.frames_total} frames",
+            )
         if self.frames_done:
             self.tracker.frame_cost_s = self.clock.step_s
-        return TrackResult(tracks, self.frames_done, partial, message)
+        return TrackResult(tracks, self.frames_done, partial, "; ".join([message, *notes]), notes)
 
     # --- the three phases ----------------------------------------------------------------------
 
@@ -236,12 +274,18 @@ class _Run:
                 session.load(f, self.frames.frame(f))
                 seen = session.prompt(f, {p.prompt.obj_id: p.prompt.boxes[f] for p in by_frame[f]})
             for plan in by_frame[f]:
-                self._record(plan, f, seen[plan.prompt.obj_id])
+                plan.track.mark(f)
+                plan.track.scores[f] = seen[plan.prompt.obj_id].score
+                found = _on_object(seen[plan.prompt.obj_id], f, _box_mask(plan.prompt.boxes[f], session.hw))
+                if found is not None:
+                    plan.prompt_masks[f] = found.mask
+                    self._record(plan, found)
             self._progress(session, f)
 
     def _pass(self, session: _Session, reverse: bool) -> None:
         for plan in self.plans:
             plan.absent_run, plan.paused_until, plan.done = 0, None, False
+            plan.again, plan.seen_last = [], self._prompted(plan, plan.first)
             if reverse and plan.backward_end >= plan.first:
                 plan.done = True
         if reverse:
@@ -272,9 +316,11 @@ class _Run:
                 with self.clock.timing(since=fetched_at):  # decoding counts: backward chunks cost
                     session.load(f, rgb)
                     seen = session.track(f, [p.prompt.obj_id for p in tracked], reverse)
-                    session.prune(f, reverse)
+                    if self.tracker.prune_memory:
+                        session.prune(f, reverse)
                 for plan in tracked:
-                    self._record(plan, f, seen[plan.prompt.obj_id])
+                    plan.track.mark(f)
+                    plan.track.scores[f] = seen[plan.prompt.obj_id].score  # until it is found there
                     self._follow(plan, f, seen[plan.prompt.obj_id], reverse)
                 self._progress(session, f)
             elif self.clock.past_deadline():
@@ -304,23 +350,42 @@ class _Run:
             if f < plan.paused_until:
                 return False
             plan.paused_until, plan.absent_run = None, 0
-        if f in plan.prompt.boxes:
-            plan.absent_run = 0
+        if f in plan.prompt.boxes:  # the user's box: the object is there, whatever came before
+            plan.absent_run, plan.again = 0, []
+            plan.seen_last = self._prompted(plan, f)
         return True
 
-    def _record(self, plan: _ObjectPlan, f: int, seen: _Seen) -> None:
-        plan.track.mark(f)
-        plan.track.scores[f] = seen.score
-        if seen.box is not None:
-            plan.track.boxes[f] = seen.box
+    @staticmethod
+    def _prompted(plan: _ObjectPlan, f: int) -> _Found | None:
+        mask, box = plan.prompt_masks.get(f), plan.track.boxes.get(f)
+        if mask is None or box is None:
+            return None
+        return _Found(f, mask, box, plan.track.scores[f])
+
+    @staticmethod
+    def _record(plan: _ObjectPlan, found: _Found) -> None:
+        plan.track.boxes[found.frame] = found.box
+        plan.track.scores[found.frame] = found.confidence
 
     def _follow(self, plan: _ObjectPlan, f: int, seen: _Seen, reverse: bool) -> None:
-        """Count absent frames; give the object up after `lost_after` of them in a row."""
-        if seen.box is not None:
-            plan.absent_run = 0
-            return
+        """Take the object's part of the frame's mask, or count the frame as one without it; give
+        the object up after `lost_after` frames in a row without it."""
+        if plan.absent_run == 0 and plan.seen_last is not None:  # followed without a gap
+            found = _on_object(seen, f, plan.seen_last.mask)
+            if found is not None:
+                plan.seen_last = found
+                self._record(plan, found)
+                return
+        else:  # after a gap: only a sustained return of plausible size counts
+            found = self._seen_again(plan, f, seen)
+            plan.again = [*plan.again, found] if found is not None else []
+            if len(plan.again) >= REAPPEAR_FRAMES:
+                for again in plan.again:
+                    self._record(plan, again)
+                plan.seen_last, plan.again, plan.absent_run = found, [], 0
+                return
         plan.absent_run += 1
-        if not self.lost_after or plan.absent_run < self.lost_after:
+        if plan.again or not self.lost_after or plan.absent_run < self.lost_after:
             return
         first_absent = f + (plan.absent_run - 1) * (1 if reverse else -1)
         if reverse:
@@ -333,6 +398,16 @@ class _Run:
             plan.done = True
         else:
             plan.paused_until = resume
+
+    @staticmethod
+    def _seen_again(plan: _ObjectPlan, f: int, seen: _Seen) -> _Found | None:
+        """The object on frame f after a gap: the part touching this return's previous frame, or
+        the mask's largest component to begin one; None unless its size is plausible."""
+        found = _on_object(seen, f, plan.again[-1].mask if plan.again else None)
+        if found is None or plan.seen_last is None:
+            return found
+        ratio = found.mask.sum() / max(1, plan.seen_last.mask.sum())
+        return found if 1 / SIZE_RATIO <= ratio <= SIZE_RATIO else None
 
     def _progress(self, session: _Session, f: int) -> None:
         self.frames_done += 1
@@ -397,7 +472,7 @@ class _Session:
 
     def _finish(self, frame: int, outs: dict[int, dict], conditioning: bool) -> dict[int, _Seen]:
         """Store outputs, encode their memories (batched), drop what memory never reads, and
-        turn masks into boxes."""
+        return each object's mask at the video's size with its presence probability."""
         by_idx = {self.idx[obj_id]: out for obj_id, out in outs.items()}
         hf.encode_memories(self.model, self.inner, frame, by_idx, conditioning)
         key = "cond_frame_outputs" if conditioning else "non_cond_frame_outputs"
@@ -410,15 +485,14 @@ class _Session:
         low_res = torch.cat(
             [out["pred_masks"].reshape(1, *out["pred_masks"].shape[-2:]) for out in outs.values()]
         )
-        masks = upscale_logits(low_res, self.hw) > 0  # (N, H, W)
+        masks = (upscale_logits(low_res, self.hw) > 0).cpu().numpy()  # (N, H, W)
         scores = torch.cat([out["object_score_logits"].reshape(1) for out in outs.values()]).float()
         present = (scores > 0).tolist()
         probs = torch.sigmoid(scores).tolist()
-        boxes = mask_boxes(masks).tolist()  # (0, 0, 0, 0) for an empty mask
         seen = {}
         for i, obj_id in enumerate(outs):
-            box = tuple(boxes[i]) if present[i] and boxes[i][2] > 0 else None
-            seen[obj_id] = _Seen(box, float(probs[i]))
+            mask = masks[i] if present[i] and masks[i].any() else None
+            seen[obj_id] = _Seen(mask, float(probs[i]))
         return seen
 
     def prune(self, frame: int, reverse: bool) -> None:
@@ -474,6 +548,64 @@ def _segments(spans: list[tuple[int, int]], reverse: bool) -> list[range]:
     if reverse:
         return [range(hi, lo - 1, -1) for lo, hi in reversed(merged)]
     return [range(lo, hi + 1) for lo, hi in merged]
+
+
+def _on_object(seen: _Seen, frame: int, near: np.ndarray | None) -> _Found | None:
+    """The object's part of a frame's mask: the mask's connected components (8-connected) that
+    touch `near` grown by `_margin`, or its largest component when `near` is None. None: no such
+    part, or no mask at all.
+
+    Arguments:
+        near: (H, W) bool, where the object was (its part on the previous frame, the user's box).
+    """
+    if seen.mask is None:
+        return None
+    labels, count = ndimage.label(seen.mask, structure=np.ones((3, 3), bool))
+    if near is None:  # the largest
+        keep = np.array([int(np.argmax(ndimage.sum_labels(seen.mask, labels, np.arange(1, count + 1)))) + 1])
+    else:
+        keep = np.unique(labels[_grown(near, _margin(near))])
+        keep = keep[keep > 0]
+        if keep.size == 0:
+            return None
+    if keep.size == count:  # the whole mask (the usual case)
+        part, share = seen.mask, 1.0
+    else:  # clear the other components, each within its own box
+        part = seen.mask.copy()
+        for k, where in enumerate(ndimage.find_objects(labels), start=1):
+            if k not in keep:
+                part[where] &= labels[where] != k
+        share = float(np.count_nonzero(part)) / float(np.count_nonzero(seen.mask))
+    rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
+    box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    return _Found(frame, part, box, seen.score * share)
+
+
+def _margin(mask: np.ndarray) -> int:
+    """How far (pixels) a component may lie from where the object was and still be the object: a
+    tenth of the object's size, at least 2 px (motion between frames, soft edges)."""
+    return max(2, int(round(0.1 * np.sqrt(mask.sum()))))
+
+
+def _grown(mask: np.ndarray, margin: int) -> np.ndarray:
+    """`mask` dilated by a (2 margin + 1) square, computed around its box only."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    out = np.zeros_like(mask)
+    if rows.size:
+        y1, y2 = max(0, rows[0] - margin), rows[-1] + margin + 1
+        x1, x2 = max(0, cols[0] - margin), cols[-1] + margin + 1
+        out[y1:y2, x1:x2] = ndimage.maximum_filter(mask[y1:y2, x1:x2], size=2 * margin + 1)
+    return out
+
+
+def _box_mask(box: Box, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels a box (continuous pixels) covers, at least one."""
+    h, w = hw
+    x1, y1, x2, y2 = box
+    c1, r1 = min(w - 1, max(0, int(x1))), min(h - 1, max(0, int(y1)))
+    mask = np.zeros(hw, bool)
+    mask[r1 : max(r1 + 1, int(np.ceil(y2))), c1 : max(c1 + 1, int(np.ceil(x2)))] = True
+    return mask
 
 
 def _nbytes(obj: object) -> int:

@@ -36,6 +36,16 @@ def tiny_model(tiny_model_dir):
     return load_image_model(str(tiny_model_dir), "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _loopback_media_is_trusted(monkeypatch):
+    """The suite's media servers live on 127.0.0.1, which the default fetch policy refuses; trust
+    that one address here (an explicit test override, the default stays closed). The security
+    tests serve from 127.0.0.2 and up, which stay untrusted."""
+    from backend import media
+
+    monkeypatch.setattr(media, "TRUSTED_FOR_TESTS", {"127.0.0.1"})
+
+
 @pytest.fixture
 def media_server(tmp_path):
     """Files on a loopback host (devkit.media_server on pytest-httpserver): add(), add_image()."""

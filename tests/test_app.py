@@ -159,7 +159,26 @@ def test_retrieve_predictions_turns_annotation_boxes_into_masks(client, media_se
     assert len(labels) <= 2 and set(map(tuple, labels)) <= {("object",), ("car",)}
     for region in first["result"]:
         assert decode_brush(region).shape == (40, 80)
-    assert second["result"] == [] and "error" not in second
+    assert second == []  # no rectangle: nothing for Label Studio to store
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"retrieve_mode": "none"}, {"retrieve_mode": "auto", "roi_label": "object"}],
+    ids=["boxes", "none", "auto-without-roi"],
+)
+def test_a_task_with_nothing_to_predict_is_answered_with_nothing_to_store(
+    app_factory, media_server, settings
+):
+    """Opening a task makes Label Studio call /predict without context and store what comes back
+    as a prediction of this model version, which hides the task from every later Retrieve and
+    from `preannotate`. For [] it stores nothing."""
+    client = app_factory(**settings).test_client()
+    url = media_server.add_image("a.png", noise_image(40, 80))
+    point = {"id": 1, "result": [keypoint(50, 50, w=80, h=40)]}  # an annotation without rectangles
+    tasks = [{"id": 1, "data": {"image": url}}, {"id": 2, "data": {"image": url}, "annotations": [point]}]
+    body = client.post("/predict", json=predict_body(tasks, None)).get_json()
+    assert body["results"] == [[], []]
 
 
 def test_basic_auth_protects_all_but_health(app_factory, caplog):

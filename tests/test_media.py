@@ -121,22 +121,6 @@ def test_cloud_uri_is_presigned_by_label_studio(fake_ls):
     assert media.fetch("s3://bucket/a.png", task_id=7) == fake_ls.image
 
 
-def test_token_never_goes_to_other_hosts(media_server, fake_ls):
-    seen = []
-
-    class Spy:
-        def get(self, url, headers=None, **kw):
-            seen.append((url, dict(headers or {})))
-            import requests
-
-            return requests.get(url, headers=headers, **kw)
-
-    url = media_server.add("x.png", fake_ls.image)
-    media = MediaClient(LabelStudioAuth(fake_ls.url, LEGACY), session=Spy())
-    media.fetch(url)
-    assert seen and all("Authorization" not in h for _, h in seen)
-
-
 def test_relative_path_without_label_studio_url_says_what_to_set():
     with pytest.raises(MediaError, match="LABEL_STUDIO_URL"):
         MediaClient(LabelStudioAuth(None, None)).fetch("/data/upload/1/a.png")
@@ -159,7 +143,7 @@ def test_data_uri():
 
 def test_link_local_metadata_address_is_refused():
     media = MediaClient(LabelStudioAuth(None, None), MediaLimits(timeout_s=1))
-    with pytest.raises(MediaError, match="link-local"):
+    with pytest.raises(MediaError, match="metadata"):
         media.fetch("http://169.254.169.254/latest/meta-data/")
 
 

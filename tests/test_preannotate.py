@@ -26,7 +26,7 @@ from backend.media import LabelStudioAuth, MediaClient
 from backend.polygons import mask_polygons
 from backend.preannotate.cli import _task_ids
 from backend.preannotate.engine import PreannotateOptions, Preannotator
-from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, predicted_versions
 from backend.preannotate.project import Progress, Selection, Summary, run_project
 from backend.protocol import Control, parse_label_config
 from backend.regions import polygon_results
@@ -270,19 +270,23 @@ class FakeLabelStudio:
 
     def prediction_versions(self, task_id):
         with self.lock:
-            return {p["model_version"] for p in self.tasks[task_id]["predictions"]}
+            return predicted_versions(self.tasks[task_id]["predictions"])
 
     def create_prediction(self, task_id, entry, model_version):
         with self.lock:
             preds = self.tasks[task_id]["predictions"]
-            if any(p["model_version"] == model_version for p in preds):
+            if model_version in predicted_versions(preds):
                 return False
             preds.append({"id": len(preds) + 1, "model_version": model_version, "result": entry["result"]})
             self.writes += 1
             return True
 
     def count(self, task_id, model_version):
-        return sum(p["model_version"] == model_version for p in self.tasks[task_id]["predictions"])
+        """Non-empty predictions of `model_version` the task has."""
+        return sum(
+            p["model_version"] == model_version and bool(p["result"])
+            for p in self.tasks[task_id]["predictions"]
+        )
 
 
 @pytest.fixture
@@ -405,8 +409,12 @@ def project(media_server, n_good=4):
         annotated_task(22, media_server.url + "/missing.png", [rect_px((1, 1, 9, 9), 80, 60, "car")])
     )
     done = annotated_task(23, url, [rect_px((10, 10, 50, 40), 80, 60, "car")])
-    done["predictions"] = [{"id": 1, "model_version": MODEL_VERSION, "result": []}]
+    done["predictions"] = [{"id": 1, "model_version": MODEL_VERSION, "result": [brush_only]}]
     tasks.append(done)
+    # an empty prediction of this version (what task open stored before): counts as absent
+    emptied = annotated_task(24, url, [rect_px((10, 10, 50, 40), 80, 60, "car")])
+    emptied["predictions"] = [{"id": 1, "model_version": MODEL_VERSION, "result": []}]
+    tasks.append(emptied)
     return tasks
 
 
@@ -428,7 +436,7 @@ def test_a_run_predicts_skips_and_fails_with_reasons_and_a_rerun_does_nothing(bo
     ls = FakeLabelStudio(tasks=tasks)
     annotations_before = {t["id"]: copy.deepcopy(t["annotations"]) for t in ls.tasks.values()}
     summary = run(ls, box_predictor)
-    assert (summary.selected, summary.done, summary.interrupted) == (8, 4, False)
+    assert (summary.selected, summary.done, summary.interrupted) == (9, 5, False)
     assert summary.skipped == {
         f"already has a prediction of {MODEL_VERSION}": 1,
         "no annotation": 1,
@@ -437,13 +445,13 @@ def test_a_run_predicts_skips_and_fails_with_reasons_and_a_rerun_does_nothing(bo
     assert summary.failed == [(22, f"HTTP 404 fetching {media_server.url}/missing.png")]
     assert summary.exit_code == 1
     report = summary.report()
-    assert "8 task(s) selected, 4 predicted, 3 skipped, 1 failed" in report and "(task 22)" in report
-    assert all(ls.count(i, MODEL_VERSION) == 1 for i in (1, 2, 3, 4, 23))
+    assert "9 task(s) selected, 5 predicted, 3 skipped, 1 failed" in report and "(task 22)" in report
+    assert all(ls.count(i, MODEL_VERSION) == 1 for i in (1, 2, 3, 4, 23, 24))
     assert {t["id"]: t["annotations"] for t in ls.tasks.values()} == annotations_before  # untouched
-    assert box_predictor.encoder_calls == 1  # four tasks, one image: encoded once
+    assert box_predictor.encoder_calls == 1  # five tasks, one image: encoded once
     again = run(ls, box_predictor)
-    assert again.done == 0 and again.skipped[f"already has a prediction of {MODEL_VERSION}"] == 5
-    assert ls.writes == 4
+    assert again.done == 0 and again.skipped[f"already has a prediction of {MODEL_VERSION}"] == 6
+    assert ls.writes == 5
 
 
 def test_an_interrupted_run_resumes_and_every_task_is_predicted_once(box_predictor, media_server):
@@ -462,8 +470,8 @@ def test_an_interrupted_run_resumes_and_every_task_is_predicted_once(box_predict
     assert 1 <= predicted < 8  # the task being worked on when stopped was still written
     second = run(ls, box_predictor)
     assert not second.interrupted
-    assert [ls.count(i, MODEL_VERSION) for i in range(1, 9)] == [1] * 8
-    assert first.done + second.done == 8
+    assert [ls.count(i, MODEL_VERSION) for i in (*range(1, 9), 24)] == [1] * 9
+    assert first.done + second.done == 9  # the eight and the task whose prediction was empty
 
 
 def test_selection_filters_tasks(box_predictor, media_server):
@@ -546,18 +554,22 @@ def test_a_lost_response_is_not_written_twice():
 
     class Predictions:
         def list(self, task):
-            return [SimpleNamespace(model_version=v) for t, v in stored if t == task]
+            return [SimpleNamespace(model_version=v, result=r) for t, v, r in stored if t == task]
 
         def create(self, task, result, score, model_version):
-            stored.append((task, model_version))
+            stored.append((task, model_version, result))
             if len(stored) == 1:
                 raise httpx.ReadTimeout("lost")
 
     api = LabelStudioAPI("http://127.0.0.1:9", "legacy-token", Retry(sleep=lambda s: None))
     api.client = SimpleNamespace(predictions=Predictions())
-    assert api.create_prediction(5, {"result": [], "score": 0.5}, "v1") is False
-    assert stored == [(5, "v1")]
-    assert api.create_prediction(6, {"result": [], "score": 0.5}, "v1") is True
+    region = {"type": "brushlabels", "value": {"rle": [0]}}
+    assert api.create_prediction(5, {"result": [region], "score": 0.5}, "v1") is False
+    assert stored == [(5, "v1", [region])]
+    assert api.create_prediction(6, {"result": [region], "score": 0.5}, "v1") is True
+    # an empty prediction of this version (stored by an older backend on task open) is no prediction
+    stored.append((7, "v1", []))
+    assert api.create_prediction(7, {"result": [region], "score": 0.5}, "v1") is True
 
 
 def test_api_errors_say_what_failed_without_headers():

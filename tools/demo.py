@@ -1,12 +1,16 @@
 """`make run`: Label Studio and the SAM2 backend on this machine, with a demo project, until Ctrl-C.
 
-    python tools/demo.py [--model M] [--test-model] [--port 8080] [--backend-port 9090]
+    python tools/demo.py [--model M] [--test-model] [--port 8080] [--backend-port 9090] [--run-dir .run]
 
 Label Studio runs from .venv-ls (installed on first use) with SQLite under .run/label-studio/,
 kept between runs; the backend runs from this virtualenv. The model is --model, else SAM2_MODEL,
 else SAM2.1 tiny, loaded offline first; when its weights cannot be had the demo says how to
 provide them and stops. --test-model uses the tiny SAM2 trained on synthetic shapes (devkit/sam2-shapes): no
 weights needed; it segments simple flat-coloured shapes like the demo's, nothing else.
+
+The demo owns its Label Studio admin login: when Label Studio refuses its API token (revoked in
+Account & Settings), it issues a fresh one, at start and while running (checked every few
+seconds), and restarts the backend with it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import requests
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from devkit import lsserver  # noqa: E402
-from devkit.sample_media import make_scene  # noqa: E402
+from devkit.sample_media import make_scene, rectangle  # noqa: E402
 
 RUN_DIR = REPO_ROOT / ".run"
 PROJECT_TITLE = "SAM2 demo"
@@ -42,6 +48,29 @@ LABEL_CONFIG = """<View>
   </RectangleLabels>
 </View>"""
 SAMPLE_COUNT = 4
+RECTANGLES_SAMPLE = "sample-rectangles.png"  # the task with a submitted annotation of plain rectangles
+TOKEN_CHECK_S = 5.0
+
+# Where people get lost; shown in the project's instructions (the Instructions button of the
+# labeling page).
+INSTRUCTIONS = f"""<h3>SAM2 demo: a mask from a click or a box</h3>
+<ol>
+<li>Open a task. Switch on <b>Auto-Annotation</b> in the bar at the bottom of the labeling page.</li>
+<li>The smart tools are in the <b>Auto-Detect</b> fly-out (shortcut <b>M</b>) of the tool bar on the
+left: the smart keypoint and the smart rectangle. The plain keypoint and rectangle tools at the top
+never call the model.</li>
+<li>Select the label <b>object</b>, then click an object (or drag a box around it): its mask appears
+as a suggestion; accept it with the check mark in the bottom bar, or turn on
+<i>Auto-Accept Suggestions</i> there.</li>
+<li>More clicks refine it: select the label again before each click, or turn on
+<i>Keep label selected after creating a region</i> in the settings (gear icon).
+Alt+click makes a negative point.</li>
+<li>Submit to keep the mask.</li>
+</ol>
+<p><b>Retrieve predictions</b>: the task <i>{RECTANGLES_SAMPLE}</i> has a submitted annotation with
+plain rectangles. In the Data Manager tick it, open the tasks menu at the top left ("1 Task"),
+choose Retrieve Predictions and confirm; open the task and pick the prediction's tab (sam2-...):
+a mask for each rectangle.</p>"""
 
 
 def say(message: str = "") -> None:
@@ -59,43 +88,193 @@ def sample_images(directory: Path) -> list[Path]:
     return paths
 
 
+def plain_rectangles(scene) -> list[dict]:
+    """A labeler's rectangles drawn with the plain tool around the scene's two shapes."""
+    boxes = (("object", scene.object_box_px), ("background", scene.distractor_box_px))
+    regions = [rectangle(scene, label, box) for label, box in boxes]
+    for region in regions:
+        del region["origin"]  # what Label Studio stores for a submitted annotation
+    return regions
+
+
+def add_rectangles_task(ls: lsserver.LabelStudio, project_id: int, directory: Path) -> dict:
+    """Upload the rectangles sample and submit an annotation holding plain rectangles."""
+    scene = make_scene(directory / RECTANGLES_SAMPLE, 640, 480, seed=200)
+    task = ls.upload(project_id, scene.path, "image/png")
+    ls.client.annotations.create(id=task["id"], result=plain_rectangles(scene))
+    return task
+
+
+def rectangles_task_id(ls: lsserver.LabelStudio, project_id: int) -> int | None:
+    for task in ls.client.tasks.list(project=project_id, include="id,data"):
+        if str((task.data or {}).get("image", "")).endswith(RECTANGLES_SAMPLE):
+            return task.id
+    return None
+
+
 def demo_project(ls: lsserver.LabelStudio, backend_url: str, samples: list[Path]):
-    """The demo project (created with the samples on the first run) connected to the backend."""
+    """The demo project (created with the samples on the first run) connected to the backend.
+
+    Projects of earlier demo versions get the instructions and the rectangles task too.
+    """
     client = ls.client
     project = next((p for p in client.projects.list() if p.title == PROJECT_TITLE), None)
     if project is None:
         project = lsserver.create_project(ls, PROJECT_TITLE, LABEL_CONFIG)
         for path in samples:
             ls.upload(project.id, path, "image/png")
+    if project.expert_instruction != INSTRUCTIONS:
+        client.projects.update(id=project.id, expert_instruction=INSTRUCTIONS, show_instruction=False)
+    if rectangles_task_id(ls, project.id) is None:
+        add_rectangles_task(ls, project.id, samples[0].parent)
     connected = [m for m in client.ml.list(project=project.id) if m.url.rstrip("/") == backend_url]
     if not connected:
         lsserver.connect_backend(ls, project.id, backend_url)
     return project
 
 
+VIDEO_PROJECT_TITLE = "SAM2 video demo"
+VIDEO_CONFIG = """<View>
+  <Labels name="videoLabels" toName="video">
+    <Label value="ellipse" background="#ff4d4f"/>
+    <Label value="square" background="#1890ff"/>
+  </Labels>
+  <Video name="video" value="$video" framerate="25"/>
+  <VideoRectangle name="box" toName="video" smart="true"/>
+</View>"""
+
+
+def video_demo(ls: lsserver.LabelStudio, backend_url: str, directory: Path) -> None:
+    """A small video project (an ellipse and a square crossing paths, 48 frames), made on the
+    first run and connected to the backend; prints where it is and the gesture that tracks."""
+    from devkit.videos import crossing_clip, write_video
+
+    client = ls.client
+    project = next((p for p in client.projects.list() if p.title == VIDEO_PROJECT_TITLE), None)
+    if project is None:
+        path = directory / "crossing.mp4"
+        if not path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            write_video(path, crossing_clip(0, num_frames=48, hw=(240, 320)).frames, fps=25)
+        project = lsserver.create_project(ls, VIDEO_PROJECT_TITLE, VIDEO_CONFIG)
+        ls.upload(project.id, path, "video/mp4")
+    if not [m for m in client.ml.list(project=project.id) if m.url.rstrip("/") == backend_url]:
+        lsserver.connect_backend(ls, project.id, backend_url)
+    say(f"  Video demo     {ls.url}/projects/{project.id}/data")
+    say("    Track an object: Auto-Annotation on, NO label selected, draw a box around it, click the")
+    say("    box to select it, then pick its label: the tracked keyframes fill the timeline. To")
+    say('    re-track after edits: "Delete predictions", then "Retrieve predictions" in the Data Manager.')
+
+
+def renew_token(ls: lsserver.LabelStudio) -> bool:
+    """Issue a fresh personal access token if Label Studio refuses the demo's (someone revoked it
+    in Account & Settings); True if it did.
+
+    The demo owns its admin login, so it makes the token the way its first run did (Label Studio's
+    own models, in its virtualenv): the API allows one token per user, and a user who revoked ours
+    to see a copyable one may hold the only other.
+    """
+    if lsserver.token_works(ls.url, ls.token):
+        return False
+    creds = lsserver.bootstrap(ls.data_dir)
+    ls.use_token(creds.token)
+    return True
+
+
+def spare_port(host: str, taken: tuple[int, ...]) -> int:
+    """A free port near the demo's, for a second backend run by hand."""
+    port = max(taken) + 1
+    while port in taken or lsserver.port_in_use(host, port):
+        port += 1
+    return port
+
+
+def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, rect_task: int | None):
+    host = "127.0.0.1"
+    port = spare_port(host, (int(ls.url.rsplit(":", 1)[1]), int(backend.url.rsplit(":", 1)[1])))
+    creds = ls.data_dir / lsserver.CREDENTIALS_FILE
+    say("")
+    say(f"  Label Studio   {ls.url}/projects/{project.id}/data")
+    say(f"  Login          {ls.username} / {ls.password}")
+    say(f"  ML backend     {backend.url}  (model {model_version})")
+    say(f'  API token      the demo admin\'s personal access token is in {creds} ("token")')
+    say(f"  Logs           {run_dir / 'label-studio.log'}, {run_dir / 'backend.log'}")
+    say("")
+    say("How to get a mask:")
+    say("  Open a task and switch on Auto-Annotation (bottom bar). The smart keypoint and rectangle")
+    say("  are in the Auto-Detect fly-out (M) of the tool bar on the left; the plain tools at the top")
+    say('  never call the model. Select the "object" label and click an object (or drag a box); accept')
+    say("  the suggested mask with the check mark in the bottom bar (or turn on Auto-Accept Suggestions).")
+    say("  More clicks refine it: select the label again before each click, or turn on")
+    say('  "Keep label selected after creating a region" in the settings (gear icon).')
+    if rect_task is not None:
+        say(f"Retrieve predictions: task {rect_task} has a submitted annotation with plain rectangles.")
+        say('  In the Data Manager tick it, open the tasks menu at the top left ("1 Task"):')
+        say("  Retrieve Predictions, OK; then open the task and pick the prediction's tab (sam2-...).")
+    say("Backend only (your own backend against this Label Studio; connect it in a project under")
+    say(f"  Settings -> Model -> Connect Model, with a Name and this URL: http://127.0.0.1:{port}):")
+    say(
+        f"  LABEL_STUDIO_URL={ls.url} LABEL_STUDIO_API_KEY=$(.venv/bin/python -c "
+        f"\"import json; print(json.load(open('{creds}'))['token'])\") "
+        f".venv/bin/python -m backend serve --port {port} --model {model}"
+    )
+    say("The demo project's instructions (the Instructions button of the labeling page) repeat this.")
+    say("Ctrl-C stops both servers.")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", default=None, help="short name, hub id, HF directory, Meta .pt, or 'test' (SAM2_MODEL)"
+        "--model",
+        default=None,
+        help="short name, hub id, HF directory, Meta .pt, or 'test' (default: SAM2_MODEL, else sam2.1-tiny)",
     )
     p.add_argument(
         "--test-model",
         action="store_true",
         help="the tiny SAM2 trained on synthetic shapes: no weights needed, segments simple shapes only",
     )
-    p.add_argument("--device", default=None, help="auto | cpu | cuda (DEVICE)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (default: DEVICE, else auto)")
     p.add_argument(
-        "--port", type=int, default=int(os.environ.get("LS_PORT", "8080")), help="Label Studio port"
+        "--port",
+        type=int,
+        default=int(os.environ.get("LS_PORT", "8080")),
+        help="Label Studio port (default: LS_PORT, else 8080)",
     )
-    p.add_argument("--backend-port", type=int, default=int(os.environ.get("BACKEND_PORT", "9090")))
-    p.add_argument("--data-dir", type=Path, default=RUN_DIR / "label-studio", help="Label Studio's data")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--backend-port",
+        type=int,
+        default=int(os.environ.get("BACKEND_PORT", "9090")),
+        help="SAM2 backend port (default: BACKEND_PORT, else 9090)",
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=RUN_DIR,
+        help="the demo's files: logs, sample images, the test model (default: .run)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="Label Studio's data, kept between runs (default: RUN_DIR/label-studio)",
+    )
+    args = p.parse_args(argv)
+    args.run_dir = args.run_dir.resolve()
+    args.data_dir = (args.data_dir or args.run_dir / "label-studio").resolve()
+    return args
+
+
+def first_sentence(error: str) -> str:
+    """The cause of a model error without the backend's own advice (the demo gives its own)."""
+    return error.split(". Provide them")[0].rstrip(".") + "."
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     host = "127.0.0.1"
-    RUN_DIR.mkdir(exist_ok=True)
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
     for name, port in (("Label Studio", args.port), ("the backend", args.backend_port)):
         if lsserver.port_in_use(host, port):
             say(f"Port {port} for {name} is in use. Choose another: make run LS_PORT=... BACKEND_PORT=...")
@@ -104,53 +283,82 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C reaches only this process (the servers run in their own sessions): stop both here.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-    backend = ls = None
+    servers: dict[str, object] = {}
+    data_dir = args.data_dir
     try:
         model = args.model or os.environ.get("SAM2_MODEL") or "sam2.1-tiny"
         if args.test_model or model == "test":
-            model = str(lsserver.make_test_model(RUN_DIR / "test-model", trained=True))
+            model = str(lsserver.make_test_model(run_dir / "test-model", trained=True))
         lsserver.install()
-        creds = lsserver.prepare_data_dir(args.data_dir.resolve())
+        creds = lsserver.prepare_data_dir(data_dir)
         ls_url = f"http://{host}:{args.port}"
 
+        def start_backend(token: str) -> dict:
+            servers["backend"] = lsserver.start_backend(
+                model,
+                None,
+                port=args.backend_port,
+                device=args.device,
+                log_path=run_dir / "backend.log",
+                extra_env={"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": token},
+            )
+            return servers["backend"].wait_for_model()
+
         say(f"Starting the SAM2 backend on http://{host}:{args.backend_port} with model {model} ...")
-        backend = lsserver.start_backend(
-            model,
-            None,
-            port=args.backend_port,
-            device=args.device,
-            log_path=RUN_DIR / "backend.log",
-            extra_env={"LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": creds.token},
-        )
-        health = backend.wait_for_model()
+        health = start_backend(creds.token)
         if not health.get("model_loaded"):
-            say("\nThe SAM2 weights could not be loaded, so nothing was started:\n")
-            say(f"  {health.get('error') or 'the model did not load in time'}\n")
+            servers.pop("backend").stop()
+            error = health.get("error") or "the model did not load in time"
+            say("\nThe SAM2 weights could not be loaded, so the demo did not start:")
+            say(f"  {first_sentence(error)}\n")
             say("Provide them offline with one of:")
             say("  make run MODEL=/path/to/sam2.1-hiera-tiny        (a directory saved by save_pretrained)")
             say("  make run MODEL=/path/to/sam2.1_hiera_tiny.pt     (Meta's checkpoint, converted once)")
             say("  HF_HOME=/path/to/hf-cache make run               (a Hugging Face cache holding the model)")
-            say("or try it without weights: make run MODEL=test   (a tiny SAM2 trained on simple shapes)")
+            say("or try it without weights: make run MODEL=test")
+            say("  (a tiny SAM2 trained on simple shapes; for your own backend:")
+            say("   python -m backend make-test-model DIR --trained, then --model DIR)")
             return 3
         say(f"  model {health.get('model_version')} loaded")
 
         say(f"Starting Label Studio on {ls_url} (data in {args.data_dir}) ...")
-        ls = lsserver.start_label_studio(args.data_dir, port=args.port, log_path=RUN_DIR / "label-studio.log")
-        project = demo_project(ls, backend.url, sample_images(RUN_DIR / "samples"))
-
-        say("")
-        say(f"  Label Studio   {ls.url}/projects/{project.id}/data")
-        say(f"  Login          {ls.username} / {ls.password}")
-        say(f"  ML backend     {backend.url}  (model {health.get('model_version')})")
-        say(f"  Logs           {RUN_DIR / 'label-studio.log'}, {RUN_DIR / 'backend.log'}")
-        say("")
-        say("Open a task, switch on Auto-Annotation (bottom bar), pick the smart keypoint or rectangle")
-        say('tool with the "object" label and click an object. Ctrl-C stops both servers.')
+        ls = servers["ls"] = lsserver.start_label_studio(
+            data_dir, port=args.port, log_path=run_dir / "label-studio.log"
+        )
+        if renew_token(ls):
+            say(
+                "  Label Studio refused the demo's API token (revoked?): issued a new one; restarting the backend"
+            )
+            servers.pop("backend").stop()
+            health = start_backend(ls.token)
+        backend = servers["backend"]
+        project = demo_project(ls, backend.url, sample_images(run_dir / "samples"))
+        rect_task = rectangles_task_id(ls, project.id)
+        banner(ls, project, backend, health.get("model_version"), model, run_dir, rect_task)
+        video_demo(ls, backend.url, run_dir / "samples")
+        last_check = time.monotonic()
         while True:
-            for name, proc in (("Label Studio", ls.process), ("The SAM2 backend", backend.process)):
+            for name, proc in (
+                ("Label Studio", ls.process),
+                ("The SAM2 backend", servers["backend"].process),
+            ):
                 if proc.poll() is not None:
-                    say(f"{name} stopped (exit code {proc.returncode}); see the logs in {RUN_DIR}.")
+                    say(f"{name} stopped (exit code {proc.returncode}); see the logs in {run_dir}.")
                     return 1
+            if time.monotonic() - last_check >= TOKEN_CHECK_S:
+                last_check = time.monotonic()
+                try:
+                    renewed = renew_token(ls)
+                except requests.RequestException:
+                    renewed = False  # Label Studio busy: check again next time
+                if renewed:
+                    say(
+                        "The demo's API token was revoked in Label Studio: issued a new one (in the same file);"
+                    )
+                    say("restarting the backend with it ...")
+                    servers.pop("backend").stop()
+                    start_backend(ls.token)
+                    say("  the backend is back.")
             time.sleep(1)
     except KeyboardInterrupt:
         say("\nStopping ...")
@@ -159,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\n{e}")
         return 1
     finally:
-        for server in (backend, ls):
-            if server is not None:
-                server.stop()
-        say("Label Studio and the backend are stopped.")
+        for server in servers.values():
+            server.stop()
+        if servers:
+            say("Label Studio and the backend are stopped.")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from backend.cli_options import add_label_studio_options, add_model_options
 from backend.errors import BadRequest
 from backend.logs import setup_logging
 from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
         "a prediction of this model version are skipped, so an interrupted run continues where it "
         "stopped. Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key).",
     )
-    p.add_argument("--project", type=int, required=True, help="project id")
+    p.add_argument("--project", type=int, required=True, help="project id (required)")
     p.add_argument("--mode", choices=MODES, default=None, help="boxes (default) | auto (RETRIEVE_MODE)")
     p.add_argument(
         "--from",
@@ -59,43 +60,71 @@ def add_parser(subparsers) -> None:
         "--output",
         choices=OUTPUTS,
         default=None,
-        help="auto: the config's control | brush | polygon (OUTPUT)",
+        help="auto: the config's BrushLabels, else PolygonLabels | brush | polygon (default: OUTPUT, else auto)",
     )
     p.add_argument(
-        "--tolerance", type=float, default=None, help="polygon simplification in pixels (POLYGON_TOLERANCE)"
-    )
-    p.add_argument("--label", default=None, help="label of automatic masks (AUTO_LABEL)")
-    p.add_argument(
-        "--roi-label", default=None, help="automatic masks only inside rectangles with this label (ROI_LABEL)"
-    )
-    p.add_argument(
-        "--points-per-side", type=int, default=None, help="automatic-mask grid (POINTS_PER_SIDE, 16)"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="polygon simplification in pixels (default: POLYGON_TOLERANCE, else 1)",
     )
     p.add_argument(
-        "--min-area", type=int, default=None, help="smallest automatic mask in pixels (MIN_AREA, 100)"
+        "--label",
+        default=None,
+        help="label of automatic masks (default: AUTO_LABEL, else the output control's first label)",
     )
     p.add_argument(
-        "--iou-thresh", type=float, default=None, help="minimum predicted IoU (AUTO_IOU_THRESH, 0.8)"
+        "--roi-label",
+        default=None,
+        help="automatic masks only inside rectangles with this label (default: ROI_LABEL, else the whole image)",
     )
     p.add_argument(
-        "--stability-thresh", type=float, default=None, help="minimum stability (AUTO_STABILITY_THRESH, 0.92)"
+        "--points-per-side",
+        type=int,
+        default=None,
+        help="automatic-mask grid (default: POINTS_PER_SIDE, else 16)",
     )
     p.add_argument(
-        "--max-masks", type=int, default=None, help="automatic masks per image at most (AUTO_MAX_MASKS, 100)"
+        "--min-area",
+        type=int,
+        default=None,
+        help="smallest automatic mask in pixels (default: MIN_AREA, else 100)",
+    )
+    p.add_argument(
+        "--iou-thresh",
+        type=float,
+        default=None,
+        help="minimum predicted IoU (default: AUTO_IOU_THRESH, else 0.8)",
+    )
+    p.add_argument(
+        "--stability-thresh",
+        type=float,
+        default=None,
+        help="minimum stability (default: AUTO_STABILITY_THRESH, else 0.92)",
+    )
+    p.add_argument(
+        "--max-masks",
+        type=int,
+        default=None,
+        help="automatic masks per image at most (default: AUTO_MAX_MASKS, else 100)",
     )
     p.add_argument(
         "--filter",
         default="all",
-        help="all | annotated | unannotated | Data Manager filters as JSON, "
+        help="all (default) | annotated | unannotated | Data Manager filters as JSON, "
         'e.g. \'{"conjunction":"and","items":[{"filter":"filter:tasks:total_annotations",'
         '"operator":"greater","type":"Number","value":0}]}\'',
     )
-    p.add_argument("--view", type=int, default=None, help="only the tasks of this Data Manager tab (view id)")
-    p.add_argument("--tasks", type=_task_ids, default=None, help="only these task ids: 1,2,10-12")
     p.add_argument(
-        "--model", default=None, help="SAM2 model (SAM2_MODEL): short name, hub id, directory or .pt"
+        "--view",
+        type=int,
+        default=None,
+        help="only the tasks of this Data Manager tab (view id; default: no tab)",
     )
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | mps (DEVICE)")
+    p.add_argument(
+        "--tasks", type=_task_ids, default=None, help="only these task ids: 1,2,10-12 (default: every task)"
+    )
+    add_model_options(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--model-version",
@@ -105,12 +134,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--prefetch", type=int, default=2, help="tasks downloaded ahead (default 2)")
     p.add_argument("--retries", type=int, default=5, help="attempts per Label Studio call (default 5)")
-    p.add_argument("--url", default=None, help="Label Studio URL (LABEL_STUDIO_URL)")
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="prefer LABEL_STUDIO_API_KEY: a key on the command line is visible to other users",
-    )
+    add_label_studio_options(p)
     p.set_defaults(fn=cmd_preannotate)
 
 

@@ -16,6 +16,18 @@ from backend.errors import BackendError, MediaError
 log = logging.getLogger("backend.preannotate")
 
 
+def predicted_versions(predictions) -> set[str]:
+    """The model versions of the predictions (dicts or label-studio-sdk objects) that hold at
+    least one region. An empty prediction does not count: earlier versions of this backend
+    answered a task with nothing to predict with an empty result, which Label Studio stored."""
+    versions = set()
+    for p in predictions or []:
+        get = p.get if isinstance(p, dict) else lambda k, p=p: getattr(p, k, None)
+        if get("result"):
+            versions.add(get("model_version"))
+    return versions
+
+
 class LabelStudioAPIError(RuntimeError):
     """A Label Studio API call failed (after retries, if it was worth retrying)."""
 
@@ -83,7 +95,10 @@ class LabelStudioAPI:
     def __init__(self, url: str, api_key: str, retry: Retry | None = None, timeout_s: float = 60.0):
         self.url = url.rstrip("/")
         self.retry = retry or Retry()
-        self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s, max_retries=0)
+        # never redirected: the token goes to LABEL_STUDIO_URL's origin only
+        self.client = LabelStudio(
+            base_url=self.url, api_key=api_key, timeout=timeout_s, max_retries=0, follow_redirects=False
+        )
         httpx_log = logging.getLogger("httpx")
         if httpx_log.level == logging.NOTSET:  # a line per request at INFO: keep it for DEBUG runs
             httpx_log.setLevel(logging.WARNING)
@@ -136,18 +151,19 @@ class LabelStudioAPI:
         )
 
     def prediction_versions(self, task_id: int) -> set[str]:
+        """The model versions of the task's predictions, empty ones left out (`predicted_versions`)."""
         return self._call(
-            lambda: {p.model_version for p in self.client.predictions.list(task=task_id)},
+            lambda: predicted_versions(self.client.predictions.list(task=task_id)),
             f"reading the predictions of task {task_id}",
         )
 
     def create_prediction(self, task_id: int, entry: dict, model_version: str) -> bool:
-        """Write one prediction unless the task already has one of `model_version` (checked on
-        every attempt, so a retry after a lost response does not write it twice). True if
-        written."""
+        """Write one prediction unless the task already has a non-empty one of `model_version`
+        (checked on every attempt, so a retry after a lost response does not write it twice).
+        True if written."""
 
         def attempt() -> bool:
-            if model_version in {p.model_version for p in self.client.predictions.list(task=task_id)}:
+            if model_version in predicted_versions(self.client.predictions.list(task=task_id)):
                 return False
             self.client.predictions.create(
                 task=task_id, result=entry["result"], score=entry.get("score"), model_version=model_version

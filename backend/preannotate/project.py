@@ -27,7 +27,7 @@ from tqdm import tqdm
 from backend.errors import BackendError
 from backend.media import ImageFile
 from backend.preannotate.engine import PreannotateOptions, Preannotator
-from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe, predicted_versions
 from backend.protocol import parse_label_config, task_data_url
 from backend.segment import ImageSegmenter
 
@@ -179,13 +179,6 @@ class Progress:
             self.bar.close()
 
 
-def _already_predicted(brief: dict, model_version: str) -> bool:
-    """From the task list's comma-joined `predictions_model_versions` (a version with a comma in
-    it is checked again on the whole task)."""
-    versions = brief.get("predictions_model_versions") or ""
-    return "," not in model_version and model_version in {v.strip() for v in versions.split(",")}
-
-
 def run_project(
     api: LabelStudioAPI,
     project_id: int,
@@ -224,9 +217,9 @@ def run_project(
         if not selection.keeps(brief):
             continue
         summary.selected += 1
-        if _already_predicted(brief, model_version):
-            summary.skipped[f"already has a prediction of {model_version}"] += 1
-        elif (
+        # A prediction of this version in the brief (`predictions_model_versions`) may be an empty
+        # one, which counts as absent: `fetch` decides on the whole task.
+        if (
             options.mode == "boxes"
             and options.boxes_from == "annotation"
             and not brief.get("total_annotations")
@@ -236,7 +229,7 @@ def run_project(
             todo.append(brief)
     todo.sort(key=lambda b: b["id"])
     log.info(
-        "project %s: %d task(s) selected, %d to pre-annotate (%s mode, model_version %s)",
+        "project %s: %d task(s) selected, %d to look at (%s mode, model_version %s)",
         project_id,
         summary.selected,
         len(todo),
@@ -246,7 +239,7 @@ def run_project(
 
     def fetch(brief: dict) -> _Fetched:
         task = api.task(brief["id"])
-        if any(p.get("model_version") == model_version for p in task.get("predictions") or []):
+        if model_version in predicted_versions(task.get("predictions")):
             return _Fetched(skip=f"already has a prediction of {model_version}")
         plan = engine.plan(task, config)
         if plan.to_name is None:
@@ -285,9 +278,9 @@ def run_project(
             outcome = engine.predict(fetched.task, config)
         finally:
             media.discard(fetched.url, task_id)
-        if outcome.entry is None:
+        if outcome.entry is None or not outcome.entry["result"]:  # never store an empty prediction
             with lock:
-                summary.skipped[outcome.skip or "nothing to predict"] += 1
+                summary.skipped[outcome.skip or "no mask found"] += 1
             return None
         future = writer.submit(api.create_prediction, task_id, outcome.entry, model_version)
         future.add_done_callback(lambda f: wrote(task_id, f))

@@ -191,8 +191,8 @@ class BackgroundJob:
             start = time.monotonic()
             outcome = engine.predict(item.task, item.config)
             self.runtime.task_times.record(item.options.mode, time.monotonic() - start)
-            if outcome.entry is None:
-                return "skipped"
+            if outcome.entry is None or not outcome.entry["result"]:
+                return "skipped"  # never store an empty prediction: it would hide the task
             written = self.api.create_prediction(task_id, outcome.entry, engine.model_version)
             return "done" if written else "skipped"
         except BackendError as e:

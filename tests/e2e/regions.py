@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
+
+from devkit.sample_media import region_id
 
 IMAGE_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -21,51 +21,20 @@ VIDEO_CONFIG = """<View>
 </View>"""
 
 
-def region_id() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-def keypoint(scene, positive: bool = True) -> dict:
-    """A smart keypoint on the scene's object, in the shape the 1.23.2 UI sends."""
-    x, y = scene.center_pct()
-    return {
-        "id": region_id(),
-        "type": "keypointlabels",
-        "from_name": "kp",
-        "to_name": "image",
-        "original_width": scene.width,
-        "original_height": scene.height,
-        "image_rotation": 0,
-        "origin": "manual",
-        "is_positive": positive,
-        "value": {"x": x, "y": y, "width": 0.6, "keypointlabels": ["object"], "labels": ["object"]},
-    }
-
-
-def rectangle(scene, label: str = "object") -> dict:
-    return {
-        "id": region_id(),
-        "type": "rectanglelabels",
-        "from_name": "box",
-        "to_name": "image",
-        "original_width": scene.width,
-        "original_height": scene.height,
-        "image_rotation": 0,
-        "origin": "manual",
-        "value": {**scene.box_pct(), "rectanglelabels": [label]},
-    }
-
-
-def brush_masks(result: list[dict], width: int, height: int) -> list[np.ndarray]:
-    """Decode every brush region of a result with the SDK's reference decoder; check its size."""
+def brush_masks(
+    result: list[dict], width: int, height: int, from_name: str = "tag", labels: tuple[str, ...] = ("object",)
+) -> list[np.ndarray]:
+    """Decode every brush region of a result with the SDK's reference decoder; check its size,
+    its control (`from_name`: IMAGE_CONFIG's "tag" by default) and that its label is one of
+    `labels`."""
     brushes = [r for r in result if r["type"] == "brushlabels"]
     assert brushes, f"no brushlabels region in {result}"
     masks = []
     for r in brushes:
         assert (r["original_width"], r["original_height"]) == (width, height)
-        assert (r["from_name"], r["to_name"]) == ("tag", "image")
+        assert (r["from_name"], r["to_name"]) == (from_name, "image")
         assert r["value"]["format"] == "rle"
-        assert r["value"]["brushlabels"] == ["object"]
+        assert len(r["value"]["brushlabels"]) == 1 and r["value"]["brushlabels"][0] in labels
         data = decode_rle(r["value"]["rle"])
         assert data.size == width * height * 4, "RLE must decode to the displayed image's RGBA size"
         masks.append(data.reshape(height, width, 4)[:, :, 3] > 0)

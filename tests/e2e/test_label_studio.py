@@ -11,17 +11,8 @@ import pytest
 import requests
 
 from devkit import lsserver
-from devkit.sample_media import make_scene, make_video
-from tests.e2e.regions import (
-    IMAGE_CONFIG,
-    VIDEO_CONFIG,
-    brush_masks,
-    check_track,
-    keypoint,
-    object_iou,
-    rectangle,
-    videorectangle,
-)
+from devkit.sample_media import keypoint, make_scene, make_video, rectangle
+from tests.e2e.regions import IMAGE_CONFIG, VIDEO_CONFIG, brush_masks, check_track, object_iou, videorectangle
 
 pytestmark = pytest.mark.e2e
 

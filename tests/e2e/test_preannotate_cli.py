@@ -26,8 +26,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from devkit import lsserver
 from devkit.media_server import MediaServer
-from devkit.sample_media import make_scene
-from tests.e2e.regions import rectangle
+from devkit.sample_media import make_scene, rectangle
 
 pytestmark = pytest.mark.e2e
 
@@ -99,6 +98,19 @@ def cli(ls, model_dir, project_id, *extra) -> list[str]:
     ]
 
 
+def run_cli(ls, model_dir, project_id, *extra) -> tuple[subprocess.CompletedProcess, str]:
+    """`preannotate` to its end; returns the process and its whole output."""
+    done = subprocess.run(
+        cli(ls, model_dir, project_id, *extra),
+        env=cli_env(ls),
+        cwd=lsserver.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done, done.stdout + done.stderr
+
+
 def cli_env(ls) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
     return {**env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "PYTHONUNBUFFERED": "1"}
@@ -153,15 +165,7 @@ def test_cli_interrupted_and_resumed_predicts_every_task_once(label_studio, back
     first = predicted_count(ls, project.id)
     assert 2 <= first < len(annotated), out
 
-    done = subprocess.run(
-        cli(ls, backend_model_dir, project.id),
-        env=cli_env(ls),
-        cwd=lsserver.REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = done.stdout + done.stderr
+    done, out = run_cli(ls, backend_model_dir, project.id)
     assert done.returncode == 0, out
     assert "finished after" in out and f"{len(annotated) - first} predicted" in out, out
     assert f"skipped {first}: already has a prediction of" in out and "skipped 1: no annotation" in out, out
@@ -177,20 +181,32 @@ def test_cli_interrupted_and_resumed_predicts_every_task_once(label_studio, back
     assert annotations(ls, scenes) == before  # a labeler's work is never touched
 
 
+def test_cli_predicts_a_task_whose_prediction_of_this_version_is_empty(
+    label_studio, backend_model_dir, slow_media
+):
+    """Earlier backends answered a task opened in Label Studio with an empty result, which Label
+    Studio stored as a prediction of the backend's model version ("0.00%"); the CLI treats such a
+    prediction as absent."""
+    ls = label_studio
+    project, scenes, unannotated = make_project(ls, slow_media, "bulk empty", n_uploaded=1, n_slow=0)
+    [task_id] = [t for t in scenes if t != unannotated]
+    version = "sam2-e2e-empty"
+    ls.client.predictions.create(task=task_id, result=[], score=0.0, model_version=version)
+    done, out = run_cli(
+        ls, backend_model_dir, project.id, "--tasks", str(task_id), "--model-version", version
+    )
+    assert done.returncode == 0 and "1 predicted" in out, out
+    stored = lsserver.predictions(ls, task_id)
+    assert sorted(bool(p.result) for p in stored) == [False, True]
+    assert all(p.model_version == version for p in stored)
+
+
 def test_cli_auto_masks_as_polygons(label_studio, backend_model_dir, slow_media):
     ls = label_studio
     project, scenes, _ = make_project(ls, slow_media, "bulk auto", n_uploaded=1, n_slow=1, annotate=False)
     args = ["--mode", "auto", "--output", "polygon", "--label", "car", "--points-per-side", "4"]
     args += ["--iou-thresh", "0", "--stability-thresh", "0", "--min-area", "0", "--filter", "unannotated"]
-    done = subprocess.run(
-        cli(ls, backend_model_dir, project.id, *args),
-        env=cli_env(ls),
-        cwd=lsserver.REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = done.stdout + done.stderr
+    done, out = run_cli(ls, backend_model_dir, project.id, *args)
     assert done.returncode == 0, out
     assert "3 task(s) selected, 3 predicted" in out, out
     for ps in predictions_by_task(ls, scenes).values():

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from devkit import lsserver
-from devkit.sample_media import make_scene
-from tests.e2e.regions import IMAGE_CONFIG, brush_masks, keypoint
+from devkit.sample_media import keypoint, make_scene
+from tests.e2e.regions import IMAGE_CONFIG, brush_masks
 
 pytestmark = pytest.mark.e2e
 

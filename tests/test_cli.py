@@ -1,0 +1,74 @@
+"""`python -m backend ...`: help a user can act on, and a server that stays on this machine unless
+told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from backend.cli import build_parser, exposure_warning
+from backend.settings import Settings
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_command_has_the_commands_the_readme_names():
+    assert {"serve", "make-test-model", "convert", "preannotate", "warm"} <= set(_subcommands())
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_option_of_every_command_is_explained_with_its_default(name, capsys):
+    parser = _subcommands()[name]
+    assert parser.description and len(parser.description) > 40, f"{name} --help has no description"
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        what = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{name} {what} has no help text"
+        if (
+            action.option_strings
+            and not action.required
+            and not isinstance(action, argparse._StoreTrueAction)
+        ):
+            # a value the user does not give comes from somewhere: the help says where
+            assert "default" in action.help, f"{name} {what}: the help does not say its default"
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([name, "--help"])
+    assert exit_.value.code == 0
+    assert parser.description.split()[0] in capsys.readouterr().out
+
+
+def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("HOST", raising=False)
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+    monkeypatch.setenv("HOST", "0.0.0.0")  # what the Docker image sets
+    assert build_parser().parse_args(["serve"]).host == "0.0.0.0"
+    dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    assert re.search(r"^\s+HOST=0\.0\.0\.0 \\$", dockerfile, re.M), "the image must listen on every interface"
+
+
+def test_listening_beyond_loopback_without_auth_is_warned_about():
+    open_ = Settings.from_env(basic_auth_user=None)
+    open_.basic_auth_user = None
+    warning = exposure_warning("0.0.0.0", 9090, open_)
+    assert warning and "BASIC_AUTH_USER" in warning and "9090" in warning
+    assert exposure_warning("127.0.0.1", 9090, open_) is None
+    assert (
+        exposure_warning("0.0.0.0", 9090, Settings.from_env(basic_auth_user="ml", basic_auth_pass="pw"))
+        is None
+    )
+
+
+def test_warm_takes_the_label_studio_url_and_key_like_preannotate():
+    for name in ("warm", "preannotate"):
+        args = build_parser().parse_args(
+            [name, "--project", "3", "--url", "http://ls:8080", "--api-key", "k"]
+        )
+        assert (args.url, args.api_key) == ("http://ls:8080", "k")
