@@ -188,7 +188,9 @@ class ImagePredictor:
     # --- embeddings -------------------------------------------------------------------------
 
     def _key(self, image_key: str) -> str:
-        return f"{self.loaded.model_id}:{image_key}"
+        # embeddings of a bf16 encoder differ slightly from fp32 ones: never mix them in the store
+        precision = ":bf16" if self.loaded.cpu_encoder_autocast is not None else ""
+        return f"{self.loaded.model_id}{precision}:{image_key}"
 
     def is_cached(self, image_key: str) -> bool:
         return self._key(image_key) in self.cache
@@ -226,8 +228,10 @@ class ImagePredictor:
     def _encode(self, rgb: np.ndarray) -> ImageEmbedding:
         start = time.perf_counter()
         pixel_values = preprocess(rgb, self.loaded.image_size, self.loaded.device)
-        with self.loaded.autocast_context():
+        with self.loaded.encoder_autocast_context():
             features = self.loaded.model.get_image_embeddings(pixel_values)
+        if self.loaded.cpu_encoder_autocast is not None:
+            features = [f.float() for f in features]  # the decoder runs in fp32 on CPU
         self.encoder_calls += 1
         self._timed("encoder", start)
         return ImageEmbedding.of(list(features), rgb.shape[:2])

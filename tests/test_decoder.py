@@ -115,3 +115,51 @@ def test_decoder_contexts_are_bounded(tiny_model):
         rgb = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
         pred.predict(f"k{i}", rgb, [_prompt([[10, 10]], [1])])
     assert len(pred._contexts) == pred.MAX_DECODER_CONTEXTS
+
+
+# --- bf16 encoder on CPU (CPU_PRECISION) ------------------------------------------------------
+
+
+def _agreement(fp32: ImagePredictor, bf16: ImagePredictor, key, rgb, prompts) -> list[float]:
+    ious = []
+    for p in prompts:
+        a = fp32.predict(key, rgb, [p])[0].mask
+        b = bf16.predict(key, rgb, [p])[0].mask
+        assert 0 < a.sum() < a.size
+        ious.append(float((a & b).sum() / (a | b).sum()))
+    return ious
+
+
+@pytest.mark.slow  # a bf16 encode of 1024 px: seconds with native bf16, 2-4x more without it
+def test_bf16_encoder_masks_agree_with_fp32_on_a_real_size_model(real_size):
+    """Forced bf16 (this CPU may lack native bf16, where `auto` would keep fp32): the masks agree."""
+    import copy
+
+    loaded, fast, _, _ = real_size
+    bf16 = copy.copy(loaded)
+    bf16.cpu_encoder_autocast = torch.bfloat16
+    pred = ImagePredictor(bf16)
+    rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    prompts = [p for kind in list(PROMPT_KINDS)[:4] for p in PROMPT_KINDS[kind]]
+    ious = _agreement(fast, pred, "img", rgb, prompts)
+    assert pred.encoder_calls == 1 and min(ious) >= 0.98, ious
+
+
+def test_bf16_encoder_masks_agree_with_fp32_on_the_trained_fixture():
+    from sam2.models import load_image_model
+    from tests.scenes import box_of, interior_point, make_scene
+    from tests.test_behaviour import FIXTURE
+
+    fp32 = ImagePredictor(load_image_model(str(FIXTURE), "cpu", cpu_precision="fp32"))
+    bf16 = ImagePredictor(load_image_model(str(FIXTURE), "cpu", cpu_precision="bf16"))
+    assert bf16.loaded.precision.startswith("encoder bfloat16") and fp32.loaded.precision == "fp32"
+    ious = []
+    for seed in range(4):
+        scene = make_scene(seed)
+        prompts = []
+        for m in scene.masks:
+            if m.sum() > 50:
+                prompts.append(_prompt([interior_point(m)], [1]))
+                prompts.append(_prompt(box=box_of(m)))
+        ious += _agreement(fp32, bf16, f"scene{seed}", scene.image, prompts)
+    assert len(ious) >= 8 and min(ious) >= 0.98, ious
