@@ -11,6 +11,18 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+STORE_OFF = ("off", "none", "false", "0", "no")
+
+
+def default_store_dir() -> str:
+    """The embedding store's home when nothing is configured: the user's cache directory
+    ($XDG_CACHE_HOME, else ~/.cache) / label-studio-sam2 / embeddings."""
+    from pathlib import Path
+
+    cache = _env("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "label-studio-sam2" / "embeddings")
+
+
 @dataclass
 class Settings:
     model: str = "facebook/sam2.1-hiera-tiny"  # SAM2_MODEL: short name, hub id, directory or .pt
@@ -20,8 +32,10 @@ class Settings:
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
     cache_mb: int = 1024  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
-    store_dir: str | None = None  # EMBEDDING_STORE_DIR: persistent embedding store shared by workers
-    store_gb: float = 20.0  # EMBEDDING_STORE_GB: its size bound
+    # EMBEDDING_STORE_DIR: persistent embedding store shared by workers; on by default under the
+    # user's cache directory (default_store_dir()), `off` disables it (None here)
+    store_dir: str | None = None
+    store_gb: float = 10.0  # EMBEDDING_STORE_GB: its size bound (fp16 hiera: ~8 MB per image)
     prefetch_tasks: int = 0  # PREFETCH_TASKS: pre-encode this many next tasks in idle time (needs the store)
     prompt_memory_s: float = 300.0  # PROMPT_MEMORY_S: how long a box is remembered for later clicks
     max_image_mp: float = 120.0  # MAX_IMAGE_MP: decompression-bomb guard
@@ -58,7 +72,7 @@ class Settings:
             basic_auth_user=_env("BASIC_AUTH_USER"),
             basic_auth_pass=_env("BASIC_AUTH_PASS"),
             cache_mb=int(_env("EMBEDDING_CACHE_MB", str(cls.cache_mb))),
-            store_dir=_env("EMBEDDING_STORE_DIR"),
+            store_dir=_env("EMBEDDING_STORE_DIR") or default_store_dir(),
             store_gb=float(_env("EMBEDDING_STORE_GB", str(cls.store_gb))),
             prefetch_tasks=int(_env("PREFETCH_TASKS", str(cls.prefetch_tasks))),
             prompt_memory_s=float(_env("PROMPT_MEMORY_S", str(cls.prompt_memory_s))),
@@ -94,4 +108,6 @@ class Settings:
                 setattr(s, k, v)
         if s.label_studio_url:
             s.label_studio_url = s.label_studio_url.rstrip("/")
+        if s.store_dir is not None and s.store_dir.strip().lower() in STORE_OFF:
+            s.store_dir = None
         return s
