@@ -57,6 +57,7 @@ class Settings:
     auto_stability_thresh: float = 0.92  # AUTO_STABILITY_THRESH: minimum stability score
     min_area: int = 100  # MIN_AREA: minimum automatic-mask area, pixels
     max_masks: int = 100  # AUTO_MAX_MASKS: at most this many automatic masks per image
+    auto_fast: bool = False  # AUTO_FAST: skip grid points inside masks already found (fewer masks)
     polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification, pixels
     background_job: bool = True  # BACKGROUND_JOB: finish a too-large "Retrieve predictions" via the LS API
     log_level: str = "INFO"  # LOG_LEVEL
@@ -96,6 +97,7 @@ class Settings:
             auto_stability_thresh=float(_env("AUTO_STABILITY_THRESH", str(cls.auto_stability_thresh))),
             min_area=int(_env("MIN_AREA", str(cls.min_area))),
             max_masks=int(_env("AUTO_MAX_MASKS", str(cls.max_masks))),
+            auto_fast=_env("AUTO_FAST", "false").lower() in ("1", "true", "yes", "on"),
             polygon_tolerance=float(_env("POLYGON_TOLERANCE", str(cls.polygon_tolerance))),
             background_job=_env("BACKGROUND_JOB", "true").lower() not in ("0", "false", "no", "off"),
             log_level=_env("LOG_LEVEL", cls.log_level),

@@ -68,6 +68,12 @@ def add_parser(subparsers) -> None:
         "--points-per-side", type=int, default=None, help="automatic-mask grid (POINTS_PER_SIDE, 16)"
     )
     p.add_argument(
+        "--fast",
+        action="store_true",
+        default=None,
+        help="automatic masks: skip grid points inside masks already found (AUTO_FAST; fewer masks)",
+    )
+    p.add_argument(
         "--min-area", type=int, default=None, help="smallest automatic mask in pixels (MIN_AREA, 100)"
     )
     p.add_argument(
@@ -130,6 +136,7 @@ def cmd_preannotate(args) -> None:
             auto_label=args.label,
             roi_label=args.roi_label,
             points_per_side=args.points_per_side,
+            auto_fast=args.fast,
             min_area_px=args.min_area,
             iou_thresh=args.iou_thresh,
             stability_thresh=args.stability_thresh,
