@@ -337,7 +337,8 @@ class ImagePredictor:
         """Sam2Model.forward's prompt handling, then the decoder from the image's context."""
         model = self.loaded.model
         ctx = self.decoder_context(emb)
-        with self.loaded.autocast_context():
+        objects = next(t.shape[1] for t in (*prompt.values(), input_masks) if t is not None)
+        with self.loaded.autocast_context(), threads_for(objects):
             if input_masks is not None and input_masks.shape[-2:] != model.prompt_encoder.mask_input_size:
                 input_masks = torch.nn.functional.interpolate(
                     input_masks.float(),
