@@ -130,11 +130,6 @@ class DecoderContext:
             version=weights_version(model),
         )
 
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.keys, self.pos, self.k0, self.v0, self.q0)  # feat_s* are the embedding's own
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 @torch.inference_mode()
 def decode(

@@ -163,7 +163,7 @@ class ImagePredictor:
     added here, so two models never share entries.
     """
 
-    # Decoder contexts (sam2/decoder.py) kept for this many recently decoded images: ~10 MB each
+    # Decoder contexts (sam2/decoder.py) kept for this many recently decoded images: ~14 MB each
     # at hiera's 64x64x256, so only the images labelers are clicking on now hold one.
     MAX_DECODER_CONTEXTS = 4
 
