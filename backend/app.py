@@ -98,7 +98,11 @@ class Runtime:
         if self.settings.store_dir:
             from sam2.store import EmbeddingStore
 
-            store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            try:
+                store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            except OSError as e:  # on by default: an unwritable cache directory only costs re-encoding
+                log.warning("embedding store %s unusable, running without it: %s", self.settings.store_dir, e)
+        if store is not None:
             self.metrics.watch(
                 lambda: [
                     ("sam2_embedding_store_hits", "Embedding store (disk) hits", store.hits),

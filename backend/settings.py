@@ -28,6 +28,18 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+STORE_OFF = ("off", "none", "false", "0", "no")
+
+
+def default_store_dir() -> str:
+    """The embedding store's home when nothing is configured: the user's cache directory
+    ($XDG_CACHE_HOME, else ~/.cache) / label-studio-sam2 / embeddings."""
+    from pathlib import Path
+
+    cache = _env("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "label-studio-sam2" / "embeddings")
+
+
 @dataclass
 class Settings:
     model: str = "facebook/sam2.1-hiera-tiny"  # SAM2_MODEL: short name, hub id, directory or .pt
@@ -37,8 +49,10 @@ class Settings:
     basic_auth_user: str | None = None  # BASIC_AUTH_USER
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
     cache_mb: int = 1024  # EMBEDDING_CACHE_MB: in-memory embedding cache bound
-    store_dir: str | None = None  # EMBEDDING_STORE_DIR: persistent embedding store shared by workers
-    store_gb: float = 20.0  # EMBEDDING_STORE_GB: its size bound
+    # EMBEDDING_STORE_DIR: persistent embedding store shared by workers; on by default under the
+    # user's cache directory (default_store_dir()), `off` disables it (None here)
+    store_dir: str | None = None
+    store_gb: float = 10.0  # EMBEDDING_STORE_GB: its size bound (fp16 hiera: ~8 MB per image)
     prefetch_tasks: int = 0  # PREFETCH_TASKS: pre-encode this many next tasks in idle time (needs the store)
     prompt_memory_s: float = 300.0  # PROMPT_MEMORY_S: how long a box is remembered for later clicks
     max_image_mp: float = 120.0  # MAX_IMAGE_MP: decompression-bomb guard
@@ -60,6 +74,7 @@ class Settings:
     auto_stability_thresh: float = 0.92  # AUTO_STABILITY_THRESH: minimum stability score
     min_area: int = 100  # MIN_AREA: minimum automatic-mask area, pixels
     max_masks: int = 100  # AUTO_MAX_MASKS: at most this many automatic masks per image
+    auto_fast: bool = False  # AUTO_FAST: skip grid points inside masks already found (fewer masks)
     polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification, pixels
     background_job: bool = True  # BACKGROUND_JOB: finish a too-large "Retrieve predictions" via the LS API
     log_level: str = "INFO"  # LOG_LEVEL
@@ -75,7 +90,7 @@ class Settings:
             basic_auth_user=_env("BASIC_AUTH_USER"),
             basic_auth_pass=os.environ.get("BASIC_AUTH_PASS") if "BASIC_AUTH_PASS" in os.environ else None,
             cache_mb=int(_env("EMBEDDING_CACHE_MB", str(cls.cache_mb))),
-            store_dir=_env("EMBEDDING_STORE_DIR"),
+            store_dir=_env("EMBEDDING_STORE_DIR") or default_store_dir(),
             store_gb=float(_env("EMBEDDING_STORE_GB", str(cls.store_gb))),
             prefetch_tasks=int(_env("PREFETCH_TASKS", str(cls.prefetch_tasks))),
             prompt_memory_s=float(_env("PROMPT_MEMORY_S", str(cls.prompt_memory_s))),
@@ -99,6 +114,7 @@ class Settings:
             auto_stability_thresh=float(_env("AUTO_STABILITY_THRESH", str(cls.auto_stability_thresh))),
             min_area=int(_env("MIN_AREA", str(cls.min_area))),
             max_masks=int(_env("AUTO_MAX_MASKS", str(cls.max_masks))),
+            auto_fast=_env("AUTO_FAST", "false").lower() in ("1", "true", "yes", "on"),
             polygon_tolerance=float(_env("POLYGON_TOLERANCE", str(cls.polygon_tolerance))),
             background_job=_env("BACKGROUND_JOB", "true").lower() not in ("0", "false", "no", "off"),
             log_level=_env("LOG_LEVEL", cls.log_level),
@@ -111,6 +127,8 @@ class Settings:
                 setattr(s, k, v)
         if s.label_studio_url:
             s.label_studio_url = without_userinfo(s.label_studio_url).rstrip("/")
+        if s.store_dir is not None and s.store_dir.strip().lower() in STORE_OFF:
+            s.store_dir = None
         s.check()
         return s
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+# The embedding store is on by default (under the user's cache directory). Tests share no store
+# and never write to the home directory: those about the store give it a directory of their own.
+os.environ["EMBEDDING_STORE_DIR"] = "off"
 
 IMAGE_CONFIG = """<View>
   <Image name="image" value="$image"/>
