@@ -14,6 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models/hf \
+    EMBEDDING_STORE_DIR=/models/embeddings \
     HF_HUB_DISABLE_TELEMETRY=1 \
     MALLOC_ARENA_MAX=2 \
     HOST=0.0.0.0 \
@@ -39,7 +40,7 @@ RUN python -c "import torch" 2>/dev/null \
 # An unprivileged user; /models (HF cache, converted checkpoints, embedding store) is its volume.
 RUN groupadd --gid 10001 sam2 \
     && useradd --no-log-init --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin sam2 \
-    && mkdir -p /models/hf \
+    && mkdir -p /models/hf /models/embeddings \
     && chown -R 10001:10001 /models
 
 COPY backend/ backend/

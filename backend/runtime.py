@@ -87,7 +87,7 @@ class Runtime:
     def load(self) -> None:
         try:
             start = time.perf_counter()
-            loaded = load_image_model(self.settings.model, self.settings.device)
+            loaded = load_image_model(self.settings.model, self.settings.device, self.settings.cpu_precision)
             log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
             self._build(loaded)
         except Exception as e:  # ModelUnavailable and anything else: /predict reports it
@@ -100,7 +100,11 @@ class Runtime:
         cache = EmbeddingCache(self.settings.cache_mb << 20)
         store = None
         if self.settings.store_dir:
-            store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            try:
+                store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            except OSError as e:  # on by default: an unwritable cache directory only costs re-encoding
+                log.warning("embedding store %s unusable, running without it: %s", self.settings.store_dir, e)
+        if store is not None:
             self.metrics.watch_store(store)
         self.store = store
         if store is not None and self.settings.prefetch_tasks > 0:

@@ -9,6 +9,7 @@ as unset. The README's table of environment variables is `env_table()` (a test k
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +27,16 @@ def without_userinfo(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+STORE_OFF = ("off", "none", "false", "0", "no")  # EMBEDDING_STORE_DIR values that disable the store
+
+
+def default_store_dir() -> str:
+    """The embedding store's home when nothing is configured: the user's cache directory
+    ($XDG_CACHE_HOME, else ~/.cache) / label-studio-sam2 / embeddings."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(cache) / "label-studio-sam2" / "embeddings")
 
 
 class SettingsError(ValueError):
@@ -53,7 +64,12 @@ class Settings(BaseSettings):
         "DEVICE",
         default="auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
-        description="`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:1`, `mps`. On CUDA the model runs under bf16 (fp16 on older GPUs) autocast; fp32 on CPU",
+        description="`auto` (cuda, then mps, then cpu), `cpu`, `cuda`, `cuda:1`, `mps`. On CUDA the model runs under bf16 (fp16 on older GPUs) autocast; on CPU see `CPU_PRECISION`",
+    )
+    cpu_precision: Literal["auto", "fp32", "bf16"] = _env(
+        "CPU_PRECISION",
+        default="auto",
+        description="the image encoder's precision on CPU: `auto` = bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16 or AMX), fp32 elsewhere (emulated bf16 is slower); `fp32`; `bf16` (force). The decoder stays fp32. The log line `image model precision: ...` and the benchmarks say which ran",
     )
     # --- Label Studio -----------------------------------------------------------------------------
     label_studio_url: str | None = _env(
@@ -84,12 +100,14 @@ class Settings(BaseSettings):
         ge=0,
         description="in-memory image embedding cache (LRU, by bytes): 16 MB per image at 1024 px",
     )
-    store_dir: str | None = _env(
-        "EMBEDDING_STORE_DIR",
-        default=None,
-        description='persistent embedding store shared by workers (see "Zero-wait first click")',
+    store_dir: str | None = Field(
+        default_factory=lambda: default_store_dir(),
+        validation_alias=AliasChoices("EMBEDDING_STORE_DIR"),
+        description='persistent embedding store, on by default (see "Zero-wait first click") under `~/.cache/label-studio-sam2/embeddings` (`XDG_CACHE_HOME` if set; `/models/embeddings` in Docker); `off` disables it',
     )
-    store_gb: float = _env("EMBEDDING_STORE_GB", default=20.0, gt=0, description="its size bound")
+    store_gb: float = _env(
+        "EMBEDDING_STORE_GB", default=10.0, gt=0, description="its size bound (8 MB per image)"
+    )
     prefetch_tasks: int = _env(
         "PREFETCH_TASKS",
         default=0,
@@ -180,6 +198,11 @@ class Settings(BaseSettings):
     max_masks: int = _env(
         "AUTO_MAX_MASKS", default=100, ge=1, description="automatic masks per image at most"
     )
+    auto_fast: bool = _env(
+        "AUTO_FAST",
+        default=False,
+        description="automatic masks: decode a coarse grid first and skip grid points inside masks already found (faster, a few masks fewer; `preannotate --fast`; see Benchmarks)",
+    )
     polygon_tolerance: float = _env(
         "POLYGON_TOLERANCE", default=1.0, ge=0, description="polygon simplification, pixels"
     )
@@ -254,6 +277,16 @@ class Settings(BaseSettings):
             return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
 
+    @field_validator("store_dir", mode="after")
+    @classmethod
+    def _store_off(cls, value):
+        return None if value is not None and value.strip().lower() in STORE_OFF else value
+
+    @field_validator("cpu_precision", "retrieve_mode", "output", "boxes_from", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value):
@@ -319,7 +352,7 @@ def env_table() -> str:
             continue
         names = [str(n) for n in alias.choices]
         variable = f"`{names[0]}`" + "".join(f" (or `{n}`)" for n in names[1:])
-        default = field.default
+        default = "on" if field.default_factory is not None else field.default
         shown = (
             ""
             if default in (None, ())

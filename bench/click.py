@@ -5,13 +5,18 @@ A randomly initialised model of the real hiera-tiny architecture at its real 102
 requests through the real Flask app (media fetch, prompt parsing, RLE, JSON included).
 Also: brush RLE of a realistic 12 MP object mask, ours vs label-studio-sdk's encoders.
 
-    .venv/bin/python -m bench.click [--clicks 5] [--threads 2]
-Prints a table and writes bench/results/click.json.
+    .venv/bin/python -m bench.click [--clicks 5] [--threads 2] [--busy] [--bf16]
+--busy: the same with two CPU-bound processes running beside it (a shared, loaded machine).
+--bf16: also time the encoder in fp32 and under forced bf16 autocast, side by side (on a CPU
+without native bf16 the second is slower: CPU_PRECISION=auto keeps fp32 there).
+Prints a table and writes bench/results/click.json (click-busy.json with --busy).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import time
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import photo, report, serve_directory
+from bench.common import machine, photo, report, serve_directory
 
 RESULTS = Path(__file__).parent / "results" / "click.json"
 
@@ -46,23 +51,34 @@ def _body(url: str, task_id: int, clicks: int) -> dict:
     }
 
 
-def _key_and_loader(url: str, app):
-    image = app.extensions["sam2"].media.load_image(url)
-    return image.key, image.load
+def _spin() -> None:
+    while True:
+        pass
 
 
-def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: int = 768) -> dict:
+def busy_neighbours(n: int = 2) -> list[mp.Process]:
+    """n CPU-bound processes (the other engineers' jobs on a shared machine); terminate them after."""
+    procs = [mp.Process(target=_spin, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def run(
+    clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: int = 768, bf16: bool = False
+) -> dict:
     from backend.app import create_app
     from backend.settings import Settings
-    from sam2.models import random_model, real_config
+    from sam2.models import cpu_has_native_bf16, random_model, real_config
 
-    loaded = random_model(real_config(), "image")
+    loaded = random_model(real_config(), "image", cpu_precision="auto")
     assert loaded.image_size == 1024
     tmp = tempfile.mkdtemp()
     for i in range(2):
         Path(tmp, f"img{i}.jpg").write_bytes(photo(width, height, i))
     httpd, base = serve_directory(tmp)
-    app = create_app(Settings.from_env(cache_mb=512), loaded_model=loaded)
+    # the interactive figures without the disk store (its effect is measured apart, below)
+    app = create_app(Settings.from_env(cache_mb=512, store_dir="off"), loaded_model=loaded)
     client = app.test_client()
     predictor = app.extensions["sam2"].segmenter.predictor
 
@@ -79,46 +95,91 @@ def run(clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: in
     click(f"{base}/img1.jpg", 99, 1)
     first = click(f"{base}/img0.jpg", 1, 1)
     enc_before = predictor.encoder_calls
-    cached = [click(f"{base}/img0.jpg", 1, n) for n in range(2, 2 + clicks)]
+    cached, cached_transformers = [], []
+    for n in range(2, 2 + clicks):  # interleaved: both decoders see the same load
+        predictor.fast_decoder = True
+        cached.append(click(f"{base}/img0.jpg", 1, n))
+        predictor.fast_decoder = False  # the transformers Sam2Model call, as before issue 15
+        cached_transformers.append(click(f"{base}/img0.jpg", 1, n))
+    predictor.fast_decoder = True
     assert predictor.encoder_calls == enc_before, "a cached click ran the encoder"
     baseline = []
     for n in range(baseline_clicks):  # what the reference examples do: encode on every click
         predictor.cache._items.clear()
         predictor.cache.bytes = 0
         baseline.append(click(f"{base}/img0.jpg", 1, n + 1))
-    # Pre-encoded: `warm` filled the store; a restarted server (empty memory cache) gets a click.
-    store_dir = tempfile.mkdtemp()
-    warm_app = create_app(Settings.from_env(store_dir=store_dir), loaded_model=loaded)
-    warm_app.extensions["sam2"].segmenter.predictor.embedding(*_key_and_loader(f"{base}/img0.jpg", warm_app))
-    store_bytes = warm_app.extensions["sam2"].store.bytes
-    pre_encoded = []
+    # The store as it comes by default (nothing configured but where the user's cache is): a cold
+    # first click encodes and stores; after a restart (empty memory cache) the first click on the
+    # same image reads the store instead of encoding.
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()
+    os.environ.pop("EMBEDDING_STORE_DIR", None)
+    cold, restarted = [], []
     for n in range(clicks):
-        fresh = create_app(Settings.from_env(store_dir=store_dir), loaded_model=loaded)
+        fresh = create_app(Settings.from_env(), loaded_model=loaded)
         client = fresh.test_client()
-        pre_encoded.append(click(f"{base}/img0.jpg", 1, n + 1))
-        assert fresh.extensions["sam2"].segmenter.predictor.encoder_calls == 0
+        url = f"{base}/img{n % 2}.jpg"
+        if n < 2:
+            cold.append(click(url, 1, 1))  # first time this image is seen: encode + store
+        else:
+            restarted.append(click(url, 1, n))
+            assert fresh.extensions["sam2"].segmenter.predictor.encoder_calls == 0
+    store_bytes = fresh.extensions["sam2"].store.bytes / 2
     httpd.close()
 
     from bench.rle import run as rle_run
 
     rle = rle_run()
     cached_s = statistics.median(cached)
+    cached_tf_s = statistics.median(cached_transformers)
     baseline_s = statistics.median(baseline)
-    return {
+    restarted_s = statistics.median(restarted)
+    result = {
         "model": "hiera-tiny (random init), 1024 px input",
         "image": f"{width}x{height} JPEG over loopback HTTP",
         "torch_threads": torch.get_num_threads(),
+        "precision": loaded.precision,
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "first_click_s": first,
         "cached_click_s": cached_s,
         "cached_clicks_s": cached,
+        "cached_click_transformers_s": cached_tf_s,
+        "cached_clicks_transformers_s": cached_transformers,
+        "cached_vs_transformers": cached_s / cached_tf_s,
+        "first_vs_cached": first / cached_s,
         "reencode_baseline_s": baseline_s,
         "speedup_cached_vs_baseline": baseline_s / cached_s,
         "embedding_bytes": predictor.cache.bytes,
-        "pre_encoded_first_click_s": statistics.median(pre_encoded),
-        "pre_encoded_vs_cached": statistics.median(pre_encoded) / cached_s,
+        "cold_first_click_default_store_s": statistics.median(cold),
+        "restarted_first_click_s": restarted_s,
+        "cold_vs_restarted": statistics.median(cold) / restarted_s,
+        "restarted_vs_cached": restarted_s / cached_s,
         "store_bytes_per_image": store_bytes,
         "rle": rle,
     }
+    if bf16:
+        result.update(encoder_precisions(loaded))
+    return result
+
+
+def encoder_precisions(loaded, repeats: int = 2) -> dict:
+    """The encoder in fp32 and under forced bf16 autocast, alternated on one image."""
+    import copy
+
+    import numpy as np
+
+    from sam2.image import ImagePredictor
+
+    fp32, bf16 = copy.copy(loaded), copy.copy(loaded)
+    fp32.cpu_encoder_autocast, bf16.cpu_encoder_autocast = None, torch.bfloat16
+    rgb = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        for name, lm in (("fp32", fp32), ("bf16", bf16)):
+            start = time.perf_counter()
+            ImagePredictor(lm)._encode(rgb)
+            times[name].append(time.perf_counter() - start)
+    f, b = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    return {"encoder_fp32_s": f, "encoder_bf16_s": b, "encoder_bf16_speedup": f / b}
 
 
 def main() -> None:
@@ -126,17 +187,41 @@ def main() -> None:
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--baseline-clicks", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--busy", action="store_true", help="two CPU-bound processes beside the benchmark")
+    p.add_argument("--bf16", action="store_true", help="also time the encoder in fp32 vs forced bf16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    r = run(args.clicks, args.baseline_clicks)
+    neighbours = busy_neighbours(2) if args.busy else []
+    try:
+        r = run(args.clicks, args.baseline_clicks, bf16=args.bf16)
+    finally:
+        for proc in neighbours:
+            proc.terminate()
+    r["busy_neighbours"] = len(neighbours)
+    r["cpu"], r["load_before"] = machine()
     rle = r["rle"]
     rows = [
+        ("machine", r["cpu"], f"load average {r['load_before']}; busy neighbours: {len(neighbours)}"),
+        ("precision", r["precision"], f"native bf16: {r['cpu_native_bf16']}"),
         ("first click (encode + decode)", f"{r['first_click_s']:.3f} s", ""),
         ("cached click (decode only), median", f"{r['cached_click_s']:.3f} s", ""),
+        ("cached click, transformers decoder (before)", f"{r['cached_click_transformers_s']:.3f} s", ""),
+        ("  cached click now vs before", f"{r['cached_vs_transformers']:.2f}x", "target <= 0.5x"),
+        ("  first / cached", f"{r['first_vs_cached']:.1f}x", "target >= 40x (busy: >= 20x)"),
         ("re-encode every click (reference examples)", f"{r['reencode_baseline_s']:.3f} s", ""),
         ("  cached click speed-up vs re-encode", f"{r['speedup_cached_vs_baseline']:.1f}x", "target >= 20x"),
-        ("first click on a pre-encoded image, median", f"{r['pre_encoded_first_click_s']:.3f} s", ""),
-        ("  pre-encoded vs cached click", f"{r['pre_encoded_vs_cached']:.2f}x", "target <= 1.5x"),
+        (
+            "cold first click, default store on",
+            f"{r['cold_first_click_default_store_s']:.3f} s",
+            "encode + store",
+        ),
+        (
+            "first click after a restart, median",
+            f"{r['restarted_first_click_s']:.3f} s",
+            "nothing configured",
+        ),
+        ("  cold / after restart", f"{r['cold_vs_restarted']:.1f}x", "target >= 3x"),
+        ("  after restart vs cached click", f"{r['restarted_vs_cached']:.2f}x", ""),
         ("embedding held per image in memory", f"{r['embedding_bytes'] / 2**20:.1f} MB", "fp32"),
         ("embedding store bytes per image", f"{r['store_bytes_per_image'] / 2**20:.1f} MB", "fp16 on disk"),
         ("RLE 12 MP object mask, ours", f"{rle['ours_s'] * 1000:.1f} ms", ""),
@@ -151,7 +236,16 @@ def main() -> None:
             f"{rle['speedup_vs_mask2rle']:.1f}x",
         ),
     ]
-    report(r, rows, RESULTS)
+    if "encoder_fp32_s" in r:
+        rows += [
+            ("encoder fp32", f"{r['encoder_fp32_s']:.2f} s", ""),
+            (
+                "encoder bf16 autocast (forced)",
+                f"{r['encoder_bf16_s']:.2f} s",
+                f"{r['encoder_bf16_speedup']:.2f}x",
+            ),
+        ]
+    report(r, rows, RESULTS.with_name("click-busy.json") if args.busy else RESULTS, value_width=12)
 
 
 if __name__ == "__main__":

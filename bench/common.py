@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -42,3 +44,19 @@ def report(result: dict, rows: list[tuple[str, str, str]], path, value_width: in
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+
+
+def machine() -> tuple[str, str]:
+    """The CPU model with its bf16/AVX-512 flags, and the load average, for every figure."""
+    name, flags = "unknown CPU", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    marks = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{name} ({os.cpu_count()} cpus; {' '.join(marks) or 'no avx512'})", load

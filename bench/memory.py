@@ -41,7 +41,7 @@ def child(n_boxes: int) -> None:
     from sam2.models import load_image_model
 
     torch.set_num_threads(2)
-    loaded = load_image_model(str(REPO / "tests" / "fixtures" / "sam2-shapes"), "cpu")
+    loaded = load_image_model(str(REPO / "devkit" / "sam2-shapes"), "cpu")
     uri = "data:image/jpeg;base64," + base64.b64encode(photo(W, H, 0)).decode()
     boxes = []
     for i in range(n_boxes):

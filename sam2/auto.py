@@ -44,6 +44,10 @@ class AutoMaskConfig:
     max_masks: keep at most this many (best predicted IoU first); None for all.
     crop_rois: encode each ROI as its own image (better for small ROIs, one encoder pass each);
         False reuses the whole image's embedding and puts the grid inside the ROI.
+    skip_covered: the opt-in fast mode. The grid is decoded coarse to fine (every other point of
+        every other row first), and a point that falls inside a mask already kept (after the IoU
+        and stability filters) is not decoded: in a full run it mostly finds that mask again, which
+        NMS then drops. Fewer decoder calls, and a few masks fewer (bench.bulk measures the recall).
     """
 
     points_per_side: int = 16
@@ -56,6 +60,7 @@ class AutoMaskConfig:
     min_area_px: int = 0
     max_masks: int | None = None
     crop_rois: bool = True
+    skip_covered: bool = False
 
     def __post_init__(self):
         if self.points_per_side < 1 or self.points_per_batch < 1:
@@ -310,8 +315,8 @@ class AutoMaskGenerator:
         local_h, local_w = region.emb.original_hw
         parts: list[_Candidates] = []
         low_hw = None
-        for start in range(0, len(grid), cfg.points_per_batch):
-            pts = grid[start : start + cfg.points_per_batch]
+        covered: list[torch.Tensor] = []  # skip_covered: [union of the masks kept so far], low-res
+        for pts in self._batches(grid, covered, (local_h, local_w)):
             logits, iou = self._decode_points(region.emb, pts)  # (b, k, h, w), (b, k)
             b, k, h, w = logits.shape
             low_hw = (h, w)
@@ -327,6 +332,9 @@ class AutoMaskGenerator:
             idx, stab, boxes = idx[nonempty], stab[nonempty], boxes[nonempty]
             if len(idx) == 0:
                 continue
+            if cfg.skip_covered:
+                kept = (logits[idx] > 0).any(dim=0)
+                covered[:] = [covered[0] | kept if covered else kept]
             scale = np.array([local_w / w, local_h / h] * 2)
             boxes_px = boxes.numpy() * scale + [ox, oy, ox, oy]
             boxes_px = np.clip(boxes_px, [cx1, cy1, cx1, cy1], [cx2, cy2, cx2, cy2])
@@ -348,6 +356,35 @@ class AutoMaskGenerator:
             np.concatenate([p.stability for p in parts]),
             np.concatenate([p.points for p in parts]),
         )
+
+    def _batches(self, grid: np.ndarray, covered: list[torch.Tensor], local_hw):
+        """Batches of grid points to decode: in order; or, with skip_covered, the coarse grid
+        first and then the other points not inside a mask kept so far (`covered`, updated by
+        the caller between batches)."""
+        cfg = self.config
+        if not cfg.skip_covered:
+            for start in range(0, len(grid), cfg.points_per_batch):
+                yield grid[start : start + cfg.points_per_batch]
+            return
+        n = cfg.points_per_side
+        row, col = np.divmod(np.arange(len(grid)), n)
+        coarse = (row % 2 == 0) & (col % 2 == 0)
+        order = np.concatenate([np.flatnonzero(coarse), np.flatnonzero(~coarse)])
+        pending = list(order)
+        first = int(coarse.sum())
+        while pending:
+            size = first if first else cfg.points_per_batch
+            first = 0
+            mask = covered[0] if covered else None
+            batch = []
+            while pending and len(batch) < size:
+                i = pending.pop(0)
+                if mask is not None and _inside(mask, grid[i], local_hw):
+                    continue
+                batch.append(i)
+            if batch:
+                for start in range(0, len(batch), cfg.points_per_batch):
+                    yield grid[batch[start : start + cfg.points_per_batch]]
 
     @torch.inference_mode()
     def _decode_points(self, emb: ImageEmbedding, points_xy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +426,14 @@ class AutoMaskGenerator:
                 )
             )
         return out
+
+
+def _inside(mask: torch.Tensor, xy: np.ndarray, local_hw: tuple[int, int]) -> bool:
+    """Is the point (continuous pixels of the embedded window) inside the low-res mask?"""
+    h, w = mask.shape
+    x = min(int(xy[0] / local_hw[1] * w), w - 1)
+    y = min(int(xy[1] / local_hw[0] * h), h - 1)
+    return bool(mask[max(y, 0), max(x, 0)])
 
 
 def _crop(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

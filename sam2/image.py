@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sam2.decoder import DecoderContext, decode, threads_for, weights_version
 from sam2.models import LoadedModel
 from sam2.transforms import preprocess, to_model_coords, upscale_logits
 
@@ -160,18 +162,34 @@ class ImagePredictor:
     added here, so two models never share entries.
     """
 
-    def __init__(self, loaded: LoadedModel, cache: EmbeddingCache | None = None, store=None):
+    # Decoder contexts (sam2/decoder.py) kept for this many recently decoded images: ~14 MB each
+    # at hiera's 64x64x256, so only the images labelers are clicking on now hold one.
+    MAX_DECODER_CONTEXTS = 4
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache: EmbeddingCache | None = None,
+        store=None,
+        fast_decoder: bool = True,
+    ):
         self.loaded = loaded
         self.cache = cache if cache is not None else EmbeddingCache()
         self.store = store  # optional persistent second level: .get(key) / .put(key, ImageEmbedding)
+        # False: decode through transformers' Sam2Model.forward (the reference the fast path equals)
+        self.fast_decoder = fast_decoder
         self.encoder_calls = 0
         self.decoder_calls = 0
         self.on_timing: Callable[[str, float], None] | None = None
+        self._contexts: OrderedDict[int, tuple[weakref.ref, DecoderContext]] = OrderedDict()
+        self._contexts_lock = threading.Lock()
 
     # --- embeddings -------------------------------------------------------------------------
 
     def _key(self, image_key: str) -> str:
-        return f"{self.loaded.model_id}:{image_key}"
+        # embeddings of a bf16 encoder differ slightly from fp32 ones: never mix them in the store
+        precision = ":bf16" if self.loaded.cpu_encoder_autocast is not None else ""
+        return f"{self.loaded.model_id}{precision}:{image_key}"
 
     def is_cached(self, image_key: str) -> bool:
         return self._key(image_key) in self.cache
@@ -209,8 +227,10 @@ class ImagePredictor:
     def _encode(self, rgb: np.ndarray) -> ImageEmbedding:
         start = time.perf_counter()
         pixel_values = preprocess(rgb, self.loaded.image_size, self.loaded.device)
-        with self.loaded.autocast_context():
+        with self.loaded.encoder_autocast_context():
             features = self.loaded.model.get_image_embeddings(pixel_values)
+        if self.loaded.cpu_encoder_autocast is not None:
+            features = [f.float() for f in features]  # the decoder runs in fp32 on CPU
         self.encoder_calls += 1
         self._timed("encoder", start)
         return ImageEmbedding.of(list(features), rgb.shape[:2])
@@ -220,6 +240,23 @@ class ImagePredictor:
             self.on_timing(what, time.perf_counter() - start)
 
     # --- decoding ---------------------------------------------------------------------------
+
+    def decoder_context(self, emb: ImageEmbedding) -> DecoderContext:
+        """The image's prompt-independent decoder work, computed on its first decode (under the
+        model lock) and kept for the few most recently decoded images."""
+        model = self.loaded.model
+        with self._contexts_lock:
+            entry = self._contexts.get(id(emb))
+            if entry is not None and entry[0]() is emb and entry[1].version == weights_version(model):
+                self._contexts.move_to_end(id(emb))
+                return entry[1]
+        with self.loaded.autocast_context():
+            ctx = DecoderContext.of(model, [f.to(self.loaded.device) for f in emb.features])
+        with self._contexts_lock:
+            self._contexts[id(emb)] = (weakref.ref(emb), ctx)
+            while len(self._contexts) > self.MAX_DECODER_CONTEXTS:
+                self._contexts.popitem(last=False)
+        return ctx
 
     def predict(
         self, image_key: str, image: np.ndarray | ImageLoader, prompts: list[Prompt]
@@ -280,19 +317,42 @@ class ImagePredictor:
                 prompts[0].mask_logits.reshape(1, 1, *prompts[0].mask_logits.shape[-2:]).to(dev)
             )
         start = time.perf_counter()
-        with lm.lock, lm.autocast_context():
-            out = lm.model(
-                image_embeddings=[f.to(dev) for f in emb.features],
-                multimask_output=prompts[0].multimask,
-                **kwargs,
-            )
+        with lm.lock:
+            if self.fast_decoder and hasattr(lm.model, "mask_decoder"):  # a SAM2 (not a stand-in)
+                masks, iou, object_logits = self._decode_fast(emb, prompts[0].multimask, **kwargs)
+            else:
+                with lm.autocast_context():
+                    out = lm.model(
+                        image_embeddings=[f.to(dev) for f in emb.features],
+                        multimask_output=prompts[0].multimask,
+                        **kwargs,
+                    )
+                masks, iou, object_logits = out.pred_masks, out.iou_scores, out.object_score_logits
         self.decoder_calls += 1
         self._timed("decoder", start)
-        return (
-            out.pred_masks[0].float(),
-            out.iou_scores[0].float(),
-            out.object_score_logits[0].float().reshape(n),
-        )
+        return masks[0].float(), iou[0].float(), object_logits[0].float().reshape(n)
+
+    def _decode_fast(self, emb: ImageEmbedding, multimask: bool, input_masks=None, **prompt):
+        """Sam2Model.forward's prompt handling, then the decoder from the image's context."""
+        model = self.loaded.model
+        ctx = self.decoder_context(emb)
+        objects = next(t.shape[1] for t in (*prompt.values(), input_masks) if t is not None)
+        with self.loaded.autocast_context(), threads_for(objects):
+            if input_masks is not None and input_masks.shape[-2:] != model.prompt_encoder.mask_input_size:
+                input_masks = torch.nn.functional.interpolate(
+                    input_masks.float(),
+                    size=model.prompt_encoder.mask_input_size,
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                ).to(input_masks.dtype)
+            sparse, dense = model.prompt_encoder(
+                input_points=prompt.get("input_points"),
+                input_labels=prompt.get("input_labels"),
+                input_boxes=prompt.get("input_boxes"),
+                input_masks=input_masks,
+            )
+            return decode(model, ctx, sparse, dense if input_masks is not None else None, multimask)
 
     @torch.inference_mode()
     def _decode(self, emb: ImageEmbedding, prompts: list[Prompt]) -> list[MaskPrediction]:

@@ -3,6 +3,7 @@ around a model, Label Studio regions in percent or pixels."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ import torch
 from devkit.media_server import MediaServer, encode_image  # noqa: F401  (tests import encode_image here)
 
 torch.set_num_threads(2)
+# The embedding store is on by default (under the user's cache directory). Tests share no store
+# and never write to the home directory: those about the store give it a directory of their own.
+os.environ["EMBEDDING_STORE_DIR"] = "off"
 
 IMAGE_CONFIG = """<View>
   <Image name="image" value="$image"/>

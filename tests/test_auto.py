@@ -238,3 +238,25 @@ def test_the_real_decoder_runs_through_the_same_code(tiny_model):
     for m in masks:
         assert m.full().shape == (50, 70) and 0 <= m.score <= 1 and m.area > 0
     assert [m.score for m in masks] == sorted((m.score for m in masks), reverse=True)
+
+
+def test_skip_covered_finds_the_same_shapes_from_fewer_points(colour_predictor):
+    """The fast mode decodes the coarse grid, then only points outside masks already kept."""
+    img, truth = shapes_image()
+    decoded = {}
+    for fast in (False, True):
+        gen = AutoMaskGenerator(colour_predictor, cfg(skip_covered=fast))
+        seen = []
+        decode = gen._decode_points
+        gen._decode_points = lambda emb, pts, seen=seen, decode=decode: (
+            seen.append(len(pts)),
+            decode(emb, pts),
+        )[1]
+        masks = gen.generate("shapes", img)
+        decoded[fast] = sum(seen)
+        assert len(masks) == len(truth)
+        for t in truth:
+            assert max(iou(m.full(), t) for m in masks) > 0.9
+    assert decoded[False] == 16 * 16
+    covered_share = sum(t.mean() for t in truth)  # points inside a shape, found by a coarse point
+    assert decoded[True] <= 16 * 16 * (1 - 0.75 * covered_share) + 16

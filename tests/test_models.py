@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,26 @@ def test_make_test_model_writes_a_loadable_model_random_or_trained(tmp_path):
         assert loaded.image_size == size
         video = models.load_video_model(str(out), "cpu", share_with=loaded)
         assert video.image_size == size
+
+
+def test_cpu_precision_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("CPU_PRECISION", raising=False)
+    for native in (True, False):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
+        assert models.cpu_encoder_dtype(cpu) == (torch.bfloat16 if native else None)
+        assert models.cpu_encoder_dtype(cpu, "fp32") is None
+        assert models.cpu_encoder_dtype(cpu, "bf16") == torch.bfloat16
+        assert models.cpu_encoder_dtype(cuda) is None  # GPUs: autocast_dtype decides
+    monkeypatch.setenv("CPU_PRECISION", "fp32")
+    assert models.cpu_encoder_dtype(cpu) is None
+    monkeypatch.setenv("CPU_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="CPU_PRECISION"):
+        models.cpu_encoder_dtype(cpu)
+
+
+def test_native_bf16_is_read_from_the_cpu():
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -137,3 +137,47 @@ def test_another_writers_temporary_file_is_neither_counted_nor_evicted(tiny_mode
     assert store.bytes == 0
     store.put("a", emb)
     assert half_written.exists()  # its writer will still rename it into place
+
+
+def test_store_is_on_by_default_under_the_users_cache_and_survives_a_restart(
+    tiny_model, tmp_path, monkeypatch, media_server
+):
+    """Nothing configured: the second server process clicks on a seen image without encoding."""
+    from backend.app import create_app
+    from backend.settings import Settings
+    from tests.conftest import keypoint, predict_body
+
+    monkeypatch.delenv("EMBEDDING_STORE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = Settings.from_env()
+    assert settings.store_dir == str(tmp_path / "cache" / "label-studio-sam2" / "embeddings")
+    url = media_server.add_image("a.png", noise_image(48, 64))
+    body = predict_body([{"id": 1, "data": {"image": url}}], [keypoint(40, 50)])
+    first = create_app(settings, loaded_model=tiny_model)
+    assert first.test_client().post("/predict", json=body).status_code == 200
+    assert first.extensions["sam2"].segmenter.predictor.encoder_calls == 1
+
+    restarted = create_app(Settings.from_env(), loaded_model=tiny_model)
+    resp = restarted.test_client().post("/predict", json=body)
+    assert resp.status_code == 200 and resp.get_json()["results"][0]["result"]
+    assert restarted.extensions["sam2"].segmenter.predictor.encoder_calls == 0
+
+
+@pytest.mark.parametrize("off", ["off", "OFF", "none"])
+def test_store_off_disables_it(monkeypatch, off):
+    from backend.settings import Settings
+
+    monkeypatch.setenv("EMBEDDING_STORE_DIR", off)
+    assert Settings.from_env().store_dir is None
+    assert Settings.from_env(store_dir="off").store_dir is None
+
+
+def test_an_unwritable_default_store_only_costs_re_encoding(tiny_model, tmp_path, monkeypatch):
+    from backend.app import create_app
+    from backend.settings import Settings
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    app = create_app(Settings.from_env(store_dir=str(blocker / "sub")), loaded_model=tiny_model)
+    assert app.extensions["sam2"].store is None and app.extensions["sam2"].segmenter is not None
+    assert app.test_client().get("/health").status_code == 200

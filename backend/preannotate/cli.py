@@ -79,6 +79,12 @@ def add_parser(subparsers) -> None:
         help="automatic masks only inside rectangles with this label (default: ROI_LABEL, else the whole image)",
     )
     p.add_argument(
+        "--fast",
+        action="store_true",
+        default=None,
+        help="automatic masks: skip grid points inside masks already found (default: AUTO_FAST, else off; fewer masks)",
+    )
+    p.add_argument(
         "--points-per-side",
         type=int,
         default=None,
@@ -155,6 +161,7 @@ def cmd_preannotate(args) -> None:
             auto_label=args.label,
             roi_label=args.roi_label,
             points_per_side=args.points_per_side,
+            auto_fast=args.fast,
             min_area_px=args.min_area,
             iou_thresh=args.iou_thresh,
             stability_thresh=args.stability_thresh,
@@ -183,7 +190,7 @@ def cmd_preannotate(args) -> None:
         )
         # fail fast, before the model loads: a wrong URL, token, project id or label config
         Preannotator(None, options).check(parse_label_config(api.label_config(args.project)))
-        loaded = load_image_model(settings.model, settings.device)
+        loaded = load_image_model(settings.model, settings.device, settings.cpu_precision)
     except (LabelStudioAPIError, ModelUnavailable) as e:
         sys.exit(f"preannotate: {e}")
     except BadRequest as e:

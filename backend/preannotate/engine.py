@@ -44,6 +44,7 @@ class PreannotateOptions:
     stability_thresh: float = 0.92
     min_area_px: int = 100
     max_masks: int = 100
+    auto_fast: bool = False  # skip grid points inside masks already found (sam2.auto skip_covered)
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -70,6 +71,7 @@ class PreannotateOptions:
             stability_thresh=settings.auto_stability_thresh,
             min_area_px=settings.min_area,
             max_masks=settings.max_masks,
+            auto_fast=settings.auto_fast,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -81,6 +83,7 @@ class PreannotateOptions:
             stability_thresh=self.stability_thresh,
             min_area_px=self.min_area_px,
             max_masks=self.max_masks,
+            skip_covered=self.auto_fast,
         )
 
 
