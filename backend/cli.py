@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import importlib
 
-    for module in ("backend.preannotate", "backend.warm"):  # commands that live with their code
+    for module in (
+        "backend.preannotate",
+        "backend.warm",
+        "backend.train",
+    ):  # commands that live with their code
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -173,14 +173,15 @@ def cmd_preannotate(args) -> None:
     except Exception as e:  # the SDK refuses an expired token while constructing
         sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
     runtime = Runtime(replace(settings, preload=False), Metrics(), loaded)
-    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, runtime.model_version)
+    segmenter = runtime.segmenter_for(args.project)  # the project's fine-tuned decoder, if any
+    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, segmenter.model_version)
     try:
         summary = run_project(
             api,
             args.project,
-            runtime.segmenter,
+            segmenter,
             options,
-            model_version=args.model_version or runtime.model_version,
+            model_version=args.model_version or segmenter.model_version,
             selection=selection,
             prefetch=args.prefetch,
             stop=stop,
