@@ -108,7 +108,7 @@ def finetune_backend(label_studio, rings_project, backend_model_dir, tmp_path_fa
         log_path=log_path,
         extra_env={
             "SAM2_FINETUNE_DIR": str(root),
-            "FINETUNE_EPOCHS": "6",
+            "FINETUNE_EPOCHS": "4",
             "FINETUNE_LR": "1e-3",
             "FINETUNE_REFRESH_S": "2",
         },
