@@ -47,6 +47,27 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
 
 
+def stop_on_signals(what: str):
+    """A threading.Event set by the first Ctrl-C (or SIGTERM): long jobs finish `what` and stop
+    cleanly; a second Ctrl-C aborts at once."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        logging.getLogger("backend").warning(
+            "stopping after the current %s (Ctrl-C again to abort at once)", what
+        )
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
 def cmd_serve(args) -> None:
     from backend.app import create_app
     from backend.settings import Settings

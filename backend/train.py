@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
@@ -276,7 +275,7 @@ def train_project(
 
 def cmd_train(args) -> None:
     from backend.app import Runtime
-    from backend.cli import setup_logging
+    from backend.cli import setup_logging, stop_on_signals
     from backend.metrics import Metrics
     from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
     from sam2.decoders import DecoderVersions
@@ -313,16 +312,7 @@ def cmd_train(args) -> None:
         return
     if not settings.label_studio_url or not settings.label_studio_api_key:
         sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        log.warning("stopping after the current step (Ctrl-C again to abort at once)")
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals("step")
     runtime = Runtime(replace(settings, preload=False), Metrics())
     runtime.load()
     try:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from dataclasses import replace
 
 from backend.errors import BadRequest
@@ -144,16 +142,9 @@ def cmd_preannotate(args) -> None:
 
         torch.set_num_threads(args.threads)
 
-    stop = threading.Event()
+    from backend.cli import stop_on_signals
 
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        log.warning("stopping after the current task (Ctrl-C again to abort at once)")
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals("task")
 
     from backend.app import Runtime
     from backend.metrics import Metrics
