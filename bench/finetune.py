@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         predictor.cache.clear()
     encode_s = time.perf_counter() - t0
     examples = [
-        Example(features[i % images], make_ring(i, "train", hw).mask, f"task-{i % images}")
+        # one task per mask, as in a project (tasks may share an image's features: --images)
+        Example(features[i % images], make_ring(i, "train", hw).mask, f"task-{i}")
         for i in range(args.masks)
     ]
     train, val = split(examples, 0.2)
