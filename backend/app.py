@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.admission import AdmissionQueue
 from backend.errors import BackendError, BadRequest, TaskError, Unavailable
+from backend.finetuned import project_id
 from backend.media import LabelStudioAuth, MediaClient, MediaLimits, request_deadline
 from backend.metrics import Metrics
 from backend.protocol import PromptMemory, parse_context, parse_label_config
@@ -51,6 +52,8 @@ class Runtime:
         self.image_model = None
         self.store = None
         self.prefetcher = None
+        self.project_segmenters = None  # backend.finetuned.ProjectSegmenters, once the model is loaded
+        self._trainer = None
         self._video_tracker = None
         self._video_lock = threading.Lock()
         limits = MediaLimits(
@@ -131,6 +134,9 @@ class Runtime:
             ]
         )
         self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
+        from backend.finetuned import ProjectSegmenters
+
+        self.project_segmenters = ProjectSegmenters(self.segmenter, self.settings)
         if loaded.device.type == "cuda":
             from sam2.gpu import memory_gauges
 
@@ -144,6 +150,21 @@ class Runtime:
         if self.segmenter is None:
             raise Unavailable(f"the SAM2 model could not be loaded: {self.error}")
         return self.segmenter
+
+    def segmenter_for(self, project: int | None) -> ImageSegmenter:
+        """The project's fine-tuned decoder if it has an active one (its own model_version),
+        else the base model's segmenter."""
+        base = self.require()
+        return self.project_segmenters.get(project) if self.project_segmenters else base
+
+    def start_training(self, project: int) -> dict:
+        """Label Studio's "Start Training": fine-tune this project's decoder in the background."""
+        from backend.finetuned import TrainingLauncher
+
+        if self._trainer is None:
+            self._trainer = TrainingLauncher(self.settings)
+        source = self.image_model.source if self.image_model is not None else self.settings.model
+        return self._trainer.start(project, source)
 
     def video_tracker(self):
         """The video model, loaded on the first video task (sharing the image encoder)."""
@@ -300,6 +321,8 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             parse_label_config(schema)  # a broken config is reported now, not at the first click
             if project:
                 schemas[project] = schema
+        if runtime.project_segmenters is not None:  # a fine-tuned project has its own version
+            return jsonify(model_version=runtime.project_segmenters.get(project_id(project)).model_version)
         return jsonify(model_version=runtime.model_version)
 
     @app.post("/webhook")
@@ -310,6 +333,11 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             body = None
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
+        if action == "START_TRAINING":  # the "Start Training" button (and every Nth annotation)
+            project = project_id(body.get("project"))
+            if project is None:
+                raise BadRequest("START_TRAINING without a project id")
+            return jsonify(runtime.start_training(project))
         return jsonify(status="ok", action=action)
 
     @app.get("/metrics")
@@ -327,11 +355,11 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         context = params.get("context") if params.get("context") is not None else body.get("context")
         # Video regions are read by backend.video; image regions become SAM2 prompts here.
         objects = [] if config.videos() else parse_context(context, config)
-        runtime.require()
+        segmenter = runtime.segmenter_for(project_id(project))
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work, paced = _task_worker(runtime, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(runtime, segmenter, settings, config, xml, context, objects, deadline)
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
@@ -341,7 +369,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
                 results = answer_each(
                     tasks,
                     work,
-                    runtime.model_version,
+                    segmenter.model_version,
                     errors_as_entries=asked,
                     deadline=None if paced else deadline,
                 )
@@ -366,7 +394,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             sum(len(e["result"]) for e in results if e != []),
             time.perf_counter() - request.environ["sam2.start"],
         )
-        return jsonify(results=results, model_version=runtime.model_version)
+        return jsonify(results=results, model_version=segmenter.model_version)
 
     return app
 
@@ -413,13 +441,12 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
+def _task_worker(runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline):
     """What /predict does for one task, chosen by the label config and the context, and whether
     it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
-    segmenter = runtime.segmenter
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
-        return _retrieve_worker(runtime, config, deadline), True
+        return _retrieve_worker(runtime, segmenter, config, deadline), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
@@ -462,10 +489,10 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
             path.unlink(missing_ok=True)
 
 
-def _retrieve_worker(runtime: Runtime, config, deadline):
+def _retrieve_worker(runtime: Runtime, segmenter, config, deadline):
     """For "Retrieve predictions" (no context): boxes to masks or automatic masks by the bulk engine,
     which answers what fits before the deadline and hands the rest to a background job that
     writes predictions through the Label Studio API (an empty list answers a handed-off task)."""
     from backend.preannotate import retrieve_worker
 
-    return retrieve_worker(runtime, config, deadline)
+    return retrieve_worker(runtime, config, deadline, segmenter)

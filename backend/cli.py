@@ -64,6 +64,27 @@ def exposure_warning(host: str, port: int, settings) -> str | None:
     )
 
 
+def stop_on_signals(what: str):
+    """A threading.Event set by the first Ctrl-C (or SIGTERM): long jobs finish `what` and stop
+    cleanly; a second Ctrl-C aborts at once."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        logging.getLogger("backend").warning(
+            "stopping after the current %s (Ctrl-C again to abort at once)", what
+        )
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
+
+
 def cmd_serve(args) -> None:
     from backend.app import create_app
     from backend.settings import Settings
@@ -197,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for module in ("backend.preannotate", "backend.warm"):  # commands that live with their code
+    for module in (
+        "backend.preannotate",
+        "backend.warm",
+        "backend.train",
+    ):  # commands that live with their code
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -237,19 +237,25 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
     return objects + list(points.values())
 
 
-def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annotation") -> list[ObjectRequest]:
-    """Rectangles of the task's latest annotation (or latest prediction, `use="prediction"`),
-    for "boxes to masks" pre-annotation. Cancelled annotations are skipped."""
+def latest_annotation(task: dict, use: str = "annotation") -> dict | None:
+    """The task's most recently updated annotation (or prediction, `use="prediction"`) that was
+    not cancelled, or None."""
     field_name = "annotations" if use == "annotation" else "predictions"
     items = task.get(field_name) or []
     if not isinstance(items, list):
         raise TaskError(f"task {task.get('id')}: {field_name} must be a list")
     items = [a for a in items if isinstance(a, dict) and not a.get("was_cancelled")]
     if not items:
+        return None
+    return max(items, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+
+
+def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annotation") -> list[ObjectRequest]:
+    """Rectangles of the task's latest annotation (or latest prediction, `use="prediction"`),
+    for "boxes to masks" pre-annotation. Cancelled annotations are skipped."""
+    latest = latest_annotation(task, use)
+    if latest is None:
         return []
-    latest = max(
-        items, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0)
-    )
     rects = [
         r for r in latest.get("result") or [] if isinstance(r, dict) and r.get("type") == "rectanglelabels"
     ]

@@ -77,6 +77,12 @@ class Settings:
     auto_fast: bool = False  # AUTO_FAST: skip grid points inside masks already found (fewer masks)
     polygon_tolerance: float = 1.0  # POLYGON_TOLERANCE: polygon simplification, pixels
     background_job: bool = True  # BACKGROUND_JOB: finish a too-large "Retrieve predictions" via the LS API
+    # fine-tuned decoders (`python -m backend train`, Label Studio's "Start Training")
+    finetune_dir: str | None = None  # SAM2_FINETUNE_DIR: versions per project (default: the user's cache)
+    finetune_refresh_s: float = 30.0  # FINETUNE_REFRESH_S: how often a server looks for a new version
+    finetune_epochs: int = 20  # FINETUNE_EPOCHS
+    finetune_lr: float = 1e-4  # FINETUNE_LR
+    finetune_min_gain: float = 0.02  # FINETUNE_MIN_GAIN: held-out mIoU gain needed to activate
     log_level: str = "INFO"  # LOG_LEVEL
     preload: bool = True  # load the model when the app starts (in a thread: /health answers at once)
 
@@ -117,6 +123,11 @@ class Settings:
             auto_fast=_env("AUTO_FAST", "false").lower() in ("1", "true", "yes", "on"),
             polygon_tolerance=float(_env("POLYGON_TOLERANCE", str(cls.polygon_tolerance))),
             background_job=_env("BACKGROUND_JOB", "true").lower() not in ("0", "false", "no", "off"),
+            finetune_dir=_env("SAM2_FINETUNE_DIR"),
+            finetune_refresh_s=float(_env("FINETUNE_REFRESH_S", str(cls.finetune_refresh_s))),
+            finetune_epochs=int(_env("FINETUNE_EPOCHS", str(cls.finetune_epochs))),
+            finetune_lr=float(_env("FINETUNE_LR", str(cls.finetune_lr))),
+            finetune_min_gain=float(_env("FINETUNE_MIN_GAIN", str(cls.finetune_min_gain))),
             log_level=_env("LOG_LEVEL", cls.log_level),
         )
         names = {f.name for f in fields(cls)}

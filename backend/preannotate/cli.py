@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from dataclasses import replace
 
 from backend.errors import BadRequest
@@ -176,16 +174,9 @@ def cmd_preannotate(args) -> None:
 
         torch.set_num_threads(args.threads)
 
-    stop = threading.Event()
+    from backend.cli import stop_on_signals
 
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        log.warning("stopping after the current task (Ctrl-C again to abort at once)")
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals("task")
 
     from backend.app import Runtime
     from backend.metrics import Metrics
@@ -205,14 +196,15 @@ def cmd_preannotate(args) -> None:
     except Exception as e:  # the SDK refuses an expired token while constructing
         sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
     runtime = Runtime(replace(settings, preload=False), Metrics(), loaded)
-    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, runtime.model_version)
+    segmenter = runtime.segmenter_for(args.project)  # the project's fine-tuned decoder, if any
+    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, segmenter.model_version)
     try:
         summary = run_project(
             api,
             args.project,
-            runtime.segmenter,
+            segmenter,
             options,
-            model_version=args.model_version or runtime.model_version,
+            model_version=args.model_version or segmenter.model_version,
             selection=selection,
             prefetch=args.prefetch,
             stop=stop,
