@@ -334,24 +334,44 @@ def cmd_train(args) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from backend.cli import add_label_studio_options, add_model_options
+
     t = sub.add_parser(
         "train",
         help="fine-tune the mask decoder on a project's corrected masks (activated only if it improves)",
         description=__doc__.split("\n\n")[0],
     )
-    t.add_argument("--project", type=int, required=True)
-    t.add_argument("--model", default=None, help="the served model (SAM2_MODEL): fine-tuning starts from it")
-    t.add_argument("--device", default=None)
-    t.add_argument("--url", default=None, help="Label Studio URL (LABEL_STUDIO_URL)")
-    t.add_argument("--api-key", default=None, help="Label Studio token (LABEL_STUDIO_API_KEY)")
-    t.add_argument("--store", default=None, help="embedding store to read and fill (EMBEDDING_STORE_DIR)")
-    t.add_argument("--dir", default=None, help="where versions live (SAM2_FINETUNE_DIR; default: user cache)")
-    t.add_argument("--epochs", type=int, default=None, help="FINETUNE_EPOCHS (20)")
-    t.add_argument("--lr", type=float, default=None, help="FINETUNE_LR (1e-4)")
-    t.add_argument("--min-gain", type=float, default=None, help="FINETUNE_MIN_GAIN (0.02): activation margin")
+    t.add_argument("--project", type=int, required=True, help="project id")
+    add_model_options(t)  # the served model: fine-tuning starts from its weights
+    add_label_studio_options(t)
     t.add_argument(
-        "--val-fraction", type=float, default=0.2, help="tasks held out for the before/after scores"
+        "--store", default=None, help="embedding store to read and fill (default: EMBEDDING_STORE_DIR)"
     )
-    t.add_argument("--rollback", action="store_true", help="serve the previously activated version again")
-    t.add_argument("--list", action="store_true", help="list the project's versions and their scores")
+    t.add_argument(
+        "--dir",
+        default=None,
+        help="where versions live (default: SAM2_FINETUNE_DIR, else ~/.cache/label-studio-sam2/finetuned)",
+    )
+    t.add_argument("--epochs", type=int, default=None, help="epochs (default: FINETUNE_EPOCHS, else 20)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: FINETUNE_LR, else 1e-4)")
+    t.add_argument(
+        "--min-gain",
+        type=float,
+        default=None,
+        help="held-out mIoU gain needed to activate (default: FINETUNE_MIN_GAIN, else 0.02)",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of tasks held out for the before/after scores (default: 0.2)",
+    )
+    t.add_argument(
+        "--rollback",
+        action="store_true",
+        help="serve the previously activated version again (default: off)",
+    )
+    t.add_argument(
+        "--list", action="store_true", help="list the project's versions and their scores (default: off)"
+    )
     t.set_defaults(fn=cmd_train)
