@@ -329,7 +329,8 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     def webhook():
         try:
             body = parse_json_body(request.get_data(cache=True))
-        except BadRequest:
+        except BadRequest as e:
+            log.warning("webhook: ignoring a body that is not JSON this backend accepts (%s)", e.message)
             body = None
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
@@ -403,24 +404,25 @@ def _count_list(value) -> int:
     return len(value) if isinstance(value, list) else 0
 
 
-_MAX_SAFE_INT = 2**53  # larger integers are not numbers Label Studio sends (ids, pixels, percents)
-
-
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number this backend accepts")
 
 
 def _parse_int(text: str) -> int:
+    # Label Studio itself sends integers beyond 2**53 (its START_TRAINING webhook's project carries
+    # 64-bit values), so only integers no float can hold are refused: arithmetic on them would raise.
     value = int(text)
-    if abs(value) > _MAX_SAFE_INT:
-        raise ValueError(f"integer {text[:20]}... is too large")
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"integer {text[:20]}... is too large") from None
     return value
 
 
 def parse_json_body(data: bytes) -> Any:
     """The request body as JSON, or BadRequest (400) for anything malformed: invalid JSON, nesting
-    deep enough to exhaust the parser's recursion, NaN/Infinity, integers beyond 2**53 and floats
-    that overflow to infinity."""
+    deep enough to exhaust the parser's recursion, NaN/Infinity, and integers and floats too large
+    for a float."""
     try:
         text = data.decode("utf-8")
         return json.loads(
