@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.admission import AdmissionQueue
 from backend.errors import BackendError, BadRequest, Unavailable
+from backend.finetuned import project_id
 from backend.media import request_deadline
 from backend.metrics import Metrics
 from backend.preannotate.retrieve import retrieve_worker
@@ -176,16 +177,24 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             parse_label_config(schema)  # a broken config is reported now, not at the first click
             if project:
                 schemas[project] = schema
+        if runtime.project_segmenters is not None:  # a fine-tuned project has its own version
+            return jsonify(model_version=runtime.project_segmenters.get(project_id(project)).model_version)
         return jsonify(model_version=runtime.model_version)
 
     @app.post("/webhook")
     def webhook():
         try:
             body = parse_json_body(request.get_data(cache=True))
-        except BadRequest:
+        except BadRequest as e:
+            log.warning("webhook: ignoring a body that is not JSON this backend accepts (%s)", e.message)
             body = None
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
+        if action == "START_TRAINING":  # the "Start Training" button (and every Nth annotation)
+            project = project_id(body.get("project"))
+            if project is None:
+                raise BadRequest("START_TRAINING without a project id")
+            return jsonify(runtime.start_training(project))
         return jsonify(status="ok", action=action)
 
     @app.get("/metrics")
@@ -203,11 +212,11 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         context = params.get("context") if params.get("context") is not None else body.get("context")
         # Video regions are read by backend.video; image regions become SAM2 prompts here.
         objects = [] if config.videos() else parse_context(context, config)
-        runtime.require()
+        segmenter = runtime.segmenter_for(project_id(project))
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work, paced = _task_worker(runtime, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(runtime, segmenter, settings, config, xml, context, objects, deadline)
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
@@ -217,7 +226,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
                 results = answer_each(
                     tasks,
                     work,
-                    runtime.model_version,
+                    segmenter.model_version,
                     errors_as_entries=asked,
                     deadline=None if paced else deadline,
                 )
@@ -242,7 +251,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             sum(len(e["result"]) for e in results if e != []),
             time.perf_counter() - request.environ["sam2.start"],
         )
-        return jsonify(results=results, model_version=runtime.model_version)
+        return jsonify(results=results, model_version=segmenter.model_version)
 
     return app
 
@@ -251,24 +260,25 @@ def _count_list(value) -> int:
     return len(value) if isinstance(value, list) else 0
 
 
-_MAX_SAFE_INT = 2**53  # larger integers are not numbers Label Studio sends (ids, pixels, percents)
-
-
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number this backend accepts")
 
 
 def _parse_int(text: str) -> int:
+    # Label Studio itself sends integers beyond 2**53 (its START_TRAINING webhook's project carries
+    # 64-bit values), so only integers no float can hold are refused: arithmetic on them would raise.
     value = int(text)
-    if abs(value) > _MAX_SAFE_INT:
-        raise ValueError(f"integer {text[:20]}... is too large")
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"integer {text[:20]}... is too large") from None
     return value
 
 
 def parse_json_body(data: bytes) -> Any:
     """The request body as JSON, or BadRequest (400) for anything malformed: invalid JSON, nesting
-    deep enough to exhaust the parser's recursion, NaN/Infinity, integers beyond 2**53 and floats
-    that overflow to infinity."""
+    deep enough to exhaust the parser's recursion, NaN/Infinity, and integers and floats too large
+    for a float."""
     try:
         text = data.decode("utf-8")
         return json.loads(
@@ -289,15 +299,14 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _task_worker(runtime: Runtime, settings: Settings, config, xml, context, objects, deadline):
+def _task_worker(runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline):
     """What /predict does for one task, chosen by the label config and the context, and whether
     it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
-    segmenter = runtime.segmenter
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
         # "Retrieve predictions": boxes to masks or automatic masks by the bulk engine, which
         # answers what fits before the deadline and hands the rest to the background job
-        return retrieve_worker(runtime, config, deadline), True
+        return retrieve_worker(runtime, config, deadline, segmenter), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:

@@ -1,8 +1,12 @@
-"""Command-line options several commands share (`--model`/`--device`, `--url`/`--api-key`)."""
+"""What several commands share: `--model`/`--device`, `--url`/`--api-key`, and the Ctrl-C
+handling of long jobs (`stop_on_signals`)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
 
 MODEL_HELP = (
     "short name (sam2.1-tiny), hub id, HF directory or Meta .pt "
@@ -26,3 +30,21 @@ def add_label_studio_options(p: argparse.ArgumentParser) -> None:
         help="Label Studio token (default: LABEL_STUDIO_API_KEY; prefer it: a key on the command line "
         "is visible to other users)",
     )
+
+
+def stop_on_signals(what: str):
+    """A threading.Event set by the first Ctrl-C (or SIGTERM): long jobs finish `what` and stop
+    cleanly; a second Ctrl-C aborts at once."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        logging.getLogger("backend").warning(
+            "stopping after the current %s (Ctrl-C again to abort at once)", what
+        )
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop

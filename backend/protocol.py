@@ -224,14 +224,20 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
     return objects + list(points.values())
 
 
-def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annotation") -> list[ObjectRequest]:
-    """Rectangles of the task's latest annotation (or latest prediction, `use="prediction"`),
-    for "boxes to masks" pre-annotation. Cancelled annotations are skipped."""
+def latest_annotation(task: dict, use: str = "annotation") -> dict | None:
+    """The task's most recently updated annotation (or prediction, `use="prediction"`) that was
+    not cancelled, or None."""
     field_name = "annotations" if use == "annotation" else "predictions"
     items = task.get(field_name) or []
     if not isinstance(items, list):
         raise TaskError(f"task {task.get('id')}: {field_name} must be a list")
-    newest = latest(items)
+    return latest(items)
+
+
+def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annotation") -> list[ObjectRequest]:
+    """Rectangles of the task's latest annotation (or latest prediction, `use="prediction"`),
+    for "boxes to masks" pre-annotation. Cancelled annotations are skipped."""
+    newest = latest_annotation(task, use)
     if newest is None:
         return []
     rects = [

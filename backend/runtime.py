@@ -15,6 +15,7 @@ import threading
 import time
 
 from backend.errors import Unavailable
+from backend.finetuned import ProjectSegmenters, TrainingLauncher
 from backend.media import LabelStudioAuth, MediaClient, MediaLimits
 from backend.metrics import Metrics
 from backend.preannotate.lsapi import LabelStudioAPI, describe
@@ -56,6 +57,8 @@ class Runtime:
         self.image_model: LoadedModel | None = None
         self.store: EmbeddingStore | None = None
         self.prefetcher: Prefetcher | None = None
+        self.project_segmenters: ProjectSegmenters | None = None  # once the model is loaded
+        self._trainer: TrainingLauncher | None = None
         self.task_times = TaskTimes()  # "Retrieve predictions": recent seconds per task, by mode
         self._video_tracker: VideoTracker | None = None
         self._video_lock = threading.Lock()
@@ -113,6 +116,7 @@ class Runtime:
         predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
         self.metrics.watch_cache(cache)
         self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
+        self.project_segmenters = ProjectSegmenters(self.segmenter, self.settings)
         if loaded.device.type == "cuda":
             self.metrics.watch(lambda: memory_gauges(loaded.device))
         self.ready.set()
@@ -124,6 +128,19 @@ class Runtime:
         if self.segmenter is None:
             raise Unavailable(f"the SAM2 model could not be loaded: {self.error}")
         return self.segmenter
+
+    def segmenter_for(self, project: int | None) -> ImageSegmenter:
+        """The project's fine-tuned decoder if it has an active one (its own model_version),
+        else the base model's segmenter."""
+        base = self.require()
+        return self.project_segmenters.get(project) if self.project_segmenters else base
+
+    def start_training(self, project: int) -> dict:
+        """Label Studio's "Start Training": fine-tune this project's decoder in the background."""
+        if self._trainer is None:
+            self._trainer = TrainingLauncher(self.settings)
+        source = self.image_model.source if self.image_model is not None else self.settings.model
+        return self._trainer.start(project, source)
 
     def video_tracker(self) -> VideoTracker:
         """The video model, loaded on the first video task (sharing the image encoder)."""

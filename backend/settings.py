@@ -211,6 +211,22 @@ class Settings(BaseSettings):
         default=True,
         description='finish a "Retrieve predictions" too large for one request in a background job that writes through the LS API',
     )
+    # --- fine-tuned decoders (`python -m backend train`, Label Studio's "Start Training") ----------
+    finetune_dir: str | None = _env(
+        "SAM2_FINETUNE_DIR",
+        default=None,
+        description='fine-tuned decoders per project (default: `~/.cache/label-studio-sam2/finetuned`; see "It learns your project")',
+    )
+    finetune_refresh_s: float = _env(
+        "FINETUNE_REFRESH_S", default=30.0, ge=0, description="how often a server looks for a new version"
+    )
+    finetune_epochs: int = _env("FINETUNE_EPOCHS", default=20, ge=1, description="fine-tuning epochs")
+    finetune_lr: float = _env("FINETUNE_LR", default=1e-4, gt=0, description="fine-tuning learning rate")
+    finetune_min_gain: float = _env(
+        "FINETUNE_MIN_GAIN",
+        default=0.02,
+        description="held-out mIoU gain a fine-tuned decoder needs before it is activated",
+    )
     # --- process ----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _env(
         "LOG_LEVEL", default="INFO", description="`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from backend.app import parse_json_body
 from backend.settings import Settings, SettingsError
 from devkit.lsserver import free_port
 from tests.conftest import keypoint, noise_image, predict_body, rectangle
@@ -216,6 +217,13 @@ def test_hostile_json_is_a_400(client, raw, message):
         assert message in resp.get_json()["error"]
     assert client.post("/webhook", data=raw, content_type="application/json").status_code == 200
     assert client.get("/health").status_code == 200
+
+
+def test_label_studio_s_own_64_bit_integers_are_accepted():
+    """The real Label Studio 1.23.2 sends START_TRAINING with a project holding integers beyond
+    2**53 (seen in the E2E test): refusing them ignored every "Start Training"."""
+    body = parse_json_body(b'{"action": "START_TRAINING", "project": {"id": 3, "h": 7938231679830192776}}')
+    assert body["project"]["h"] == 7938231679830192776
 
 
 def test_huge_coordinates_are_a_4xx_not_a_500(client, media_server):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
-from backend.cli_options import add_label_studio_options, add_model_options
+from backend.cli_options import add_label_studio_options, add_model_options, stop_on_signals
 from backend.errors import BadRequest
 from backend.logs import setup_logging
 from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
@@ -173,16 +171,7 @@ def cmd_preannotate(args) -> None:
         sys.exit(f"preannotate: {e}")
     set_cpu_threads(args.threads)
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        log.warning("stopping after the current task (Ctrl-C again to abort at once)")
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals("task")
 
     try:
         api = LabelStudioAPI(
@@ -198,14 +187,15 @@ def cmd_preannotate(args) -> None:
     except Exception as e:  # the SDK refuses an expired token while constructing
         sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
     runtime = Runtime(settings, loaded=loaded)
-    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, runtime.model_version)
+    segmenter = runtime.segmenter_for(args.project)  # the project's fine-tuned decoder, if any
+    log.info("model %s on %s; model_version %s", loaded.source, loaded.device, segmenter.model_version)
     try:
         summary = run_project(
             api,
             args.project,
-            runtime.segmenter,
+            segmenter,
             options,
-            model_version=args.model_version or runtime.model_version,
+            model_version=args.model_version or segmenter.model_version,
             selection=selection,
             prefetch=args.prefetch,
             stop=stop,

@@ -26,7 +26,7 @@ from backend.regions import task_entry
 log = logging.getLogger("backend.preannotate")
 
 
-def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[dict], Any]:
+def retrieve_worker(runtime, config: LabelConfig, deadline: float, segmenter=None) -> Callable[[dict], Any]:
     """`work(task)` for a /predict without context (Label Studio's "Retrieve predictions").
 
     Runs the engine while the deadline allows: a task is started only if the slowest of the last
@@ -35,13 +35,15 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
     job when there is one. The rest of the request, and every task while the background job is
     busy, is answered with an empty list, which Label Studio reads as "no prediction for this
     task" (it stores nothing, so nothing blocks a later retrieval); the background job, if there
-    is one, predicts them and writes the predictions through the LS API.
+    is one, predicts them and writes the predictions through the LS API. `segmenter`: the
+    project's (a fine-tuned decoder), default the runtime's.
     """
+    segmenter = segmenter or runtime.segmenter
     try:
         options = PreannotateOptions.from_settings(runtime.settings)
     except ValueError as e:  # OUTPUT=svg, say: the server's configuration, said plainly
         raise BackendError(f"bulk pre-annotation settings: {e}") from None
-    engine = Preannotator(runtime.segmenter, options)
+    engine = Preannotator(segmenter, options)
     job = runtime.background_job()
     mode = engine.options.mode
     checked = handing_off = False
@@ -72,7 +74,7 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float) -> Callable[[
                         "tasks without a prediction) or run `python -m backend preannotate`"
                     )
             if job is not None and isinstance(task_id, int):
-                job.submit(task, config, engine.options)
+                job.submit(task, config, engine.options, segmenter)
             return []
         start = time.monotonic()
         try:
@@ -107,6 +109,7 @@ class _Handed:
     task: dict
     config: LabelConfig
     options: PreannotateOptions
+    segmenter: Any = None  # the project's; None: the runtime's
 
 
 class BackgroundJob:
@@ -139,12 +142,12 @@ class BackgroundJob:
         with self._cv:
             return bool(self._ids)
 
-    def submit(self, task: dict, config: LabelConfig, options: PreannotateOptions) -> None:
+    def submit(self, task: dict, config: LabelConfig, options: PreannotateOptions, segmenter=None) -> None:
         with self._cv:
             if task["id"] in self._ids:
                 return
             self._ids.add(task["id"])
-            self._queue.append(_Handed(task, config, options))
+            self._queue.append(_Handed(task, config, options, segmenter))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="preannotate-job", daemon=True)
                 self._thread.start()
@@ -184,7 +187,7 @@ class BackgroundJob:
 
     def _process(self, item: _Handed) -> str:
         task_id = item.task["id"]
-        engine = Preannotator(self.runtime.segmenter, item.options)
+        engine = Preannotator(item.segmenter or self.runtime.segmenter, item.options)
         try:
             if engine.model_version in self.api.prediction_versions(task_id):
                 return "skipped"

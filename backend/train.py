@@ -1,0 +1,369 @@
+"""Fine-tune a project's decoder on its own corrected masks: `python -m backend train --project ID`.
+
+Reads the project's submitted annotations through the Label Studio API (the latest not-cancelled
+annotation of each task: brush masks, polygons, and masks accepted from predictions, which are
+annotations once accepted), embeds their images with the served model (through the embedding
+cache and store, so `warm` makes this fast), holds out a validation split by task, fine-tunes the
+prompt encoder and mask decoder (`sam2.finetune`) and reports held-out 1-click and box mIoU
+before and after. Every run is kept as a version (`sam2.decoders`); it is activated, and becomes
+a new model_version for that project, only when held-out mIoU improves by `--min-gain`.
+
+Ctrl-C stops after the current step and leaves a checkpoint; running the same command again
+resumes it. `--rollback` serves the previously activated version again (or the base model).
+Label Studio's "Start Training" button reaches the server as a START_TRAINING webhook, which
+starts this same command in the background (`backend.finetuned.TrainingLauncher`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.cli_options import add_label_studio_options, add_model_options, stop_on_signals
+from backend.errors import BackendError
+from backend.logs import setup_logging
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
+from backend.preannotate.project import duration
+from backend.protocol import LabelConfig, latest_annotation, parse_label_config, task_data_url
+from backend.rle import decode_mask
+from backend.runtime import Runtime
+from backend.settings import Settings
+from sam2.decoders import DecoderVersions, model_version
+from sam2.finetune import Example, FinetuneConfig, finetune, split
+
+log = logging.getLogger("backend.train")
+
+MIN_PIXELS = 16  # smaller masks are slips of the brush, not objects
+FEW_MASKS = 20  # below this, say that the result is unlikely to generalise
+
+
+def annotation_masks(annotation: dict, config: LabelConfig) -> list[tuple[str, np.ndarray]]:
+    """(to_name, (H, W) bool mask) for every brush and polygon region of an annotation.
+
+    Sizes come from each region's original_width/height (the image as the labeler saw it)."""
+    out = []
+    for r in annotation.get("result") or []:
+        if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
+            continue
+        w, h = r.get("original_width"), r.get("original_height")
+        if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            continue
+        value = r["value"]
+        try:
+            if r.get("type") == "brushlabels" and value.get("format") == "rle":
+                mask = decode_mask(value.get("rle") or [], h, w)
+            elif r.get("type") == "polygonlabels" and value.get("points"):
+                mask = polygon_mask(np.asarray(value["points"], np.float64), h, w)
+            else:
+                continue
+        except (ValueError, TypeError):
+            continue  # a region this backend cannot read is not training data
+        to_name = r.get("to_name") or (config.images()[0].name if config.images() else None)
+        if mask.sum() >= MIN_PIXELS and to_name:
+            out.append((to_name, mask))
+    return out
+
+
+def polygon_mask(points_pct: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Label Studio polygon points (K, 2) in percent -> (H, W) bool: pixels whose centres are inside."""
+    from PIL import Image, ImageDraw
+
+    if points_pct.ndim != 2 or points_pct.shape[1] != 2 or len(points_pct) < 3:
+        raise ValueError("a polygon needs at least 3 points")
+    xy = points_pct * np.array([width, height]) / 100.0 - 0.5  # PIL tests integer pixel coordinates
+    img = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(img).polygon([tuple(p) for p in xy], fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+class Reporter:
+    """A tqdm bar on a terminal; a log line with rate and ETA every `every_s` seconds otherwise."""
+
+    def __init__(self, total: int, unit: str, desc: str, tty: bool | None = None, every_s: float = 10.0):
+        self.total, self.unit, self.desc, self.every_s = total, unit, desc, every_s
+        self.n, self.started = 0, time.monotonic()
+        self.last = self.started
+        self.bar = None
+        if sys.stderr.isatty() if tty is None else tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **status) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.set_postfix(status, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.n == self.total:
+            self.last = now
+            rate = self.n / max(now - self.started, 1e-9)
+            eta = duration((self.total - self.n) / rate) if rate > 0 else "?"
+            extra = "".join(f", {k} {v}" for k, v in status.items())
+            log.info("%s: %d/%d %s, ETA %s%s", self.desc, self.n, self.total, self.unit, eta, extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class TrainReport:
+    project: int
+    tasks: int = 0
+    examples: int = 0
+    train: int = 0
+    val: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    result: object = None  # sam2.finetune.FinetuneResult
+    version: str | None = None
+    activated: bool = False
+    model_version: str | None = None
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else 0
+
+    def lines(self) -> list[str]:
+        out = [f"project {self.project}: {self.examples} mask(s) from {self.tasks} task(s)"]
+        out += [f"  skipped {n}: {why}" for why, n in self.skipped.most_common()]
+        r = self.result
+        if self.interrupted:
+            return out + ["interrupted: run the same command again to resume"]
+        if r is None:
+            return out
+        out.append(
+            f"  trained on {self.train}, held out {self.val}; {r.steps} steps in {duration(r.seconds)}"
+        )
+        out.append(f"  held-out 1-click mIoU {r.before.click:.3f} -> {r.after.click:.3f}")
+        out.append(f"  held-out box mIoU     {r.before.box:.3f} -> {r.after.box:.3f}")
+        if self.activated:
+            out.append(f"activated {self.version}: this project's model_version is now {self.model_version}")
+        else:
+            out.append(f"kept {self.version} but not activated: it does not improve held-out mIoU enough")
+        return out
+
+
+def collect_examples(api, project: int, segmenter, stop: threading.Event, tty: bool | None = None):
+    """The project's corrected masks as `sam2.finetune.Example`s (embeddings through the
+    segmenter's cache and store). Returns (examples, tasks with masks, skipped reasons)."""
+    config = parse_label_config(api.label_config(project))
+    briefs = [b for b in api.iter_tasks(project) if (b.get("total_annotations") or 0) > 0]
+    examples, skipped, tasks = [], Counter(), 0
+    bar = Reporter(len(briefs), "task", "reading annotations", tty)
+    try:
+        for brief in sorted(briefs, key=lambda b: b["id"]):
+            if stop.is_set():
+                break
+            bar.update(masks=len(examples))
+            task = api.task(brief["id"])
+            annotation = latest_annotation(task)
+            masks = annotation_masks(annotation, config) if annotation else []
+            if not masks:
+                skipped["no brush or polygon region"] += 1
+                continue
+            try:
+                image = segmenter.media.load_image(task_data_url(task, config, masks[0][0]), task["id"])
+            except BackendError as e:
+                skipped[f"image not loaded: {e.message}"] += 1
+                continue
+            keep = [m for _, m in masks if m.shape == (image.height, image.width)]
+            if len(keep) < len(masks):
+                skipped["a region's size differs from its image's"] += len(masks) - len(keep)
+            if not keep:
+                continue
+            emb = segmenter.predictor.embedding(image.key, image.load)
+            features = [f.detach().float().cpu() for f in emb.features]
+            examples += [Example(features, m, f"task-{task['id']}") for m in keep]
+            tasks += 1
+    finally:
+        bar.close()
+    return examples, tasks, skipped
+
+
+def train_project(
+    api,
+    project: int,
+    segmenter,
+    settings: Settings,
+    *,
+    val_fraction: float = 0.2,
+    batch: int = 8,
+    stop: threading.Event | None = None,
+    tty: bool | None = None,
+) -> TrainReport:
+    """Fine-tune `project`'s decoder from the served model (`segmenter.predictor.loaded`); save
+    the result as a new version and activate it if it improves held-out mIoU enough."""
+    stop = stop or threading.Event()
+    report = TrainReport(project)
+    examples, report.tasks, report.skipped = collect_examples(api, project, segmenter, stop, tty)
+    report.examples = len(examples)
+    if stop.is_set():
+        report.interrupted = True
+        return report
+    train, val = split(examples, val_fraction)
+    report.train, report.val = len(train), len(val)
+    if not train or not val:
+        raise BackendError(
+            f"project {project} has {len(examples)} usable mask(s) in {report.tasks} task(s): "
+            "fine-tuning needs masks in at least 2 submitted tasks (brush or polygon)"
+        )
+    if report.tasks < FEW_MASKS:
+        log.warning("only %d labeled tasks: the fine-tune may not generalise", report.tasks)
+    cfg = FinetuneConfig(
+        epochs=settings.finetune_epochs,
+        lr=settings.finetune_lr,
+        batch=batch,
+        min_gain=settings.finetune_min_gain,
+    )
+    base = segmenter.predictor.loaded
+    versions = DecoderVersions(settings.finetune_dir, project)
+    steps_bar: Reporter | None = None
+
+    def progress(p) -> None:
+        nonlocal steps_bar
+        if steps_bar is None:
+            steps_bar = Reporter(p.steps, "step", "fine-tuning", tty)
+            steps_bar.n = p.step - 1  # a resumed run starts part way
+        steps_bar.update(epoch=p.epoch + 1, loss=f"{p.loss:.3f}")
+
+    log.info("fine-tuning on %d mask(s), %d held out (%d epochs)", len(train), len(val), cfg.epochs)
+    try:
+        result = finetune(
+            base, train, val, cfg, checkpoint=versions.checkpoint, stop=stop, on_progress=progress
+        )
+    finally:
+        if steps_bar is not None:
+            steps_bar.close()
+    report.result = result
+    if result.stopped:
+        report.interrupted = True
+        return report
+    report.activated = result.improved(cfg.min_gain)
+    metrics = {
+        "before": {"click_miou": result.before.click, "box_miou": result.before.box},
+        "after": {"click_miou": result.after.click, "box_miou": result.after.box},
+        "held_out": result.before.n,
+    }
+    report.version = versions.save(
+        result.state,
+        {
+            "base_model": base.model_id,
+            "base_source": base.source,
+            "examples": {"train": len(train), "val": len(val), "tasks": report.tasks},
+            "metrics": metrics,
+            "activated": report.activated,
+            "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+            "config": result.config,
+        },
+    )
+    if report.activated:
+        versions.activate(report.version)
+        report.model_version = model_version(segmenter.model_version, project, report.version)
+    return report
+
+
+def cmd_train(args) -> None:
+    overrides = dict(
+        model=args.model,
+        device=args.device,
+        label_studio_url=args.url,
+        label_studio_api_key=args.api_key,
+        store_dir=args.store,
+        finetune_dir=args.dir,
+        finetune_epochs=args.epochs,
+        finetune_lr=args.lr,
+        finetune_min_gain=args.min_gain,
+    )
+    settings = Settings.from_env(**overrides)
+    setup_logging(settings.log_level)
+    versions = DecoderVersions(settings.finetune_dir, args.project)
+    if args.rollback:
+        previous = versions.rollback()
+        print(
+            f"project {args.project} now uses {previous or 'the base model'} (servers pick it up within a minute)"
+        )
+        return
+    if args.list:
+        active = versions.active()
+        for v in versions.versions():
+            m = versions.manifest(v)
+            after = m.get("metrics", {}).get("after", {})
+            print(
+                f"{v}{' (active)' if v == active else ''}: {m.get('date')}, {m.get('examples')}, "
+                f"1-click {after.get('click_miou', float('nan')):.3f}, box {after.get('box_miou', float('nan')):.3f}"
+            )
+        return
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
+    stop = stop_on_signals("step")
+    runtime = Runtime(settings, load_in_background=False)
+    runtime.load()
+    try:
+        segmenter = runtime.require(0)
+        api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+        report = train_project(
+            api, args.project, segmenter, settings, val_fraction=args.val_fraction, stop=stop
+        )
+    except BackendError as e:
+        sys.exit(f"train: {e.message}")
+    except LabelStudioAPIError as e:
+        sys.exit(f"train: {e}")
+    except Exception as e:
+        if type(e).__name__ == "ApiError":
+            sys.exit(f"train: Label Studio: {describe(e)}")
+        raise
+    print("\n".join(report.lines()), flush=True)
+    sys.exit(report.exit_code)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser(
+        "train",
+        help="fine-tune the mask decoder on a project's corrected masks (activated only if it improves)",
+        description=__doc__.split("\n\n")[0],
+    )
+    t.add_argument("--project", type=int, required=True, help="project id")
+    add_model_options(t)  # the served model: fine-tuning starts from its weights
+    add_label_studio_options(t)
+    t.add_argument(
+        "--store", default=None, help="embedding store to read and fill (default: EMBEDDING_STORE_DIR)"
+    )
+    t.add_argument(
+        "--dir",
+        default=None,
+        help="where versions live (default: SAM2_FINETUNE_DIR, else ~/.cache/label-studio-sam2/finetuned)",
+    )
+    t.add_argument("--epochs", type=int, default=None, help="epochs (default: FINETUNE_EPOCHS, else 20)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: FINETUNE_LR, else 1e-4)")
+    t.add_argument(
+        "--min-gain",
+        type=float,
+        default=None,
+        help="held-out mIoU gain needed to activate (default: FINETUNE_MIN_GAIN, else 0.02)",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of tasks held out for the before/after scores (default: 0.2)",
+    )
+    t.add_argument(
+        "--rollback",
+        action="store_true",
+        help="serve the previously activated version again (default: off)",
+    )
+    t.add_argument(
+        "--list", action="store_true", help="list the project's versions and their scores (default: off)"
+    )
+    t.set_defaults(fn=cmd_train)

@@ -1,0 +1,98 @@
+"""The backend side of fine-tuning: reading corrected masks, per-project serving, the webhook."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.protocol import latest_annotation, parse_label_config
+from backend.rle import encode_mask
+from backend.train import annotation_masks
+from sam2.decoders import DecoderVersions
+from sam2.finetune import decoder_state
+from tests.conftest import IMAGE_CONFIG, decode_brush, keypoint, noise_image, predict_body
+
+POLYGON_CONFIG = IMAGE_CONFIG.replace(
+    "</View>",
+    '<PolygonLabels name="poly" toName="image"><Label value="object"/></PolygonLabels></View>',
+)
+
+
+def _brush(mask: np.ndarray) -> dict:
+    h, w = mask.shape
+    return {
+        "type": "brushlabels",
+        "from_name": "tag",
+        "to_name": "image",
+        "original_width": w,
+        "original_height": h,
+        "value": {"format": "rle", "rle": encode_mask(mask), "brushlabels": ["object"]},
+    }
+
+
+def test_brush_and_polygon_regions_of_the_latest_annotation_become_masks():
+    ring = np.zeros((40, 60), bool)
+    ring[5:30, 10:40] = True
+    ring[12:22, 18:30] = False  # a hole survives the round trip
+    polygon = {
+        "type": "polygonlabels",
+        "from_name": "poly",
+        "to_name": "image",
+        "original_width": 60,
+        "original_height": 40,
+        "value": {"points": [[50, 50], [90, 50], [90, 95], [50, 95]], "polygonlabels": ["object"]},
+    }
+    keypoint_region = {"type": "keypointlabels", "original_width": 60, "original_height": 40, "value": {}}
+    task = {
+        "id": 3,
+        "annotations": [
+            {"id": 1, "updated_at": "2026-01-01", "result": [_brush(~ring)]},
+            {"id": 2, "updated_at": "2026-01-02", "result": [_brush(ring), polygon, keypoint_region]},
+            {"id": 3, "updated_at": "2026-01-03", "was_cancelled": True, "result": [_brush(~ring)]},
+        ],
+    }
+    masks = annotation_masks(latest_annotation(task), parse_label_config(POLYGON_CONFIG))
+    assert [name for name, _ in masks] == ["image", "image"]
+    assert np.array_equal(masks[0][1], ring)
+    square = np.zeros((40, 60), bool)
+    square[20:38, 30:54] = True  # pixels whose centres lie inside x 30..54, y 20..38
+    got = masks[1][1]
+    assert (got & square).sum() / (got | square).sum() > 0.9  # PIL's rasteriser: edges within a pixel
+
+
+def test_a_project_with_an_active_fine_tune_gets_its_decoder_and_model_version(
+    app_factory, tiny_model, media_server, tmp_path
+):
+    state = {k: v.clone() for k, v in decoder_state(tiny_model.model).items()}
+    bias = next(k for k in state if k.endswith("mask_decoder.iou_prediction_head.proj_out.bias"))
+    state[bias] += 5.0  # a decoder that differs in its scores: visible in the answer
+    versions = DecoderVersions(tmp_path, 5)
+    versions.activate(versions.save(state, {"base_model": tiny_model.model_id}))
+    client = app_factory(finetune_dir=str(tmp_path), finetune_refresh_s=0).test_client()
+
+    url = media_server.add_image("a.png", noise_image(48, 64))
+    body = predict_body([{"id": 1, "data": {"image": url}}], [keypoint(50, 50)])
+    base = client.post("/predict", json={**body, "project": "6.1700000000"}).get_json()
+    tuned = client.post("/predict", json={**body, "project": "5.1700000000"}).get_json()
+    assert tuned["results"][0]["model_version"] == base["results"][0]["model_version"] + "-p5-v0001"
+    assert tuned["model_version"] == tuned["results"][0]["model_version"]
+    assert decode_brush(tuned["results"][0]["result"][0]).shape == (48, 64)
+    assert tuned["results"][0]["score"] != base["results"][0]["score"]
+    setup = client.post("/setup", json={"project": "5.1700000000", "schema": IMAGE_CONFIG}).get_json()
+    assert setup["model_version"].endswith("-p5-v0001")
+    # the base model was not touched, and rollback serves it to project 5 again
+    assert all(
+        torch.equal(v, decoder_state(tiny_model.model)[k]) for k, v in decoder_state(tiny_model.model).items()
+    )
+    versions.rollback()
+    again = client.post("/predict", json={**body, "project": "5.1700000000"}).get_json()
+    assert again["results"][0]["model_version"] == base["results"][0]["model_version"]
+
+
+def test_start_training_webhook_needs_label_studio_and_a_project(app_factory):
+    client = app_factory(label_studio_url=None, label_studio_api_key=None).test_client()
+    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
+    assert resp.status_code == 400 and "LABEL_STUDIO_URL" in resp.get_json()["error"]
+    resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"title": "x"}})
+    assert resp.status_code == 400 and "project" in resp.get_json()["error"]
+    assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).status_code == 200
