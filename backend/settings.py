@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         "FINETUNE_REFRESH_S", default=30.0, ge=0, description="how often a server looks for a new version"
     )
     finetune_epochs: int = _env("FINETUNE_EPOCHS", default=20, ge=1, description="fine-tuning epochs")
-    finetune_lr: float = _env("FINETUNE_LR", default=1e-4, gt=0, description="fine-tuning learning rate")
+    finetune_lr: float = _env("FINETUNE_LR", default=1e-4, ge=0, description="fine-tuning learning rate")
     finetune_min_gain: float = _env(
         "FINETUNE_MIN_GAIN",
         default=0.02,
