@@ -404,7 +404,7 @@ class Backend:
 
     def wait_for_model(self, timeout_s: float = 600.0) -> dict:
         """Poll /health until the model has loaded or failed to; return the last /health body
-        (its "error" says why a model could not be loaded)."""
+        (an anonymous caller is told only that the model did not load: the reason is in the log)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:

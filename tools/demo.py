@@ -265,6 +265,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def model_load_error(backend) -> str:
+    """Why the backend's model did not load, from its log (its /health tells anonymous callers only
+    to look there, so it never shows a model path); the backend is stopped."""
+    backend.stop()
+    marker = "model not loaded: "
+    for line in reversed(backend.log().splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return "the model did not load in time"
+
+
 def first_sentence(error: str) -> str:
     """The cause of a model error without the backend's own advice (the demo gives its own)."""
     return error.split(". Provide them")[0].rstrip(".") + "."
@@ -307,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Starting the SAM2 backend on http://{host}:{args.backend_port} with model {model} ...")
         health = start_backend(creds.token)
         if not health.get("model_loaded"):
-            servers.pop("backend").stop()
-            error = health.get("error") or "the model did not load in time"
+            error = model_load_error(servers.pop("backend"))
             say("\nThe SAM2 weights could not be loaded, so the demo did not start:")
             say(f"  {first_sentence(error)}\n")
             say("Provide them offline with one of:")
