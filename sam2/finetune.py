@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from sam2.image import PAD_LABEL, ImageEmbedding, ImagePredictor, Prompt
 from sam2.models import LoadedModel
-from sam2.transforms import to_model_coords, upscale_logits
+from sam2.transforms import mask_box, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,6 @@ def deepest_point(mask: np.ndarray) -> np.ndarray:
     return np.array([x + 0.5, y + 0.5], np.float32)
 
 
-def tight_box(mask: np.ndarray) -> np.ndarray:
-    """(4,) float x1, y1, x2, y2 in continuous pixels."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
-
-
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
@@ -169,7 +163,7 @@ def evaluate(loaded: LoadedModel, examples: list[Example]) -> Scores:
     for ex in examples:
         emb = ImageEmbedding.of(ex.features, ex.hw)
         click = Prompt(points_xy=deepest_point(ex.mask)[None], point_labels=np.ones(1, np.int64))
-        for prompt, out in ((click, clicks), (Prompt(box_xyxy=tight_box(ex.mask)), boxes)):
+        for prompt, out in ((click, clicks), (Prompt(box_xyxy=mask_box(ex.mask)), boxes)):
             logits, iou, _ = predictor.decode_logits(emb, [prompt])
             best = logits[0, int(iou[0].argmax())]
             mask = (upscale_logits(best[None], ex.hw)[0] > 0).cpu().numpy()
@@ -243,7 +237,7 @@ def _first_prompts(rng: np.random.Generator, examples: list[Example], cfg: Finet
     for i, ex in enumerate(examples):
         h, w = ex.hw
         if is_box[i]:
-            box = tight_box(ex.mask).reshape(2, 2)
+            box = mask_box(ex.mask).reshape(2, 2)
             side = box[1] - box[0]
             box = box + rng.normal(0, cfg.box_jitter, (2, 2)) * side
             box = np.clip(box, 0, [w, h])

@@ -62,6 +62,12 @@ def upscale_logits(low_res: torch.Tensor, original_hw: tuple[int, int]) -> torch
     )[:, 0]
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool array -> (4,) float32 x1, y1, x2, y2 in pixel-edge units (`mask_boxes` of one
+    mask); (0, 0, 0, 0) when empty."""
+    return mask_boxes(torch.as_tensor(np.asarray(mask, bool))[None])[0].numpy()
+
+
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(N, h, w) bool -> (N, 4) float x1, y1, x2, y2 in pixel-edge units (x2 = last column + 1).
     An empty mask gives (0, 0, 0, 0)."""

@@ -18,7 +18,8 @@ from backend.rle import encode_mask
 from devkit import lsserver
 from devkit.rings import make_ring
 from sam2.decoders import DecoderVersions
-from sam2.finetune import deepest_point, mask_iou, tight_box
+from sam2.finetune import deepest_point, mask_iou
+from sam2.transforms import mask_box
 from tests.conftest import keypoint, rectangle
 from tests.e2e.regions import IMAGE_CONFIG, brush_masks, region_id
 
@@ -43,7 +44,7 @@ def _brush(mask: np.ndarray) -> dict:
 
 def _rectangle(mask: np.ndarray) -> dict:
     h, w = mask.shape
-    x1, y1, x2, y2 = (float(v) for v in tight_box(mask))
+    x1, y1, x2, y2 = (float(v) for v in mask_box(mask))
     return rectangle(100 * x1 / w, 100 * y1 / h, 100 * (x2 - x1) / w, 100 * (y2 - y1) / h, w=w, h=h)
 
 
