@@ -52,7 +52,7 @@ from sam2 import hf_internals as hf
 from sam2.frames import FrameSource, UnreadableVideo
 from sam2.models import LoadedModel
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
-from sam2.transforms import preprocess, to_model_coords, upscale_logits
+from sam2.transforms import mask_box, preprocess, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
 
@@ -576,8 +576,7 @@ def _on_object(seen: _Seen, frame: int, near: np.ndarray | None) -> _Found | Non
             if k not in keep:
                 part[where] &= labels[where] != k
         share = float(np.count_nonzero(part)) / float(np.count_nonzero(seen.mask))
-    rows, cols = np.flatnonzero(part.any(axis=1)), np.flatnonzero(part.any(axis=0))
-    box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    box = tuple(float(v) for v in mask_box(part))
     return _Found(frame, part, box, seen.score * share)
 
 
