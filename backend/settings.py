@@ -227,6 +227,13 @@ class Settings(BaseSettings):
         default=0.02,
         description="held-out mIoU gain a fine-tuned decoder needs before it is activated",
     )
+    # --- scale-out (Redis + RQ) ---------------------------------------------------------------------
+    redis_url: str | None = _env(
+        "REDIS_URL",
+        default=None,
+        repr=False,
+        description="`redis://[:password@]host:6379/0`: share prompt memory between workers and replicas and send background work (Retrieve overflow, long video tracks, `preannotate --queue`) to an RQ queue that `python -m backend worker` processes. Unset: everything in-process. Never logged (it may hold a password)",
+    )
     # --- process ----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = _env(
         "LOG_LEVEL", default="INFO", description="`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`"

@@ -51,6 +51,16 @@ def _loopback_media_is_trusted(monkeypatch):
 
 
 @pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port (devkit.redis_server): url, stop(), start()."""
+    from devkit.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def media_server(tmp_path):
     """Files on a loopback host (devkit.media_server on pytest-httpserver): add(), add_image()."""
     server = MediaServer(tmp_path).serve_files()

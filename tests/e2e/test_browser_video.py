@@ -56,10 +56,16 @@ def test_label_a_drawn_box_and_the_track_shows_on_the_timeline(
     # Frame 1, no label selected: draw a box around the red ellipse, found on the screen by colour.
     stage = page.locator(".lsf-video__main").first
     stage.wait_for(state="visible", timeout=30_000)
-    area = stage.bounding_box()
-    shown = np.asarray(Image.open(io.BytesIO(stage.screenshot())).convert("RGB")).astype(int)
-    ys, xs = np.nonzero(np.abs(shown - (220, 40, 40)).sum(axis=2) < 90)
-    assert xs.size > 20, "the red ellipse is not on the screen"
+    # The first frame is painted onto the stage some time after the video element has data (seconds
+    # on a loaded CI machine): look until the ellipse is there.
+    for _ in range(60):
+        area = stage.bounding_box()
+        shown = np.asarray(Image.open(io.BytesIO(stage.screenshot())).convert("RGB")).astype(int)
+        ys, xs = np.nonzero(np.abs(shown - (220, 40, 40)).sum(axis=2) < 90)
+        if xs.size > 20:
+            break
+        page.wait_for_timeout(500)
+    assert xs.size > 20, "the red ellipse is not on the screen after 30 s"
     left, top = area["x"] + float(xs.min()) - 4, area["y"] + float(ys.min()) - 4
     right, bottom = area["x"] + float(xs.max()) + 5, area["y"] + float(ys.max()) + 5
     page.mouse.move(left, top)

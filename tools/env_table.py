@@ -1,0 +1,26 @@
+"""Rewrite the README's environment-variable table from `backend.settings` (between its
+`<!-- env-table:start -->` / `<!-- env-table:end -->` markers): `python tools/env_table.py`."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.settings import env_table  # noqa: E402
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+if __name__ == "__main__":
+    text = README.read_text()
+    new, count = re.subn(
+        r"(<!-- env-table:start -->\n).*?(\n<!-- env-table:end -->)",
+        lambda m: m.group(1) + env_table() + m.group(2),
+        text,
+        flags=re.S,
+    )
+    if count != 1:
+        sys.exit("README.md lost its env-table markers")
+    README.write_text(new)
