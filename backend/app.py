@@ -21,7 +21,7 @@ from base64 import b64decode
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from backend.admission import AdmissionQueue
@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         start = request.environ.get("sam2.start")
         if start is not None:
             metrics.latency.labels(endpoint, outcome).observe(time.perf_counter() - start)
+        metrics.publish()  # gunicorn workers: this worker's gauges, for the others' scrapes
         return resp
 
     @app.errorhandler(BackendError)
@@ -199,7 +200,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
 
     @app.get("/metrics")
     def metrics_view():
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(metrics.scrape(), mimetype=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
     def predict():

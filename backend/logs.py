@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import urlsplit
 
 
 class _SecretFilter(logging.Filter):
@@ -27,16 +28,21 @@ class _SecretFilter(logging.Filter):
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(
-        _SecretFilter(
-            [
-                os.environ.get(k, "")
-                for k in ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "LABEL_STUDIO_ACCESS_TOKEN")
-            ]
-        )
-    )
+    secrets = [
+        os.environ.get(k, "")
+        for k in ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "LABEL_STUDIO_ACCESS_TOKEN")
+    ]
+    handler.addFilter(_SecretFilter([*secrets, url_password(os.environ.get("REDIS_URL", ""))]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # werkzeug logs request lines only (never headers); urllib3 at DEBUG would log URLs with tokens
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
+
+
+def url_password(url: str) -> str:
+    """The password in a URL such as REDIS_URL (`redis://:password@host`), or ""."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""

@@ -1,16 +1,47 @@
 """Every Prometheus metric of the backend, one registry per app (tests make many apps in one
-process). Counters and histograms are defined here; `watch_*` adds gauges read at scrape time."""
+process). Counters, histograms and gauges are defined here; `watch_*` adds gauges read at scrape
+time; `add_collector` adds a collector that reads a shared source (Redis, say) at scrape time.
+
+Under gunicorn every worker is its own process, and a scrape reaches one of them.
+deploy/gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before any worker imports
+prometheus_client, which turns on its multiprocess mode: each worker keeps its counters,
+histograms and gauges in files of that directory, and whichever worker answers `/metrics` adds up
+all of them (`MultiProcessCollector`). Watched values live in one worker's memory, so in that mode
+`publish` writes them to gauges (after every request and before a scrape), combined over workers
+as `_combine_mode` says. Collectors added with `add_collector` are asked once per scrape in
+both modes: the multiprocess merge reads only the files, never custom collectors. `serve` (one
+process, no PROMETHEUS_MULTIPROC_DIR) reads its own registry, as always.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100)
 
 
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client keeps values in PROMETHEUS_MULTIPROC_DIR (decided when it was
+    first imported, from the environment of that moment)."""
+    return values.ValueClass is not values.MutexValue
+
+
+def _combine_mode(name: str) -> str:
+    """How a watched gauge combines over live gunicorn workers."""
+    if name.startswith("sam2_gpu_memory_"):
+        return "liveall"  # one series per worker (label `pid`): workers may sit on different GPUs
+    if name == "sam2_embedding_store_bytes":
+        return "livemax"  # one directory, shared by the workers: each sees the same total
+    return "livesum"  # per-worker amounts (requests waiting, cache bytes, hits): the fleet's sum
+
+
 class Metrics:
     def __init__(self):
+        self.multiprocess = multiprocess_mode()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -31,7 +62,12 @@ class Metrics:
             registry=r,
         )
         self.tasks = Counter("sam2_tasks", "Tasks answered, by outcome", ["outcome"], registry=r)
-        self.in_flight = Gauge("sam2_requests_in_flight", "Requests being served or queued", registry=r)
+        self.in_flight = Gauge(
+            "sam2_requests_in_flight",
+            "Requests being served or queued",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.queue_rejected = Counter(
             "sam2_queue_rejected", "/predict requests answered 503 because the queue was full", registry=r
         )
@@ -39,15 +75,51 @@ class Metrics:
         self.background_tasks = Counter(
             "sam2_background_tasks", "Tasks of the background job, by outcome", ["outcome"], registry=r
         )
-        self.background_pending = Gauge(
-            "sam2_background_tasks_pending", "Tasks queued for the background job", registry=r
-        )
         self._sources: list = []
-        r.register(_Collector(self._sources))
+        self._collectors: list = []
+        self._published: dict[str, Gauge] = {}
+        self._publish_lock = threading.Lock()
+        if not self.multiprocess:
+            r.register(_Collector(self._sources))
 
     def watch(self, fn) -> None:
         """`fn()` returns [(name, help, value)] at scrape time (cache sizes, GPU memory...)."""
         self._sources.append(fn)
+
+    def add_collector(self, collector) -> None:
+        """A prometheus collector (an object with `collect()`) asked at every scrape, once: for
+        values kept outside the workers, such as a queue's depth in Redis, which must not be
+        added up per worker."""
+        self._collectors.append(collector)
+        if not self.multiprocess:
+            self.registry.register(collector)
+
+    def scrape(self) -> bytes:
+        """The text `/metrics` answers: this process's metrics, or under gunicorn (multiprocess
+        mode) those of every worker, added up."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.publish()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        for collector in self._collectors:
+            registry.register(collector)
+        return generate_latest(registry)
+
+    def publish(self) -> None:
+        """Multiprocess mode: write this worker's watched values where every worker's scrape
+        reads them (a no-op in one process, where they are read at scrape time)."""
+        if not self.multiprocess:
+            return
+        with self._publish_lock:
+            for fn in self._sources:
+                for name, help_text, value in fn():
+                    gauge = self._published.get(name)
+                    if gauge is None:
+                        gauge = self._published[name] = Gauge(
+                            name, help_text, multiprocess_mode=_combine_mode(name), registry=None
+                        )
+                    gauge.set(float(value))
 
     def watch_cache(self, cache) -> None:
         """The in-memory embedding cache (sam2.image.EmbeddingCache)."""
@@ -82,6 +154,12 @@ class Metrics:
                     queue.capacity,
                 ),
             ]
+        )
+
+    def watch_background(self, pending) -> None:
+        """The "Retrieve predictions" background job: `pending()` tasks queued or running."""
+        self.watch(
+            lambda: [("sam2_background_tasks_pending", "Tasks queued for the background job", pending())]
         )
 
 

@@ -1,11 +1,11 @@
 """The composition root: the model and everything built around it, once per process.
 
 `Runtime` owns what lives as long as the process: the settings it was given, the metrics, the
-media client, the prompt memory, the loaded image model with its embedding cache and store, the
-video tracker (built on the first video task), the prefetcher, the task-time history of
-"Retrieve predictions" and its background job. The server (`backend.app`), the pre-encoding job
-(`backend.warm`) and the bulk CLI (`backend.preannotate.cli`) all build one; nothing else keeps
-per-process state in module globals.
+media client, the prompt memory (shared through Redis with REDIS_URL), the loaded image model
+with its embedding cache and store, the video tracker (built on the first video task), the
+prefetcher, the task-time history of "Retrieve predictions" and its background job. The server
+(`backend.app`), the pre-encoding job (`backend.warm`) and the bulk CLI
+(`backend.preannotate.cli`) all build one; nothing else keeps per-process state in module globals.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from backend.preannotate.lsapi import LabelStudioAPI, describe
 from backend.preannotate.retrieve import BackgroundJob, TaskTimes
 from backend.prefetch import Prefetcher
 from backend.protocol import PromptMemory
+from backend.redismemory import RedisPromptMemory
 from backend.segment import ImageSegmenter
 from backend.settings import Settings
 from sam2.gpu import memory_gauges
@@ -74,7 +75,13 @@ class Runtime:
         self.media = MediaClient(
             LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
         )
-        self.memory = PromptMemory(settings.prompt_memory_s)
+        # the box a labeler drew, for the clicks that follow: shared by every worker and replica
+        # through Redis when there is one, else this process's own
+        self.memory: PromptMemory | RedisPromptMemory = (
+            RedisPromptMemory(settings.redis_url, settings.prompt_memory_s)
+            if settings.redis_url
+            else PromptMemory(settings.prompt_memory_s)
+        )
         if loaded is not None:
             self._build(loaded)
         elif load_in_background:

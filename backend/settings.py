@@ -286,6 +286,11 @@ class Settings(BaseSettings):
         default=True,
         description="`false` turns off gunicorn's access log (request lines only, never headers)",
     )
+    metrics_dir: str | None = _env(
+        "PROMETHEUS_MULTIPROC_DIR",
+        default=None,
+        description="where gunicorn workers keep their metrics so that `/metrics` adds up all of them (prometheus-client's multiprocess mode); emptied when gunicorn starts. Unset: a fresh temporary directory (on `/dev/shm` where there is one), removed when gunicorn exits",
+    )
     torch_threads: int | None = _env(
         "TORCH_THREADS",
         default=None,

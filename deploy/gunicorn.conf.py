@@ -17,8 +17,11 @@ CUDA in forked subprocess"); backend.settings imports no torch.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository (or /app)
@@ -71,7 +74,45 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 proc_name = "label-studio-sam2"
 
 
+# --- metrics of all workers ----------------------------------------------------------------------
+# prometheus-client's multiprocess mode: each worker writes its metrics to files in one directory
+# and /metrics, on whichever worker answers, adds them up (backend/metrics.py). The variable must
+# be set before a worker imports prometheus_client: on_starting runs in the master before the
+# first fork (the master itself imports it only in child_exit).
+METRICS_DIR_OWNED: list[str] = []  # the temporary directory made here, removed on exit
+
+
+def _prepare_metrics_dir(server) -> None:
+    path = settings.metrics_dir
+    if path:  # the operator's: files of an earlier run would be added to this one's
+        os.makedirs(path, exist_ok=True)
+        for old in glob.glob(os.path.join(path, "*.db")):
+            os.remove(old)
+    else:
+        path = tempfile.mkdtemp(prefix="sam2-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        METRICS_DIR_OWNED.append(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    server.log.info("label-studio-sam2: workers keep their metrics in %s", path)
+
+
 # --- hooks --------------------------------------------------------------------------------------
+def on_starting(server):
+    _prepare_metrics_dir(server)
+
+
+def on_exit(server):
+    for path in METRICS_DIR_OWNED:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    # a worker that exited (restarted, timed out, or stopped) no longer counts in the live gauges;
+    # its counters and histograms stay in the sums
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def _cuda_initialised() -> bool:
     torch = sys.modules.get("torch")  # never imported here: only looked at if something did
     return bool(torch is not None and torch.cuda.is_initialized())

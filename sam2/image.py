@@ -38,14 +38,15 @@ class Prompt:
     points_xy: (N, 2) float, continuous pixels XY of the original image (N may be 0).
     point_labels: (N,) int, 1 = positive (foreground), 0 = negative (background).
     box_xyxy: (4,) float pixels x1, y1, x2, y2, or None.
-    mask_logits: low-res logits of an earlier prediction of this object (`MaskPrediction.low_res_logits`),
-        fed back as a dense prompt to refine it, or None.
+    mask_logits: low-res logits of an earlier prediction of this object (`MaskPrediction.low_res_logits`,
+        or the same values as a numpy array, e.g. read back from a shared store), fed back as a
+        dense prompt to refine it, or None.
     """
 
     points_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
     point_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     box_xyxy: np.ndarray | None = None
-    mask_logits: torch.Tensor | None = None
+    mask_logits: torch.Tensor | np.ndarray | None = None
 
     def __post_init__(self):
         if len(self.points_xy) != len(self.point_labels):
@@ -313,9 +314,8 @@ class ImagePredictor:
             boxes = to_model_coords(boxes, hw, lm.image_size).reshape(n, 4)
             kwargs["input_boxes"] = torch.from_numpy(boxes)[None].to(dev)
         if prompts[0].mask_logits is not None:
-            kwargs["input_masks"] = (
-                prompts[0].mask_logits.reshape(1, 1, *prompts[0].mask_logits.shape[-2:]).to(dev)
-            )
+            logits = torch.as_tensor(prompts[0].mask_logits)
+            kwargs["input_masks"] = logits.reshape(1, 1, *logits.shape[-2:]).to(dev)
         start = time.perf_counter()
         with lm.lock:
             if self.fast_decoder and hasattr(lm.model, "mask_decoder"):  # a SAM2 (not a stand-in)

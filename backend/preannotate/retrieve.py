@@ -131,7 +131,7 @@ class BackgroundJob:
         self._thread: threading.Thread | None = None
         self.counts: Counter = Counter()
         self._outcomes = runtime.metrics.background_tasks
-        runtime.metrics.background_pending.set_function(lambda: len(self._ids))
+        runtime.metrics.watch_background(lambda: len(self._ids))
 
     def holds(self, task_id) -> bool:
         with self._cv:
