@@ -246,7 +246,10 @@ class Settings(BaseSettings):
     port: int = _env("PORT", default=9090, ge=1, le=65535, description="where to listen (`serve`, gunicorn)")
     # --- gunicorn (deploy/gunicorn.conf.py) -------------------------------------------------------
     workers: int = _env(
-        "WORKERS", default=1, ge=1, description="gunicorn processes; each holds one model. Use one per GPU"
+        "WORKERS",
+        default=1,
+        ge=1,
+        description="gunicorn processes; each holds one model. Use one per GPU. Above 1, set `REDIS_URL` so that every worker knows the box a labeler drew",
     )
     threads: int = _env(
         "THREADS",

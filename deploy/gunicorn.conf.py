@@ -8,6 +8,8 @@ them pile up past Label Studio's 100 s timeout. QUEUE_SIZE must stay below THREA
 
 One GPU: WORKERS=1 (a second copy of the model buys little: the GPU is the bottleneck).
 CPU box: WORKERS = cores / TORCH_THREADS, e.g. 16 cores -> WORKERS=4 with 4 torch threads each.
+Above one worker, set REDIS_URL: a box drawn on one worker is then known to the worker that gets
+the next click. /metrics adds up every worker (prometheus-client multiprocess mode, set up below).
 
 Every value comes from backend.settings.Settings (the environment, validated: a bad value stops
 the master with a message naming the variable). This file is read by the gunicorn master, which

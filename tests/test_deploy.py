@@ -433,10 +433,19 @@ def test_compose_wires_label_studio_and_the_backend():
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "deploy" not in cpu
-    assert set(compose["volumes"]) == {"label-studio-data", "sam2-models"}
+    assert set(compose["volumes"]) == {"label-studio-data", "sam2-models", "redis-data"}
+    # Redis for what the workers share: the official image, healthy before the backend starts,
+    # reached only on the compose network
+    redis = services["redis"]
+    assert redis["image"].split(":-")[-1].startswith("redis:") and "ports" not in redis
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    for backend in (cpu, gpu):
+        assert backend["environment"]["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}"
+        assert backend["depends_on"]["redis"] == {"condition": "service_healthy"}
     example = (REPO / "deploy/example.env").read_text()
     for name in ("COMPOSE_PROFILES", "LABEL_STUDIO_TOKEN", "SAM2_BASIC_AUTH_PASS", "LABEL_STUDIO_PASSWORD"):
         assert re.search(rf"^{name}=", example, re.M), name
+    assert re.search(r"^#REDIS_URL=redis://redis:6379/0$", example, re.M)
 
 
 def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():
