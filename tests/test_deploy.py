@@ -23,6 +23,7 @@ from flask import Flask, abort, redirect, request
 from werkzeug import Response
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from devkit.gunicorn import start_gunicorn
 from devkit.lsserver import free_port
 from devkit.media_server import MediaServer
 from tests.conftest import encode_image, keypoint, noise_image, predict_body
@@ -334,36 +335,27 @@ def slow_media(tmp_path):
 
 def test_gunicorn_serves_sheds_load_and_shuts_down_gracefully(tiny_model_dir, slow_media, tmp_path):
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))},
-        "SAM2_MODEL": str(tiny_model_dir),
-        "DEVICE": "cpu",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "WORKERS": "1",
-        "THREADS": "3",
-        "QUEUE_SIZE": "1",
-        "TORCH_THREADS": "1",
-        "GRACEFUL_TIMEOUT": "20",
-        "BASIC_AUTH_USER": "ml",
-        "BASIC_AUTH_PASS": BASIC_PASS,
-        "LABEL_STUDIO_URL": "http://127.0.0.1:9",
-        "LABEL_STUDIO_API_KEY": LEGACY_KEY,
-        "LOG_LEVEL": "DEBUG",
-        "MEDIA_ALLOWED_HOSTS": "127.0.0.1",  # the slow media host lives on loopback
-    }
-    log = (tmp_path / "gunicorn.log").open("w+")
-    proc = subprocess.Popen(
-        [str(Path(PY).with_name("gunicorn")), "-c", "deploy/gunicorn.conf.py", "backend.wsgi:app"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    log = tmp_path / "gunicorn.log"
+    proc = start_gunicorn(
+        tiny_model_dir,
+        port,
+        log,
+        WORKERS="1",
+        THREADS="3",
+        QUEUE_SIZE="1",
+        TORCH_THREADS="1",
+        GRACEFUL_TIMEOUT="20",
+        BASIC_AUTH_USER="ml",
+        BASIC_AUTH_PASS=BASIC_PASS,
+        LABEL_STUDIO_URL="http://127.0.0.1:9",
+        LABEL_STUDIO_API_KEY=LEGACY_KEY,
+        LOG_LEVEL="DEBUG",
+        MEDIA_ALLOWED_HOSTS="127.0.0.1",  # the slow media host lives on loopback
     )
     base = f"http://127.0.0.1:{port}"
     auth = _basic("ml", BASIC_PASS)
     try:
-        wait_loaded(base, proc, Path(log.name))
+        wait_loaded(base, proc, log)
         slow = predict_body([{"id": 1, "data": {"image": f"{slow_media}/slow.png"}}], [keypoint(50, 50)])
         first: dict = {}
 
@@ -387,7 +379,7 @@ def test_gunicorn_serves_sheds_load_and_shuts_down_gracefully(tiny_model_dir, sl
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    text = Path(log.name).read_text()
+    text = log.read_text()
     assert "Handling signal: term" in text and '"POST /predict HTTP/1.1" 503' in text
     for secret in _secret_forms():
         assert secret not in text

@@ -8,11 +8,8 @@ one process gives for box then click; the same click without the box gives somet
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +18,7 @@ import numpy as np
 import pytest
 import requests
 
+from devkit.gunicorn import start_gunicorn
 from devkit.lsserver import Backend, free_port, port_in_use, start_backend
 from devkit.media_server import MediaServer, encode_image
 from devkit.redis_server import RedisServer
@@ -199,29 +197,19 @@ def _metric(text: str, name: str, **labels) -> float:
 
 def test_metrics_add_up_every_gunicorn_worker(tmp_path):
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))},
-        "SAM2_MODEL": str(FIXTURE),
-        "DEVICE": "cpu",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "WORKERS": "2",
-        "THREADS": "2",
-        "QUEUE_SIZE": "1",
-        "TORCH_THREADS": "1",
-    }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log_path = tmp_path / "gunicorn.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            # the worker pid in each access-log line: which worker answered what
-            [str(Path(sys.executable).with_name("gunicorn")), "-c", "deploy/gunicorn.conf.py"]
-            + ["--access-logformat", "%(p)s %(r)s %(s)s", "backend.wsgi:app"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    # the worker pid in each access-log line: which worker answered what
+    proc = start_gunicorn(
+        FIXTURE,
+        port,
+        log_path,
+        "--access-logformat",
+        "%(p)s %(r)s %(s)s",
+        WORKERS="2",
+        THREADS="2",
+        QUEUE_SIZE="1",
+        TORCH_THREADS="1",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         while not port_in_use("127.0.0.1", port):  # the master binds before it forks the workers
