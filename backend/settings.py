@@ -328,6 +328,15 @@ class Settings(BaseSettings):
     def _no_trailing_slash(cls, value):
         return without_userinfo(value).rstrip("/") if value else value
 
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_scheme(cls, value):
+        if value is None or not value.strip():
+            return None  # REDIS_URL= (empty): no Redis
+        if value.partition("://")[0].lower() not in ("redis", "rediss", "unix"):  # never echo it
+            raise ValueError("must be redis://[:password@]host:port/db (or rediss://, unix://)")
+        return value
+
     @classmethod
     def from_env(cls, **overrides) -> Settings:
         """The environment's settings; `overrides` (field names, None = keep) win over it.

@@ -91,7 +91,10 @@ def _prepare_metrics_dir(server) -> None:
         for old in glob.glob(os.path.join(path, "*.db")):
             os.remove(old)
     else:
-        path = tempfile.mkdtemp(prefix="sam2-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:  # tmpfs where there is one (memory-mapped files), else the temporary directory
+            path = tempfile.mkdtemp(prefix="sam2-metrics-", dir="/dev/shm")
+        except OSError:
+            path = tempfile.mkdtemp(prefix="sam2-metrics-")
         METRICS_DIR_OWNED.append(path)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     server.log.info("label-studio-sam2: workers keep their metrics in %s", path)

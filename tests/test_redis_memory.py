@@ -14,6 +14,7 @@ import pytest
 
 from backend.protocol import Remembered
 from backend.redismemory import PREFIX, RedisPromptMemory, decode, encode, redis_key
+from backend.settings import Settings, SettingsError
 
 KEY = (7, "image", "car")
 
@@ -135,3 +136,10 @@ def test_a_redis_that_never_answers_costs_one_second_then_nothing(caplog):
         silent.close()
     assert 0.5 < first < 2.5 and second < 0.1
     assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_redis_url_that_is_not_one_is_refused_at_startup_without_its_password():
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env(redis_url="http://:hunter2secret@redis:6379/0")
+    assert "REDIS_URL" in str(e.value) and "hunter2secret" not in str(e.value)
+    assert Settings.from_env(redis_url="rediss://:pw@redis:6380/1").redis_url.startswith("rediss://")
