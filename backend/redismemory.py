@@ -47,11 +47,13 @@ def redis_key(key: tuple) -> str:
     return PREFIX + hashlib.sha256(text.encode()).hexdigest()
 
 
-def encode(item: Remembered) -> bytes:
-    """`item` as bytes: header length (4 bytes, big-endian), JSON header, logits as float32."""
+def encode(item: Remembered, written_at: float) -> bytes:
+    """`item` as bytes: header length (4 bytes, big-endian), JSON header, logits as float32.
+    `written_at`: time.time() of the write (which of two copies is newer)."""
     logits = None if item.logits is None else np.ascontiguousarray(np.asarray(item.logits), dtype="<f4")
     header = {
         "v": FORMAT,
+        "t": float(written_at),
         "box": None if item.box_pct is None else [float(v) for v in item.box_pct],
         "rotation": float(item.rotation),
         "points": sorted([float(x), float(y), int(label)] for x, y, label in item.points),
@@ -62,9 +64,9 @@ def encode(item: Remembered) -> bytes:
     return _LENGTH.pack(len(head)) + head + (b"" if logits is None else logits.tobytes())
 
 
-def decode(data: bytes) -> Remembered | None:
-    """The entry `encode` wrote, or None for anything else (another format, a truncated or
-    foreign value): a miss, never an error."""
+def decode(data: bytes) -> tuple[Remembered, float] | None:
+    """The entry `encode` wrote and when, or None for anything else (another format, a truncated
+    or foreign value): a miss, never an error."""
     try:
         (n,) = _LENGTH.unpack_from(data)
         header = json.loads(data[_LENGTH.size : _LENGTH.size + n])
@@ -77,11 +79,12 @@ def decode(data: bytes) -> Remembered | None:
             if len(box) != 4:
                 return None
         rotation = _finite(header["rotation"])
+        written_at = _finite(header["t"])
         points = frozenset((_finite(x), _finite(y), int(label)) for x, y, label in header["points"])
         logits = _array(header["dtype"], header["shape"], body)
     except (struct.error, ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
         return None
-    return Remembered(box, rotation, points, logits, time.monotonic())
+    return Remembered(box, rotation, points, logits, time.monotonic()), written_at
 
 
 def _finite(value) -> float:
@@ -117,32 +120,37 @@ class RedisPromptMemory:
         self._lock = threading.Lock()
         self._skip_until = 0.0  # time.monotonic(): Redis is not asked before this
         self._down = False  # an outage was reported and has not ended yet
-        self._unshared: set[str] = set()  # keys whose last put reached only the local memory
+        # keys whose last put reached only the local memory, with its time.time(): that copy
+        # wins over an older one in Redis (written before an outage that kept Redis's data)
+        self._unshared: dict[str, float] = {}
 
     def get(self, key: tuple) -> Remembered | None:
         name = redis_key(key)
-        if name not in self._unshared:  # else the local entry is newer than anything in Redis
-            data = self._call(lambda r: r.get(name))
-            if isinstance(data, bytes):
-                item = decode(data)
-                if item is not None:
-                    return item
-                log.debug("prompt memory: ignoring an entry in Redis this backend did not write")
-        return self.local.get(key)
+        data = self._call(lambda r: r.get(name))
+        found = decode(data) if isinstance(data, bytes) else None
+        if isinstance(data, bytes) and found is None:
+            log.debug("prompt memory: ignoring an entry in Redis this backend did not write")
+        local_at = self._unshared.get(name)
+        if found is not None and (local_at is None or found[1] > local_at):
+            return found[0]
+        item = self.local.get(key)
+        if item is None and local_at is not None:
+            self._unshared.pop(name, None)  # expired here: nothing to prefer any more
+        return item
 
     def put(self, key: tuple, item: Remembered) -> None:
         self.local.put(key, item)
         if self.ttl_s <= 0:
             return
-        name = redis_key(key)
-        value = encode(item)
+        name, now = redis_key(key), time.time()
+        value = encode(item, now)
         if self._call(lambda r: r.set(name, value, px=max(1, round(self.ttl_s * 1000)))) is _FAILED:
             with self._lock:
                 if len(self._unshared) >= self.local.max_entries:
-                    self._unshared.clear()  # bounded; those entries fall back to Redis's older ones
-                self._unshared.add(name)
+                    self._unshared.clear()  # bounded; those entries fall back to Redis's copies
+                self._unshared[name] = now
         else:
-            self._unshared.discard(name)
+            self._unshared.pop(name, None)
 
     def _call(self, command):
         """`command(client)`, or _FAILED without waiting when Redis is down (or was, within

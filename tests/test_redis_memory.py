@@ -5,6 +5,7 @@ costs a click at most about a second, once, with one warning."""
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -58,11 +59,11 @@ def test_a_box_remembered_by_one_process_is_read_by_another(redis_server):
         b"",
         b"\x00\x00\x00\x05{}",
         b"\xff\xff\xff\xff",
-        encode(remembered())[:-3],  # truncated logits
-        encode(remembered()).replace(b'"<f4"', b'"|O8"'),  # object arrays would unpickle
-        encode(remembered()).replace(b"[1,64,64]", b"[1,64,65]"),
-        encode(remembered()).replace(b'"v":1', b'"v":9'),
-        encode(remembered()).replace(b"10.0,", b"NaN, "),
+        encode(remembered(), 1.0)[:-3],  # truncated logits
+        encode(remembered(), 1.0).replace(b'"<f4"', b'"|O8"'),  # object arrays would unpickle
+        encode(remembered(), 1.0).replace(b"[1,64,64]", b"[1,64,65]"),
+        encode(remembered(), 1.0).replace(b'"v":1', b'"v":9'),
+        encode(remembered(), 1.0).replace(b"10.0,", b"NaN, "),
     ],
 )
 def test_values_this_backend_did_not_write_are_misses(value):
@@ -107,14 +108,19 @@ def test_redis_down_clicks_use_local_memory_with_one_warning_then_share_again(re
     assert sum("is back;" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_an_entry_written_during_an_outage_wins_over_an_older_one_in_redis(redis_server):
+def test_the_newest_copy_wins_after_an_outage_that_kept_redis_data(redis_server):
     memory = RedisPromptMemory(redis_server.url, ttl_s=60, retry_s=0.2)
+    other = RedisPromptMemory(redis_server.url, ttl_s=60, retry_s=0.2)
     memory.put(KEY, remembered(0, box=(1.0, 1.0, 2.0, 2.0)))
-    redis_server.stop()
-    memory.put(KEY, remembered(1, box=(5.0, 5.0, 9.0, 9.0)))  # only here
-    redis_server.start()
+    redis_server.process.send_signal(signal.SIGSTOP)  # Redis frozen: its data stays
+    try:
+        memory.put(KEY, remembered(1, box=(5.0, 5.0, 9.0, 9.0)))  # only in this process
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
     time.sleep(0.25)
-    assert memory.get(KEY).box_pct == (5.0, 5.0, 9.0, 9.0)
+    assert memory.get(KEY).box_pct == (5.0, 5.0, 9.0, 9.0)  # not Redis's older box
+    other.put(KEY, remembered(2, box=(3.0, 3.0, 4.0, 4.0)))  # a later box, drawn on another replica
+    assert memory.get(KEY).box_pct == (3.0, 3.0, 4.0, 4.0)
 
 
 def test_a_redis_that_never_answers_costs_one_second_then_nothing(caplog):
