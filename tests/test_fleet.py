@@ -9,6 +9,7 @@ one process gives for box then click; the same click without the box gives somet
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -234,9 +235,12 @@ def test_metrics_add_up_every_gunicorn_worker(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # killed: no on_exit hook removes its metrics directory
             proc.kill()
             proc.wait(10)
+            made = re.search(r"workers keep their metrics in (\S+)", log_path.read_text())
+            if made:
+                shutil.rmtree(made.group(1), ignore_errors=True)
     assert not Path(metrics_dir).exists()  # the temporary directory goes with gunicorn
 
 
