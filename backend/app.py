@@ -216,7 +216,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work, paced = _task_worker(runtime, segmenter, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(
+                runtime, segmenter, settings, config, xml, context, objects, deadline, project
+            )
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
@@ -230,6 +232,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
                     errors_as_entries=asked,
                     deadline=None if paced else deadline,
                 )
+            finish = getattr(work, "finish", None)
+            if finish is not None:
+                finish()  # queue what Retrieve handed off (REDIS_URL); Redis down: a 503 that says so
         finally:
             metrics.in_flight.dec()
         for entry in results:
@@ -299,14 +304,18 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _task_worker(runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline):
+def _task_worker(
+    runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline, project: str
+):
     """What /predict does for one task, chosen by the label config and the context, and whether
     it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
         # "Retrieve predictions": boxes to masks or automatic masks by the bulk engine, which
         # answers what fits before the deadline and hands the rest to the background job
-        return retrieve_worker(runtime, config, deadline, segmenter), True
+        return retrieve_worker(
+            runtime, config, deadline, segmenter, project=project_id(project), xml=xml
+        ), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
