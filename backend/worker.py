@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import replace
 
 from rq import SimpleWorker
+from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 
 from backend import redisconn
@@ -115,6 +116,7 @@ class ModelWorker(SimpleWorker):
         self.lease_s = lease_s
         tick = max(1, int(lease_s / 3))
         super().__init__(*args, worker_ttl=15 + tick, maintenance_interval=tick, **kwargs)
+        self.push_exc_handler(_log_abandoned)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return int(self.lease_s)
@@ -152,6 +154,20 @@ class ModelWorker(SimpleWorker):
             log.warning("stopping after the current task (signal again to stop at once)")
         self.runner.stopping.set()
         super().request_stop(signum, frame)
+
+
+def _log_abandoned(job, exc_type, exc_value, traceback) -> bool:
+    """RQ's registry maintenance found a job whose worker stopped renewing its lease."""
+    if exc_type is AbandonedJobError:
+        left = job.retries_left or 0
+        log.warning(
+            "job %s was abandoned by its worker (lease expired): %s",
+            job.id,
+            f"requeued ({left - 1} retr{'y' if left == 2 else 'ies'} left after this one)"
+            if left
+            else "failed for good",
+        )
+    return True  # the other handlers (RQ's own) still run
 
 
 def cmd_worker(args) -> None:

@@ -18,7 +18,12 @@ from tests.conftest import noise_image, predict_body, rect_px
 
 def start(queue: JobQueue, ids, project=7):
     return queue.start_run(
-        ids, project=project, label_config="<View/>", options={"mode": "boxes"}, model_version="", source="test"
+        ids,
+        project=project,
+        label_config="<View/>",
+        options={"mode": "boxes"},
+        model_version="",
+        source="test",
     )
 
 
@@ -90,7 +95,8 @@ def slow_image(tmp_path):
 def retrieve_tasks(url, n):
     regions = [rect_px((5, 5, 40, 30), 60, 40, "object")]
     return [
-        {"id": i, "data": {"image": url}, "annotations": [{"id": i, "result": regions}]} for i in range(1, n + 1)
+        {"id": i, "data": {"image": url}, "annotations": [{"id": i, "result": regions}]}
+        for i in range(1, n + 1)
     ]
 
 
