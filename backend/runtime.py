@@ -77,6 +77,8 @@ class Runtime:
             LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
         )
         self.memory = PromptMemory(settings.prompt_memory_s)
+        if settings.redis_url:  # queue depth, jobs and per-worker counts, read from Redis at scrape time
+            self.metrics.watch_fleet(self.job_queue().snapshot)
         if loaded is not None:
             self._build(loaded)
         elif load_in_background:
