@@ -319,23 +319,33 @@ def _task_worker(
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
-            return _video_task(runtime, settings, task, config, xml, context, deadline)
+            return _video_task(runtime, settings, task, config, xml, context, deadline, project)
         return segmenter.interactive(task, config, objects)  # no objects: an empty entry
 
     return work, False
 
 
-def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:
+def _video_task(
+    runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project
+) -> dict | list:
     regions = context.get("result") if isinstance(context, dict) else None
     url = task_data_url(task, config, config.videos()[0].name)
+    task_id = task.get("id")
+    # Retrieve (no regions in the context) with REDIS_URL: a track the deadline cuts goes to the
+    # job queue, which writes it whole, instead of Label Studio storing a partial one
+    queue = runtime.job_queue() if regions is None and settings.background_job else None
+    if queue is not None and not isinstance(task_id, int):
+        queue = None
+    if queue is not None and _held(queue, task_id):
+        return []  # queued by an earlier request, still on its way
     downloaded = []
 
     def download() -> str:  # only once there is a region to track
-        downloaded.append(runtime.media.download_to_file(url, task.get("id")))
+        downloaded.append(runtime.media.download_to_file(url, task_id))
         return str(downloaded[-1])
 
     try:
-        return predict_video_task(
+        entry = predict_video_task(
             task,
             regions,
             xml,
@@ -348,3 +358,29 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
     finally:
         for path in downloaded:
             path.unlink(missing_ok=True)
+    if entry.pop("partial") and queue is not None:
+        queue.hold([task_id])
+        run = queue.start_run(
+            [task_id],
+            project=project_id(project),
+            label_config=xml,
+            options={},
+            model_version=runtime.model_version,
+            source="retrieve",
+            kind="video",
+        )
+        log.info(
+            "video task %s: the track outlives the request; queued whole as run %s (%d worker(s) listening)",
+            task_id,
+            run.id,
+            queue.workers(),
+        )
+        return []  # Label Studio stores nothing now; the worker writes the whole track
+    return entry
+
+
+def _held(queue, task_id: int) -> bool:
+    try:
+        return queue.holds(task_id)
+    except Unavailable:  # Redis down: track now; queueing, if it comes to that, says so
+        return False

@@ -67,7 +67,8 @@ class QueueUnavailable(Unavailable):
 class Chunk:
     """One job's work: these tasks of `project`, predicted with `options` (PreannotateOptions as
     a dict) for `label_config`, written as `model_version` (empty: the worker's own, that of its
-    model or of the project's fine-tuned decoder). `kind`: "preannotate"."""
+    model or of the project's fine-tuned decoder). `kind`: "preannotate" (boxes or automatic masks,
+    as `options` say) or "video" (track the latest annotation's video rectangles to the end)."""
 
     run: str
     project: int | None
@@ -148,6 +149,7 @@ class JobQueue:
         options: dict,
         model_version: str,
         source: str,
+        kind: str = "preannotate",
         at_front: bool = False,
     ) -> RunStatus:
         """Queue `task_ids` as one run of chunked jobs; returns its status (nothing done yet).
@@ -172,7 +174,7 @@ class JobQueue:
                 pipe.expire(_runs_key(project), RUN_TTL_S)
             pipe.execute()
             chunks = [
-                Chunk(run, project, label_config, options, model_version, ids[i : i + self.chunk_tasks])
+                Chunk(run, project, label_config, options, model_version, ids[i : i + self.chunk_tasks], kind)
                 for i in range(0, len(ids), self.chunk_tasks)
             ]
             self.enqueue(chunks, at_front=at_front)

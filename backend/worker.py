@@ -4,7 +4,8 @@ One process per GPU (`--device cuda:N`), on any machine that reaches Redis and L
 model loads once, before the first job, and stays loaded: jobs run in this process (RQ's
 `SimpleWorker`, no fork per job). A job is a chunk of task ids (`backend.jobqueue.Chunk`); each
 task is predicted and written through the Label Studio API with the check-before-write of
-`predict_and_write`, and its outcome is counted in Redis.
+`predict_and_write` (or, for a video task, tracked to the end), and its outcome is counted in
+Redis.
 
 Losing a worker loses nothing:
 - SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
@@ -34,15 +35,16 @@ from rq.serializers import JSONSerializer
 
 from backend import redisconn
 from backend.cli_options import add_label_studio_options, add_model_options
-from backend.errors import BadRequest
-from backend.jobqueue import QUEUE_NAME, Chunk, JobQueue, QueueUnavailable, chunk_from_job
+from backend.errors import BackendError, BadRequest
+from backend.jobqueue import CHUNK_TIMEOUT_S, QUEUE_NAME, Chunk, JobQueue, QueueUnavailable, chunk_from_job
 from backend.logs import setup_logging
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
 from backend.preannotate.retrieve import predict_and_write
-from backend.protocol import parse_label_config
+from backend.protocol import parse_label_config, task_data_url
 from backend.runtime import Runtime
 from backend.settings import Settings
+from backend.video import predict_video_task
 from sam2.models import load_image_model, set_cpu_threads
 from sam2.releases import ModelUnavailable
 
@@ -61,8 +63,9 @@ class JobRunner:
 
     def run(self, chunk: Chunk) -> dict:
         """Predict and write the chunk's tasks; returns the outcome counts."""
-        counts: Counter = Counter()
         config = parse_label_config(chunk.label_config)
+        if chunk.kind == "video":
+            return self._each(chunk, lambda task: self._track(task, config, chunk))
         engine = Preannotator(self.runtime.segmenter_for(chunk.project), PreannotateOptions(**chunk.options))
         try:
             engine.check(config)
@@ -71,6 +74,13 @@ class JobRunner:
             for task_id in chunk.task_ids:
                 self.queue.record(chunk.run, task_id, "failed")
             return {"failed": len(chunk.task_ids)}
+        version = chunk.model_version or engine.model_version
+        return self._each(chunk, lambda task: predict_and_write(self.api, engine, task, config, version))
+
+    def _each(self, chunk: Chunk, predict) -> dict:
+        """`predict(task)` -> outcome for each task of the chunk, fetched from Label Studio, until
+        the run is cancelled or the worker is stopping (then the rest goes back to the queue)."""
+        counts: Counter = Counter()
         for i, task_id in enumerate(chunk.task_ids):
             if self.queue.cancelled(chunk.run):
                 log.info(
@@ -88,12 +98,49 @@ class JobRunner:
                 log.warning("task %s: %s", task_id, e)
                 outcome = "failed"
             else:
-                version = chunk.model_version or engine.model_version
-                outcome = predict_and_write(self.api, engine, task, config, version)
+                outcome = predict(task)
             self.queue.record(chunk.run, task_id, outcome)
             self.queue.release(task_id)
             counts[outcome] += 1
         return dict(counts)
+
+    def _track(self, task: dict, config, chunk: Chunk) -> str:
+        """A video task's whole track (no deadline but the job's), written unless the task has a
+        prediction of this version already."""
+        runtime, task_id = self.runtime, task["id"]
+        version = chunk.model_version or runtime.model_version
+        downloaded = []
+
+        def download() -> str:
+            downloaded.append(
+                runtime.media.download_to_file(task_data_url(task, config, config.videos()[0].name), task_id)
+            )
+            return str(downloaded[-1])
+
+        try:
+            if version in self.api.prediction_versions(task_id):
+                return "skipped"
+            entry = predict_video_task(
+                task,
+                None,
+                chunk.label_config,
+                download,
+                runtime.video_tracker(),
+                deadline_s=CHUNK_TIMEOUT_S,
+                max_frames=runtime.settings.video_max_frames,
+                model_version=version,
+            )
+            if not entry["result"]:
+                return "skipped"
+            return "done" if self.api.create_prediction(task_id, entry, version) else "skipped"
+        except (BackendError, LabelStudioAPIError) as e:
+            log.warning("video task %s failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
+        except Exception:  # a bug must not cost the chunk's other tasks
+            log.exception("video task %s failed", task_id)
+        finally:
+            for path in downloaded:
+                path.unlink(missing_ok=True)
+        return "failed"
 
 
 _runner: JobRunner | None = None  # RQ imports job functions by name: they reach the model here

@@ -433,10 +433,34 @@ def test_compose_wires_label_studio_and_the_backend():
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "deploy" not in cpu
-    assert set(compose["volumes"]) == {"label-studio-data", "sam2-models"}
+    assert set(compose["volumes"]) == {"label-studio-data", "sam2-models", "redis-data"}
     example = (REPO / "deploy/example.env").read_text()
     for name in ("COMPOSE_PROFILES", "LABEL_STUDIO_TOKEN", "SAM2_BASIC_AUTH_PASS", "LABEL_STUDIO_PASSWORD"):
         assert re.search(rf"^{name}=", example, re.M), name
+
+
+def test_compose_workers_share_the_image_the_store_and_redis():
+    services = _compose()["services"]
+    cpu, gpu, redis = services["sam2-worker"], services["sam2-worker-gpu"], services["redis"]
+    readers = (REPO / "backend/settings.py").read_text()
+    for worker in (cpu, gpu):
+        assert worker["command"] == ["python", "-m", "backend", "worker"]
+        assert worker["image"] == services["sam2"]["image"]
+        env = worker["environment"]
+        assert (
+            "redis://redis:6379" in env["REDIS_URL"] and env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        )
+        assert "sam2-models:/models" in worker["volumes"]  # the embedding store is shared
+        assert env["EMBEDDING_STORE_DIR"].endswith("/models/embeddings}")
+        assert "ports" not in worker and worker["healthcheck"] == {"disable": True}
+        assert int(worker["stop_grace_period"].rstrip("s")) >= 60  # SIGTERM finishes the task
+        for name in env:
+            assert f'"{name}"' in readers, f"{name} is set by compose but read by nothing"
+    assert cpu["profiles"] == ["queue"] and gpu["profiles"] == ["queue-gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == ["${SAM2_WORKER_GPU:-0}"]  # pinned: one service per GPU
+    assert set(redis["profiles"]) == {"queue", "queue-gpu"} and "redis-data:/data" in redis["volumes"]
+    assert services["sam2"]["environment"]["REDIS_URL"] == "${REDIS_URL:-}"  # unset: in-process
 
 
 def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():

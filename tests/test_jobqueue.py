@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,67 @@ def test_metrics_show_queue_depth_and_jobs_per_worker_read_from_redis(app_factor
     redis_server.stop()
     resp = client.get("/metrics")
     assert resp.status_code == 200 and "sam2_queue_up 0.0" in resp.get_data(as_text=True)
+
+
+VIDEO_FRAMES, VIDEO_FPS = 8, 24
+VIDEO_CONFIG = f"""<View>
+  <Labels name="videoLabels" toName="video"><Label value="Car"/></Labels>
+  <Video name="video" value="$video" frameRate="{VIDEO_FPS}"/>
+  <VideoRectangle name="box" toName="video" smart="true"/>
+</View>"""
+
+
+def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
+    redis_server, media_server, tmp_path, caplog
+):
+    from backend.app import create_app
+    from backend.cli import FIXTURE
+    from backend.jobqueue import chunk_from_job
+    from backend.settings import Settings
+    from backend.worker import JobRunner
+    from devkit.videos import Shape, moving_shapes, write_video
+    from sam2.models import load_image_model
+    from tests.test_preannotate import FakeLabelStudio
+
+    w, h = 96, 64
+    red = Shape((230, 20, 20), (8, 10, 28, 30), (0.5, 0.25))
+    path = write_video(tmp_path / "v.mp4", moving_shapes(VIDEO_FRAMES, h, w, [red]), fps=VIDEO_FPS)
+    url = media_server.add("v.mp4", Path(path).read_bytes())
+    x1, y1, x2, y2 = red.box(0)
+    keyframe = {"frame": 1, "enabled": True, "rotation": 0, "time": 1 / VIDEO_FPS}
+    keyframe |= {
+        "x": x1 / w * 100,
+        "y": y1 / h * 100,
+        "width": (x2 - x1) / w * 100,
+        "height": (y2 - y1) / h * 100,
+    }
+    region = {
+        "id": "car",
+        "type": "videorectangle",
+        "from_name": "box",
+        "to_name": "video",
+        "value": {"framesCount": VIDEO_FRAMES, "sequence": [keyframe], "labels": ["Car"]},
+    }
+    task = {"id": 5, "data": {"video": url}, "annotations": [{"id": 1, "result": [region]}]}
+    # the trained fixture tracks the shape, at several frames a second on 2 CPU cores: longer than
+    # the 1 s a request with a 0.5 s deadline leaves it
+    settings = Settings.from_env(redis_url=redis_server.url, predict_deadline_s=0.5)
+    app = create_app(settings, loaded_model=load_image_model(str(FIXTURE), "cpu"))
+    runtime = app.extensions["sam2"]
+    body = app.test_client().post("/predict", json=predict_body([task], None, VIDEO_CONFIG)).get_json()
+    assert body["results"] == [[]]  # no partial track for Label Studio to store
+    queue = runtime.job_queue()
+    [run] = queue.runs(1)
+    [job] = queue.queue.jobs
+    chunk = chunk_from_job(job.args[0])
+    assert chunk.kind == "video" and chunk.task_ids == [5] and run.total == 1 and queue.holds(5)
+
+    ls = FakeLabelStudio(config=VIDEO_CONFIG, tasks=[task])
+    with caplog.at_level("INFO", "backend.video"):
+        assert JobRunner(runtime, ls, queue).run(chunk) == {"done": 1}
+    line = [r.getMessage() for r in caplog.records if r.name == "backend.video"][-1]
+    assert "partial" not in line, line  # the worker tracked to the end
+    [prediction] = ls.tasks[5]["predictions"]
+    frames = [k["frame"] for k in prediction["result"][0]["value"]["sequence"]]
+    assert max(frames) == VIDEO_FRAMES, frames
+    assert queue.status(run.id).counts == {"done": 1} and not queue.holds(5)
