@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from devkit import lsserver
 from devkit.media_server import MediaServer
@@ -38,8 +37,8 @@ LEASE_S = 3  # JOB_LEASE_S: a killed worker's chunk is requeued within 2 x this
 
 @pytest.fixture
 def media(tmp_path):
-    """Images served after 0.3 s each: a chunk lasts long enough to be cut in the middle."""
-    server = MediaServer(tmp_path / "media", delay_s=0.3).serve_files()
+    """Images served after 0.1 s each: a chunk of 4 lasts long enough to be cut in the middle."""
+    server = MediaServer(tmp_path / "media", delay_s=0.1).serve_files()
     yield tmp_path / "media", server.url
     server.close()
 
@@ -57,17 +56,6 @@ def make_project(ls, media, title: str, n: int):
         )
     imported = ls.client.projects.import_tasks(id=project.id, request=tasks, return_task_ids=True)
     return project, imported.task_ids
-
-
-def prediction_counts(ls, project_id) -> dict[int, int]:
-    r = requests.get(
-        f"{ls.url}/api/tasks",
-        params={"project": project_id, "include": "id,total_predictions", "page_size": 1000},
-        headers=ls.headers(),
-        timeout=10,
-    )
-    r.raise_for_status()
-    return {t["id"]: t["total_predictions"] for t in r.json()["tasks"]}
 
 
 def env(ls, redis_url: str, **extra) -> dict[str, str]:
@@ -128,7 +116,7 @@ def test_two_workers_one_killed_mid_run_every_task_predicted_once(
     try:
         wait_for(
             "the workers predicted 6 tasks",
-            lambda: sum(prediction_counts(ls, project.id).values()) >= 6,
+            lambda: sum(lsserver.prediction_counts(ls, project.id).values()) >= 6,
             90,
             logs,
         )
@@ -143,7 +131,7 @@ def test_two_workers_one_killed_mid_run_every_task_predicted_once(
     assert cli.returncode == 0, out
     assert "queued 40 task(s)" in out and "(10 job(s))" in out, out
     assert "40 task(s) selected" in out and " 0 failed" in out, out
-    counts = prediction_counts(ls, project.id)
+    counts = lsserver.prediction_counts(ls, project.id)
     assert counts == {t: 1 for t in task_ids}, counts  # every task exactly once
     survivor = logs[1].read_text()
     assert "abandoned by its worker" in survivor and "requeued" in survivor, survivor[-3000:]
@@ -172,7 +160,7 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
         wait_for("the hand-off was queued", lambda: "queued as run" in server.log(), 30, [server.log_path])
     finally:
         server.stop()
-    in_request = sum(prediction_counts(ls, project.id).values())
+    in_request = sum(lsserver.prediction_counts(ls, project.id).values())
     assert in_request < len(task_ids)
     assert "0 worker(s) listening" in server.log() and "no worker is listening" in server.log()
 
@@ -181,7 +169,7 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
     try:
         wait_for(
             "the worker predicted a task",
-            lambda: sum(prediction_counts(ls, project.id).values()) > in_request,
+            lambda: sum(lsserver.prediction_counts(ls, project.id).values()) > in_request,
             90,
             [first_log],
         )
@@ -191,7 +179,7 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
         stop(first)
     log = first_log.read_text()
     assert "stopping after the current task" in log and "handed back to the queue" in log, log[-3000:]
-    after_sigterm = prediction_counts(ls, project.id)
+    after_sigterm = lsserver.prediction_counts(ls, project.id)
     assert all(n <= 1 for n in after_sigterm.values()) and sum(after_sigterm.values()) < len(task_ids)
 
     second = start_worker(ls, redis_server.url, backend_model_dir, second_log, "--burst")
@@ -199,4 +187,4 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
         assert second.wait(120) == 0, second_log.read_text()[-3000:]
     finally:
         stop(second)
-    assert prediction_counts(ls, project.id) == {t: 1 for t in task_ids}
+    assert lsserver.prediction_counts(ls, project.id) == {t: 1 for t in task_ids}
