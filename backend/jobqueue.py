@@ -68,7 +68,8 @@ class Chunk:
     """One job's work: these tasks of `project`, predicted with `options` (PreannotateOptions as
     a dict) for `label_config`, written as `model_version` (empty: the worker's own, that of its
     model or of the project's fine-tuned decoder). `kind`: "preannotate" (boxes or automatic masks,
-    as `options` say) or "video" (track the latest annotation's video rectangles to the end)."""
+    as `options` say), "video" (track the latest annotation's video rectangles to the end) or
+    "warm" (encode the task's image into the embedding store)."""
 
     run: str
     project: int | None

@@ -4,8 +4,8 @@ One process per GPU (`--device cuda:N`), on any machine that reaches Redis and L
 model loads once, before the first job, and stays loaded: jobs run in this process (RQ's
 `SimpleWorker`, no fork per job). A job is a chunk of task ids (`backend.jobqueue.Chunk`); each
 task is predicted and written through the Label Studio API with the check-before-write of
-`predict_and_write` (or, for a video task, tracked to the end), and its outcome is counted in
-Redis.
+`predict_and_write` (a video task is tracked to the end; a warm job encodes the image into the
+shared embedding store instead), and its outcome is counted in Redis.
 
 Losing a worker loses nothing:
 - SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
@@ -45,6 +45,7 @@ from backend.protocol import parse_label_config, task_data_url
 from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.video import predict_video_task
+from backend.warm import UrlIndex, encode_into_store
 from sam2.models import load_image_model, set_cpu_threads
 from sam2.releases import ModelUnavailable
 
@@ -60,12 +61,15 @@ class JobRunner:
         self.api = api
         self.queue = queue
         self.stopping = threading.Event()
+        self._index: UrlIndex | None = None  # the store's URL index, for warm jobs
 
     def run(self, chunk: Chunk) -> dict:
         """Predict and write the chunk's tasks; returns the outcome counts."""
         config = parse_label_config(chunk.label_config)
         if chunk.kind == "video":
             return self._each(chunk, lambda task: self._track(task, config, chunk))
+        if chunk.kind == "warm":
+            return self._each(chunk, lambda task: self._warm(task, config))
         engine = Preannotator(self.runtime.segmenter_for(chunk.project), PreannotateOptions(**chunk.options))
         try:
             engine.check(config)
@@ -140,6 +144,32 @@ class JobRunner:
         finally:
             for path in downloaded:
                 path.unlink(missing_ok=True)
+        return "failed"
+
+    def _warm(self, task: dict, config) -> str:
+        """Encode the task's image into the embedding store (shared with the server and the other
+        workers); "skipped" if it is there already."""
+        runtime, task_id = self.runtime, task["id"]
+        if runtime.store is None:
+            log.warning(
+                "task %s not encoded: this worker has no embedding store (EMBEDDING_STORE_DIR)", task_id
+            )
+            return "failed"
+        url = (task.get("data") or {}).get(config.images()[0].value_key) if config.images() else None
+        if not isinstance(url, str) or not url:
+            return "skipped"
+        try:
+            image = runtime.media.load_image(url, task_id)
+            predictor = runtime.require().predictor
+            return (
+                "done"
+                if encode_into_store(predictor, runtime.store, UrlIndex(runtime.store.dir), url, image)
+                else "skipped"
+            )
+        except BackendError as e:
+            log.warning("task %s not encoded: %s", task_id, e.message)
+        except Exception:
+            log.exception("task %s not encoded", task_id)
         return "failed"
 
 

@@ -208,3 +208,34 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     frames = [k["frame"] for k in prediction["result"][0]["value"]["sequence"]]
     assert max(frames) == VIDEO_FRAMES, frames
     assert queue.status(run.id).counts == {"done": 1} and not queue.holds(5)
+
+
+def test_warm_jobs_encode_into_the_shared_store_once(app_factory, redis_server, media_server, tmp_path):
+    from backend.jobqueue import chunk_from_job
+    from backend.worker import JobRunner
+    from tests.conftest import IMAGE_CONFIG
+    from tests.test_preannotate import FakeLabelStudio
+
+    urls = [media_server.add_image(f"w{i}.png", noise_image(40, 60, seed=i)) for i in range(2)]
+    tasks = [{"id": i + 1, "data": {"image": url}} for i, url in enumerate(urls)] + [{"id": 3, "data": {}}]
+    app = app_factory(redis_url=redis_server.url, store_dir=str(tmp_path / "store"))
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    queue = runtime.job_queue()
+    runner = JobRunner(runtime, FakeLabelStudio(tasks=tasks), queue)
+    for expected in ({"done": 2, "skipped": 1}, {"skipped": 3}):  # a second run finds them stored
+        run = queue.start_run(
+            [1, 2, 3],
+            project=4,
+            label_config=IMAGE_CONFIG,
+            options={},
+            model_version="",
+            source="warm",
+            kind="warm",
+        )
+        [job] = [j for j in queue.queue.jobs if chunk_from_job(j.args[0]).run == run.id]
+        assert runner.run(chunk_from_job(job.args[0])) == expected
+    model_id = runtime.image_model.model_id
+    for i, url in enumerate(urls):  # what the server's first click on these images will find
+        assert f"{model_id}:{runtime.media.load_image(url, i + 1).key}" in runtime.store
+    assert runtime.segmenter.predictor.cache.bytes == 0  # the worker does not keep them in memory
