@@ -359,7 +359,6 @@ def _video_task(
         for path in downloaded:
             path.unlink(missing_ok=True)
     if entry.pop("partial") and queue is not None:
-        queue.hold([task_id])
         run = queue.start_run(
             [task_id],
             project=project_id(project),
@@ -369,6 +368,7 @@ def _video_task(
             source="retrieve",
             kind="video",
         )
+        queue.hold([task_id])
         log.info(
             "video task %s: the track outlives the request; queued whole as run %s (%d worker(s) listening)",
             task_id,

@@ -136,7 +136,6 @@ class QueuedHandoff:
     def finish(self) -> None:
         if not self._ids:
             return
-        self.queue.hold(self._ids)
         run = self.queue.start_run(
             self._ids,
             project=self.project,
@@ -145,6 +144,7 @@ class QueuedHandoff:
             model_version=self.model_version,
             source="retrieve",
         )
+        self.queue.hold(self._ids)  # after: a failed start_run holds nothing back
         workers = self.queue.workers()
         log.info(
             "retrieve: %d task(s) queued as run %s for `python -m backend worker` (%d worker(s) listening)",
