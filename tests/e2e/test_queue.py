@@ -188,3 +188,35 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
     finally:
         stop(second)
     assert lsserver.prediction_counts(ls, project.id) == {t: 1 for t in task_ids}
+
+
+def test_ctrl_c_stops_following_not_the_jobs(label_studio, redis_server, media):
+    ls = label_studio
+    project, _ = make_project(ls, media, "queue follow", 3)
+    cli = [sys.executable, "-m", "backend", "preannotate", "--project", str(project.id)]
+    proc = subprocess.Popen(
+        [*cli, "--queue"],
+        env=env(ls, redis_server.url),
+        cwd=lsserver.REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = proc.stdout.readline()  # no worker runs: it follows until interrupted
+        assert first.startswith("queued 3 task(s)") and "0 worker(s) listening" in first, first
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == 130 and "stopped following; the jobs go on" in out, out
+    status = subprocess.run(
+        [*cli, "--status"],
+        env=env(ls, redis_server.url),
+        cwd=lsserver.REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert status.returncode == 0 and "0/3 tasks" in status.stdout and "jobs: 1 queued" in status.stdout, (
+        status
+    )
