@@ -217,7 +217,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
-            work, paced = _task_worker(runtime, segmenter, settings, config, xml, context, objects, deadline)
+            work, paced = _task_worker(
+                runtime, segmenter, settings, config, xml, context, objects, deadline, project
+            )
             # "Retrieve predictions" (no regions in the context): a task that fails gets [] so Label
             # Studio stores nothing and a later Retrieve tries it again; interactive calls get the
             # error message with the empty result.
@@ -231,6 +233,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
                     errors_as_entries=asked,
                     deadline=None if paced else deadline,
                 )
+            finish = getattr(work, "finish", None)
+            if finish is not None:
+                finish()  # queue what Retrieve handed off (REDIS_URL); Redis down: a 503 that says so
         finally:
             metrics.in_flight.dec()
         for entry in results:
@@ -300,34 +305,48 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _task_worker(runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline):
+def _task_worker(
+    runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline, project: str
+):
     """What /predict does for one task, chosen by the label config and the context, and whether
     it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
     videos = config.videos()
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
         # "Retrieve predictions": boxes to masks or automatic masks by the bulk engine, which
         # answers what fits before the deadline and hands the rest to the background job
-        return retrieve_worker(runtime, config, deadline, segmenter), True
+        return retrieve_worker(
+            runtime, config, deadline, segmenter, project=project_id(project), xml=xml
+        ), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
-            return _video_task(runtime, settings, task, config, xml, context, deadline)
+            return _video_task(runtime, settings, task, config, xml, context, deadline, project)
         return segmenter.interactive(task, config, objects)  # no objects: an empty entry
 
     return work, False
 
 
-def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context, deadline) -> dict:
+def _video_task(
+    runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project
+) -> dict | list:
     regions = context.get("result") if isinstance(context, dict) else None
     url = task_data_url(task, config, config.videos()[0].name)
+    task_id = task.get("id")
+    # Retrieve (no regions in the context) with REDIS_URL: a track the deadline cuts goes to the
+    # job queue, which writes it whole, instead of Label Studio storing a partial one
+    queue = runtime.job_queue() if regions is None and settings.background_job else None
+    if queue is not None and not isinstance(task_id, int):
+        queue = None
+    if queue is not None and _held(queue, task_id):
+        return []  # queued by an earlier request, still on its way
     downloaded = []
 
     def download() -> str:  # only once there is a region to track
-        downloaded.append(runtime.media.download_to_file(url, task.get("id")))
+        downloaded.append(runtime.media.download_to_file(url, task_id))
         return str(downloaded[-1])
 
     try:
-        return predict_video_task(
+        entry = predict_video_task(
             task,
             regions,
             xml,
@@ -340,3 +359,29 @@ def _video_task(runtime: Runtime, settings: Settings, task, config, xml, context
     finally:
         for path in downloaded:
             path.unlink(missing_ok=True)
+    if entry.pop("partial") and queue is not None:
+        run = queue.start_run(
+            [task_id],
+            project=project_id(project),
+            label_config=xml,
+            options={},
+            model_version=runtime.model_version,
+            source="retrieve",
+            kind="video",
+        )
+        queue.hold([task_id])
+        log.info(
+            "video task %s: the track outlives the request; queued whole as run %s (%d worker(s) listening)",
+            task_id,
+            run.id,
+            queue.workers(),
+        )
+        return []  # Label Studio stores nothing now; the worker writes the whole track
+    return entry
+
+
+def _held(queue, task_id: int) -> bool:
+    try:
+        return queue.holds(task_id)
+    except Unavailable:  # Redis down: track now; queueing, if it comes to that, says so
+        return False

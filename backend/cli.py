@@ -15,7 +15,7 @@ from pathlib import Path
 
 from werkzeug.serving import run_simple
 
-from backend import train, warm
+from backend import train, warm, worker
 from backend.app import create_app
 from backend.cli_options import add_model_options
 from backend.logs import setup_logging
@@ -29,7 +29,7 @@ from sam2.models import set_cpu_threads, write_test_model
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 
 # subcommands registered beside serve, make-test-model and convert (each adds its parser)
-COMMANDS = (preannotate_cli.add_parser, warm.add_parser, train.add_parser)
+COMMANDS = (preannotate_cli.add_parser, warm.add_parser, train.add_parser, worker.add_parser)
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

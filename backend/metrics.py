@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100)
@@ -161,6 +161,49 @@ class Metrics:
         self.watch(
             lambda: [("sam2_background_tasks_pending", "Tasks queued for the background job", pending())]
         )
+
+    def watch_fleet(self, snapshot) -> None:
+        """The job queue and its workers (backend.jobqueue.JobQueue.snapshot), read from Redis at
+        scrape time: every server replica and gunicorn worker shows the same numbers, which no
+        per-process counter could (workers are other processes, on other machines)."""
+        self.add_collector(_FleetCollector(snapshot))
+
+
+class _FleetCollector:
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+    def collect(self):
+        up = GaugeMetricFamily("sam2_queue_up", "1 if Redis (REDIS_URL) answered this scrape")
+        try:
+            snap = self.snapshot()
+        except Exception:  # Redis down: /metrics still answers, and says so
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        jobs = GaugeMetricFamily(
+            "sam2_queue_jobs", "Jobs of the queue by state (queued = depth)", labels=["state"]
+        )
+        for state, n in snap["jobs"].items():
+            jobs.add_metric([state], float(n))
+        yield jobs
+        workers = GaugeMetricFamily("sam2_queue_workers", "Workers listening on the queue")
+        workers.add_metric([], float(snap["workers"]))
+        yield workers
+        done = CounterMetricFamily(
+            "sam2_worker_jobs", "Jobs ended per worker, by outcome", labels=["worker", "outcome"]
+        )
+        seconds = CounterMetricFamily(
+            "sam2_worker_job_seconds", "Seconds spent in jobs per worker", labels=["worker"]
+        )
+        for name, counts in sorted(snap["per_worker"].items()):
+            done.add_metric([name, "ok"], counts.get("jobs", 0.0))
+            done.add_metric([name, "failed"], counts.get("failed", 0.0))
+            seconds.add_metric([name], counts.get("seconds", 0.0))
+        yield done
+        yield seconds
 
 
 class _Collector:

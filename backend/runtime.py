@@ -16,6 +16,7 @@ import time
 
 from backend.errors import Unavailable
 from backend.finetuned import ProjectSegmenters, TrainingLauncher
+from backend.jobqueue import JobQueue
 from backend.media import LabelStudioAuth, MediaClient, MediaLimits
 from backend.metrics import Metrics
 from backend.preannotate.lsapi import LabelStudioAPI, describe
@@ -65,6 +66,7 @@ class Runtime:
         self._video_lock = threading.Lock()
         self._job: BackgroundJob | None = None
         self._job_lock = threading.Lock()
+        self._queue: JobQueue | None = None
         limits = MediaLimits(
             max_bytes=settings.max_download_mb << 20,
             max_pixels=int(settings.max_image_mp * 1e6),
@@ -82,6 +84,8 @@ class Runtime:
             if settings.redis_url
             else PromptMemory(settings.prompt_memory_s)
         )
+        if settings.redis_url:  # queue depth, jobs and per-worker counts, read from Redis at scrape time
+            self.metrics.watch_fleet(self.job_queue().snapshot)
         if loaded is not None:
             self._build(loaded)
         elif load_in_background:
@@ -177,3 +181,13 @@ class Runtime:
                     return None
                 self._job = BackgroundJob(self, api)
             return self._job
+
+    def job_queue(self) -> JobQueue | None:
+        """The RQ job queue in Redis (REDIS_URL), or None: background work stays in-process. No
+        connection is made here: the first enqueue finds out whether Redis is up."""
+        if not self.settings.redis_url:
+            return None
+        with self._job_lock:
+            if self._queue is None:
+                self._queue = JobQueue(self.settings.redis_url, self.settings.queue_chunk_tasks)
+            return self._queue

@@ -211,6 +211,20 @@ class Settings(BaseSettings):
         default=True,
         description='finish a "Retrieve predictions" too large for one request in a background job that writes through the LS API',
     )
+    # --- the job queue (REDIS_URL set: `python -m backend worker`, `preannotate --queue`) -----------
+    queue_chunk_tasks: int = _env(
+        "QUEUE_CHUNK_TASKS",
+        default=20,
+        ge=1,
+        le=10000,
+        description="tasks per queued job: a worker takes a chunk at a time; smaller chunks spread a project over more workers, larger ones cost fewer Redis round trips",
+    )
+    job_lease_s: float = _env(
+        "JOB_LEASE_S",
+        default=60.0,
+        ge=3,
+        description="a worker renews the lease on its job every third of this; a job whose worker stopped renewing (killed, machine lost) is requeued by another worker at most 1.5 x this later",
+    )
     # --- fine-tuned decoders (`python -m backend train`, Label Studio's "Start Training") ----------
     finetune_dir: str | None = _env(
         "SAM2_FINETUNE_DIR",

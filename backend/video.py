@@ -135,9 +135,9 @@ def predict_video_task(
         model_version: what the entry reports (default: the tracker's model id).
     Returns:
         `{"result": [videorectangle, ...], "score": float, "model_version": str,
-        "message": str}`; `message` says how many regions were tracked on how many frames and
-        whether the deadline cut it (`partial`), for the log: Label Studio reads only the first
-        three keys. `score`: the mean of the regions' scores, each the mean tracking confidence
+        "message": str, "partial": bool}`; `message` says how many regions were tracked on how
+        many frames and whether the deadline cut it (`partial`), for the log: Label Studio reads
+        only the first three keys. `score`: the mean of the regions' scores, each the mean tracking confidence
         over its tracked frames (sam2.tracks.ObjectTrack.scores).
     Raises:
         NothingToTrack: no video region in the context (or the latest annotation).
@@ -176,6 +176,7 @@ def predict_video_task(
         "score": float(sum(scores) / len(scores)) if scores else 0.0,
         "model_version": model_version or tracker.model_id,
         "message": message,
+        "partial": result.partial,
     }
 
 

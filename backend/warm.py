@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from backend.cli_options import add_label_studio_options, add_model_options
 from backend.errors import BackendError
+from backend.jobqueue import JobQueue, QueueUnavailable
 from backend.logs import setup_logging
+from backend.preannotate import queued
 from backend.preannotate.lsapi import LabelStudioAPI
 from backend.protocol import LabelConfig, parse_label_config
 from backend.runtime import Runtime
@@ -134,20 +136,27 @@ def warm_project(
                 summary.skipped += 1
             elif isinstance(image, BackendError):
                 summary.failed[task_id] = image.message
+            elif encode_into_store(predictor, store, index, url, image):
+                summary.encoded += 1
             else:
-                index.add(url, image.key)
-                if predictor.is_cached(image.key) or f"{predictor.loaded.model_id}:{image.key}" in store:
-                    summary.skipped += 1
-                else:
-                    predictor.embedding(image.key, image.load)
-                    predictor.cache.clear()  # the store holds it; don't grow this process
-                    summary.encoded += 1
+                summary.skipped += 1
             bar.update(1)
     bar.close()
     summary.seconds = time.perf_counter() - start
     for task_id, reason in summary.failed.items():
         log.warning("task %s not encoded: %s", task_id, reason)
     return summary
+
+
+def encode_into_store(predictor, store, index: UrlIndex, url: str, image) -> bool:
+    """Encode a downloaded image into the store unless it is there already; True if encoded now.
+    The index remembers its URL, so the next run skips even the download."""
+    index.add(url, image.key)
+    if predictor.is_cached(image.key) or f"{predictor.loaded.model_id}:{image.key}" in store:
+        return False
+    predictor.embedding(image.key, image.load)
+    predictor.cache.clear()  # the store holds it; don't grow this process
+    return True
 
 
 def _progress(total: int, enabled: bool):
@@ -163,12 +172,57 @@ def cmd_warm(args) -> None:
         label_studio_api_key=args.api_key,
     )
     setup_logging("WARNING" if args.quiet else settings.log_level)
+    if args.queue:
+        return _queue_warm(settings, args)
     summary = warm_project(
         settings, args.project, after_task=args.after_task, limit=args.limit, progress=not args.quiet
     )
     print(summary.line())
     for task_id, reason in summary.failed.items():
         print(f"  task {task_id}: {reason}")
+
+
+def _queue_warm(settings: Settings, args) -> None:
+    """`warm --queue`: the project's images as a run of warm jobs for the queue's workers, which
+    encode them into their embedding store (shared with the server: a volume)."""
+    if not settings.redis_url:
+        raise SystemExit("warm --queue needs REDIS_URL (the Redis the workers listen on)")
+    api = _api(settings)
+    queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
+    try:
+        xml = api.label_config(args.project)
+        images = parse_label_config(xml).images()
+        if not images:
+            raise SystemExit(f"project {args.project}'s label config has no <Image>: nothing to pre-encode")
+        queue.workers()  # Redis down: say so before listing the tasks
+        ids = [
+            t["id"]
+            for t in sorted(api.iter_tasks(args.project), key=lambda t: t["id"])
+            if args.after_task is None or t["id"] > args.after_task
+        ][: args.limit or None]
+        started = time.monotonic()
+        run = queue.start_run(
+            ids,
+            project=args.project,
+            label_config=xml,
+            options={},
+            model_version="",
+            source="warm",
+            kind="warm",
+        )
+        print(f"queued {run.total} image(s) of project {args.project} as run {run.id}", flush=True)
+        try:
+            status = queued.follow(queue, run)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; the jobs go on (`preannotate --project {args.project} --status`)")
+            raise SystemExit(130) from None
+    except QueueUnavailable as e:
+        raise SystemExit(f"warm: {e.message}") from None
+    c = status.counts
+    print(
+        f"encoded {c.get('done', 0)}, already stored {c.get('skipped', 0)}, failed {c.get('failed', 0)} "
+        f"in {time.monotonic() - started:.1f} s"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -188,5 +242,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     w.add_argument("--limit", type=int, default=None, help="at most this many tasks (default: all)")
     w.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    w.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue the images for `python -m backend worker` processes (REDIS_URL) and follow them; "
+        "the workers encode into their store",
+    )
     add_label_studio_options(w)
     w.set_defaults(fn=cmd_warm)

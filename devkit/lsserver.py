@@ -537,3 +537,15 @@ def retrieve_predictions(ls: LabelStudio, project_id: int, task_ids: list[int] |
 def predictions(ls: LabelStudio, task_id: int) -> list:
     """The predictions Label Studio stored for a task."""
     return list(ls.client.predictions.list(task=task_id))
+
+
+def prediction_counts(ls: LabelStudio, project_id: int) -> dict[int, int]:
+    """Task id -> how many predictions Label Studio holds for it (one API call, up to 1000 tasks)."""
+    r = requests.get(
+        f"{ls.url}/api/tasks",
+        params={"project": project_id, "include": "id,total_predictions", "page_size": 1000},
+        headers=ls.headers(),
+        timeout=10,
+    )
+    r.raise_for_status()
+    return {t["id"]: t["total_predictions"] for t in r.json()["tasks"]}

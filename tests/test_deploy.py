@@ -434,10 +434,40 @@ def test_compose_wires_label_studio_and_the_backend():
     for backend in (cpu, gpu):
         assert backend["environment"]["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}"
         assert backend["depends_on"]["redis"] == {"condition": "service_healthy"}
+    # queued jobs survive a restart of Redis; only entries with a TTL are ever evicted
+    assert "--appendonly" in redis["command"] and "volatile-ttl" in redis["command"]
     example = (REPO / "deploy/example.env").read_text()
     for name in ("COMPOSE_PROFILES", "LABEL_STUDIO_TOKEN", "SAM2_BASIC_AUTH_PASS", "LABEL_STUDIO_PASSWORD"):
         assert re.search(rf"^{name}=", example, re.M), name
     assert re.search(r"^#REDIS_URL=redis://redis:6379/0$", example, re.M)
+
+
+def test_compose_workers_share_the_image_the_store_and_redis():
+    services = _compose()["services"]
+    cpu, gpu, redis = services["sam2-worker"], services["sam2-worker-gpu"], services["redis"]
+    readers = (REPO / "backend/settings.py").read_text()
+    for worker in (cpu, gpu):
+        assert worker["command"] == ["python", "-m", "backend", "worker"]
+        assert worker["image"] == services["sam2"]["image"]
+        env = worker["environment"]
+        assert (
+            "redis://redis:6379" in env["REDIS_URL"] and env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        )
+        assert "sam2-models:/models" in worker["volumes"]  # the embedding store is shared
+        assert env["EMBEDDING_STORE_DIR"].endswith("/models/embeddings}")
+        assert "ports" not in worker and worker["healthcheck"] == {"disable": True}
+        assert int(worker["stop_grace_period"].rstrip("s")) >= 60  # SIGTERM finishes the task
+        for name in env:
+            assert f'"{name}"' in readers, f"{name} is set by compose but read by nothing"
+    # a worker starts with the server of its profile (the server's REDIS_URL queues work for it)
+    assert (
+        cpu["profiles"] == services["sam2"]["profiles"]
+        and gpu["profiles"] == services["sam2-gpu"]["profiles"]
+    )
+    assert env["REDIS_URL"] == services["sam2"]["environment"]["REDIS_URL"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == ["${SAM2_WORKER_GPU:-0}"]  # pinned: one service per GPU
+    assert "profiles" not in redis and "redis-data:/data" in redis["volumes"]
 
 
 def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():

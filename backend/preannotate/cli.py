@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from backend.cli_options import add_label_studio_options, add_model_options, stop_on_signals
 from backend.errors import BadRequest
+from backend.jobqueue import JobQueue, QueueUnavailable
 from backend.logs import setup_logging
+from backend.preannotate import queued
 from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
 from backend.preannotate.project import Selection, run_project
@@ -139,6 +142,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prefetch", type=int, default=2, help="tasks downloaded ahead (default 2)")
     p.add_argument("--retries", type=int, default=5, help="attempts per Label Studio call (default 5)")
     add_label_studio_options(p)
+    queued = p.add_mutually_exclusive_group()
+    queued.add_argument(
+        "--queue",
+        action="store_true",
+        help="queue the selection for `python -m backend worker` processes (REDIS_URL) and follow "
+        "its progress; Ctrl-C stops following, not the jobs",
+    )
+    queued.add_argument("--status", action="store_true", help="the project's queued runs (REDIS_URL)")
+    queued.add_argument(
+        "--cancel", action="store_true", help="cancel the project's queued runs still working (REDIS_URL)"
+    )
     p.set_defaults(fn=cmd_preannotate)
 
 
@@ -147,7 +161,7 @@ def cmd_preannotate(args) -> None:
         model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
     )
     setup_logging(settings.log_level)
-    if not settings.label_studio_url or not settings.label_studio_api_key:
+    if not (args.status or args.cancel) and not (settings.label_studio_url and settings.label_studio_api_key):
         sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
     try:
         options = PreannotateOptions.from_settings(
@@ -169,6 +183,8 @@ def cmd_preannotate(args) -> None:
         selection.query()
     except ValueError as e:
         sys.exit(f"preannotate: {e}")
+    if args.queue or args.status or args.cancel:
+        return _queued(args, settings, options, selection)
     set_cpu_threads(args.threads)
 
     stop = stop_on_signals("task")
@@ -204,3 +220,61 @@ def cmd_preannotate(args) -> None:
         sys.exit(f"preannotate: {e.message if isinstance(e, BadRequest) else e}")
     print(summary.report(), flush=True)
     sys.exit(summary.exit_code)
+
+
+def _queued(args, settings: Settings, options: PreannotateOptions, selection: Selection) -> None:
+    """--queue, --status, --cancel: through the job queue in REDIS_URL (no model loads here)."""
+    if not settings.redis_url:
+        sys.exit(
+            "preannotate: --queue, --status and --cancel need REDIS_URL (the Redis the workers listen on)"
+        )
+    queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
+    try:
+        if args.status:
+            queued.print_status(queue, args.project)
+            return
+        if args.cancel:
+            runs = queue.cancel(args.project)
+            for status in runs:
+                print("cancelled " + status.line())
+            if not runs:
+                print(f"project {args.project}: no queued run is working")
+            return
+        started = time.monotonic()
+        api = LabelStudioAPI(
+            settings.label_studio_url, settings.label_studio_api_key, Retry(attempts=max(1, args.retries))
+        )
+        # empty: the workers' own (their model's, or the project's fine-tuned decoder's)
+        version = args.model_version or ""
+        run, skipped = queued.queue_project(api, queue, args.project, options, selection, version)
+        if run is None:
+            print(f"project {args.project}: nothing to queue ({skipped} task(s) without an annotation)")
+            return
+        workers = queue.workers()
+        print(
+            f"queued {run.total} task(s) of project {args.project} as run {run.id} "
+            f"({run.jobs.get('queued', 0)} job(s)); {workers} worker(s) listening",
+            flush=True,
+        )
+        if not workers:
+            print(
+                "no worker is listening yet: start `python -m backend worker` with the same REDIS_URL",
+                flush=True,
+            )
+        try:
+            status = queued.follow(queue, run)
+        except KeyboardInterrupt:
+            print(
+                f"\nstopped following; the jobs go on. `preannotate --project {args.project} --status` "
+                "shows their progress, `--cancel` stops them",
+                flush=True,
+            )
+            sys.exit(130)
+    except QueueUnavailable as e:
+        sys.exit(f"preannotate: {e.message}")
+    except (LabelStudioAPIError, ModelUnavailable) as e:
+        sys.exit(f"preannotate: {e}")
+    except BadRequest as e:
+        sys.exit(f"preannotate: project {args.project}: {e.message}")
+    print(queued.report(status, time.monotonic() - started, skipped), flush=True)
+    sys.exit(1 if status.counts.get("failed") or status.finished < status.total else 0)

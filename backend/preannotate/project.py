@@ -154,11 +154,17 @@ class Progress:
             self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, smoothing=0.1)
 
     def update(self, summary: Summary) -> None:
-        self.n += 1
-        status = dict(done=summary.done, skipped=sum(summary.skipped.values()), failed=len(summary.failed))
+        self.show(
+            self.n + 1,
+            dict(done=summary.done, skipped=sum(summary.skipped.values()), failed=len(summary.failed)),
+        )
+
+    def show(self, n: int, status: dict) -> None:
+        """`n` tasks of `total` finished; `status`: counts by outcome."""
+        step, self.n = n - self.n, n
         if self.bar is not None:
             self.bar.set_postfix(status, refresh=False)
-            self.bar.update(1)
+            self.bar.update(step)
             return
         now = time.monotonic()
         if now - self.last >= self.every_s:  # the closing summary reports the end
@@ -177,6 +183,31 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def select_tasks(
+    api: LabelStudioAPI, project_id: int, selection: Selection, options: PreannotateOptions
+) -> tuple[Summary, list[dict]]:
+    """The selection's tasks to look at (brief dicts, by id) and a Summary counting what was
+    selected and skipped without a look (boxes from annotations: tasks without one)."""
+    summary = Summary()
+    todo = []
+    for brief in api.iter_tasks(project_id, selection.query(), selection.view):
+        if not selection.keeps(brief):
+            continue
+        summary.selected += 1
+        # A prediction of this version in the brief (`predictions_model_versions`) may be an empty
+        # one, which counts as absent: the task itself decides.
+        if (
+            options.mode == "boxes"
+            and options.boxes_from == "annotation"
+            and not brief.get("total_annotations")
+        ):
+            summary.skipped["no annotation"] += 1
+        else:
+            todo.append(brief)
+    todo.sort(key=lambda b: b["id"])
+    return summary, todo
 
 
 def run_project(
@@ -211,23 +242,7 @@ def run_project(
     engine = Preannotator(ImageSegmenter(segmenter.predictor, media, model_version), options)
     config = engine.check(config)
 
-    summary = Summary()
-    todo = []
-    for brief in api.iter_tasks(project_id, selection.query(), selection.view):
-        if not selection.keeps(brief):
-            continue
-        summary.selected += 1
-        # A prediction of this version in the brief (`predictions_model_versions`) may be an empty
-        # one, which counts as absent: `fetch` decides on the whole task.
-        if (
-            options.mode == "boxes"
-            and options.boxes_from == "annotation"
-            and not brief.get("total_annotations")
-        ):
-            summary.skipped["no annotation"] += 1
-        else:
-            todo.append(brief)
-    todo.sort(key=lambda b: b["id"])
+    summary, todo = select_tasks(api, project_id, selection, options)
     log.info(
         "project %s: %d task(s) selected, %d to look at (%s mode, model_version %s)",
         project_id,

@@ -13,10 +13,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from backend.errors import BackendError
+from backend.errors import BackendError, Unavailable
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError
 from backend.preannotate.project import duration
@@ -26,7 +26,15 @@ from backend.regions import task_entry
 log = logging.getLogger("backend.preannotate")
 
 
-def retrieve_worker(runtime, config: LabelConfig, deadline: float, segmenter=None) -> Callable[[dict], Any]:
+def retrieve_worker(
+    runtime,
+    config: LabelConfig,
+    deadline: float,
+    segmenter=None,
+    *,
+    project: int | None = None,
+    xml: str = "",
+) -> Callable[[dict], Any]:
     """`work(task)` for a /predict without context (Label Studio's "Retrieve predictions").
 
     Runs the engine while the deadline allows: a task is started only if the slowest of the last
@@ -37,6 +45,10 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float, segmenter=Non
     task" (it stores nothing, so nothing blocks a later retrieval); the background job, if there
     is one, predicts them and writes the predictions through the LS API. `segmenter`: the
     project's (a fine-tuned decoder), default the runtime's.
+
+    With REDIS_URL the hand-off goes to the job queue instead (`QueuedHandoff`: `project` and the
+    label config `xml` travel with it): call `work.finish()` after the last task to queue it; it
+    raises QueueUnavailable (503) when Redis is down, as does the first hand-off.
     """
     segmenter = segmenter or runtime.segmenter
     try:
@@ -44,7 +56,11 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float, segmenter=Non
     except ValueError as e:  # OUTPUT=svg, say: the server's configuration, said plainly
         raise BackendError(f"bulk pre-annotation settings: {e}") from None
     engine = Preannotator(segmenter, options)
-    job = runtime.background_job()
+    queue = runtime.job_queue()
+    if queue is not None and runtime.settings.background_job:
+        job = QueuedHandoff(queue, project, xml, segmenter.model_version)
+    else:
+        job = runtime.background_job()
     mode = engine.options.mode
     checked = handing_off = False
 
@@ -82,7 +98,66 @@ def retrieve_worker(runtime, config: LabelConfig, deadline: float, segmenter=Non
         finally:
             runtime.task_times.record(mode, time.monotonic() - start)
 
+    work.finish = job.finish if isinstance(job, QueuedHandoff) else lambda: None
     return work
+
+
+class QueuedHandoff:
+    """Retrieve's hand-off with REDIS_URL: the tasks one request could not answer go to the job
+    queue as one run (`finish()`), which `python -m backend worker` processes; queued tasks are
+    held, so a later Retrieve does not queue them twice. It survives restarts of the server."""
+
+    busy = False  # the workers have their own model: this server keeps answering what fits
+
+    def __init__(self, queue, project: int | None, xml: str, model_version: str):
+        self.queue = queue
+        self.project = project
+        self.xml = xml
+        self.model_version = model_version
+        self._ids: list[int] = []
+        self._options: PreannotateOptions | None = None
+        self._down = False
+
+    def holds(self, task_id: int) -> bool:
+        if self._down:
+            return False
+        try:
+            return self.queue.holds(task_id)
+        except Unavailable:  # Redis down: answer what fits; a hand-off, if one is needed, says so
+            self._down = True
+            return False
+
+    def submit(self, task: dict, config: LabelConfig, options: PreannotateOptions, segmenter=None) -> None:
+        if not self._ids:
+            self.queue.workers()  # Redis down: the request fails now, clearly, not after the last task
+        self._ids.append(task["id"])
+        self._options = options
+
+    def finish(self) -> None:
+        if not self._ids:
+            return
+        run = self.queue.start_run(
+            self._ids,
+            project=self.project,
+            label_config=self.xml,
+            options=asdict(self._options),
+            model_version=self.model_version,
+            source="retrieve",
+        )
+        self.queue.hold(self._ids)  # after: a failed start_run holds nothing back
+        workers = self.queue.workers()
+        log.info(
+            "retrieve: %d task(s) queued as run %s for `python -m backend worker` (%d worker(s) listening)",
+            len(self._ids),
+            run.id,
+            workers,
+        )
+        if not workers:
+            log.warning(
+                "retrieve: no worker is listening on the queue: start `python -m backend worker` with "
+                "the same REDIS_URL, or the queued tasks wait"
+            )
+        self._ids = []
 
 
 class TaskTimes:
@@ -186,25 +261,10 @@ class BackgroundJob:
                 self._log(started, seen)
 
     def _process(self, item: _Handed) -> str:
-        task_id = item.task["id"]
         engine = Preannotator(item.segmenter or self.runtime.segmenter, item.options)
-        try:
-            if engine.model_version in self.api.prediction_versions(task_id):
-                return "skipped"
-            start = time.monotonic()
-            outcome = engine.predict(item.task, item.config)
-            self.runtime.task_times.record(item.options.mode, time.monotonic() - start)
-            if outcome.entry is None or not outcome.entry["result"]:
-                return "skipped"  # never store an empty prediction: it would hide the task
-            written = self.api.create_prediction(task_id, outcome.entry, engine.model_version)
-            return "done" if written else "skipped"
-        except BackendError as e:
-            log.warning("background job: task %s failed: %s", task_id, e.message)
-        except LabelStudioAPIError as e:
-            log.warning("background job: task %s failed: %s", task_id, e)
-        except Exception:
-            log.exception("background job: task %s failed", task_id)
-        return "failed"
+        return predict_and_write(
+            self.api, engine, item.task, item.config, engine.model_version, self.runtime.task_times
+        )
 
     def _log(self, started: float, seen: int, final: bool = False) -> None:
         if not seen:
@@ -221,3 +281,34 @@ class BackgroundJob:
             rate,
             "" if final or pending <= 0 else f", about {duration(pending / rate)} left",
         )
+
+
+def predict_and_write(
+    api: LabelStudioAPI,
+    engine: Preannotator,
+    task: dict,
+    config: LabelConfig,
+    model_version: str,
+    task_times: TaskTimes | None = None,
+) -> str:
+    """Predict one task and write its prediction as `model_version` unless it already has one
+    (checked before predicting and again before writing); the outcome: "done", "skipped" or
+    "failed" (logged with the reason). The background job and the queue's workers share it."""
+    task_id = task["id"]
+    try:
+        if model_version in api.prediction_versions(task_id):
+            return "skipped"
+        start = time.monotonic()
+        outcome = engine.predict(task, config)
+        if task_times is not None:
+            task_times.record(engine.options.mode, time.monotonic() - start)
+        if outcome.entry is None or not outcome.entry["result"]:
+            return "skipped"  # never store an empty prediction: it would hide the task
+        return "done" if api.create_prediction(task_id, outcome.entry, model_version) else "skipped"
+    except BackendError as e:
+        log.warning("background job: task %s failed: %s", task_id, e.message)
+    except LabelStudioAPIError as e:
+        log.warning("background job: task %s failed: %s", task_id, e)
+    except Exception:
+        log.exception("background job: task %s failed", task_id)
+    return "failed"

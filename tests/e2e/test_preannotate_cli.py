@@ -117,14 +117,7 @@ def cli_env(ls) -> dict[str, str]:
 
 
 def predicted_count(ls, project_id) -> int:
-    r = requests.get(
-        f"{ls.url}/api/tasks",
-        params={"project": project_id, "include": "id,total_predictions", "page_size": 1000},
-        headers=ls.headers(),
-        timeout=10,
-    )
-    r.raise_for_status()
-    return sum(1 for t in r.json()["tasks"] if t["total_predictions"])
+    return sum(1 for n in lsserver.prediction_counts(ls, project_id).values() if n)
 
 
 def check_brush(prediction, scene, label):

@@ -1,0 +1,317 @@
+"""`python -m backend worker`: an RQ worker that loads SAM2 once and runs queued jobs with it.
+
+One process per GPU (`--device cuda:N`), on any machine that reaches Redis and Label Studio. The
+model loads once, before the first job, and stays loaded: jobs run in this process (RQ's
+`SimpleWorker`, no fork per job). A job is a chunk of task ids (`backend.jobqueue.Chunk`); each
+task is predicted and written through the Label Studio API with the check-before-write of
+`predict_and_write` (a video task is tracked to the end; a warm job encodes the image into the
+shared embedding store instead), and its outcome is counted in Redis.
+
+Losing a worker loses nothing:
+- SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
+  heartbeat thread; RQ's execution heartbeat in its StartedJobRegistry). When renewals stop, the
+  lease runs out after JOB_LEASE_S, and the next registry maintenance of any other worker (every
+  JOB_LEASE_S / 3, busy or idle) requeues the job (RQ's abandoned-job handling, up to
+  jobqueue.RETRIES times): within 2 x JOB_LEASE_S of the kill. The retry skips the tasks the dead
+  worker had written.
+- SIGTERM (or Ctrl-C): the current task is finished and written, the rest of the chunk goes
+  back to the front of the queue, and the worker exits. A second signal stops at once (the lease
+  then brings the chunk back).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+
+from rq import SimpleWorker
+from rq.exceptions import AbandonedJobError
+from rq.serializers import JSONSerializer
+
+from backend import redisconn
+from backend.cli_options import add_label_studio_options, add_model_options
+from backend.errors import BackendError, BadRequest
+from backend.jobqueue import CHUNK_TIMEOUT_S, QUEUE_NAME, Chunk, JobQueue, QueueUnavailable, chunk_from_job
+from backend.logs import setup_logging
+from backend.preannotate.engine import PreannotateOptions, Preannotator
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
+from backend.preannotate.retrieve import predict_and_write
+from backend.protocol import parse_label_config, task_data_url
+from backend.runtime import Runtime
+from backend.settings import Settings
+from backend.video import predict_video_task
+from backend.warm import UrlIndex, encode_into_store
+from sam2.models import load_image_model, set_cpu_threads
+from sam2.releases import ModelUnavailable
+
+log = logging.getLogger("backend.worker")
+
+
+class JobRunner:
+    """What a job needs, built once per worker process: the loaded model (Runtime), the Label
+    Studio API and the queue. `stopping` is set by SIGTERM: the chunk stops after its task."""
+
+    def __init__(self, runtime: Runtime, api: LabelStudioAPI, queue: JobQueue):
+        self.runtime = runtime
+        self.api = api
+        self.queue = queue
+        self.stopping = threading.Event()
+        self._index: UrlIndex | None = None  # the store's URL index, for warm jobs
+
+    def run(self, chunk: Chunk) -> dict:
+        """Predict and write the chunk's tasks; returns the outcome counts."""
+        config = parse_label_config(chunk.label_config)
+        if chunk.kind == "video":
+            return self._each(chunk, lambda task: self._track(task, config, chunk))
+        if chunk.kind == "warm":
+            return self._each(chunk, lambda task: self._warm(task, config))
+        engine = Preannotator(self.runtime.segmenter_for(chunk.project), PreannotateOptions(**chunk.options))
+        try:
+            engine.check(config)
+        except BadRequest as e:  # every task would fail the same way: say it once
+            log.warning("run %s: %s", chunk.run, e.message)
+            for task_id in chunk.task_ids:
+                self.queue.record(chunk.run, task_id, "failed")
+            return {"failed": len(chunk.task_ids)}
+        version = chunk.model_version or engine.model_version
+        return self._each(chunk, lambda task: predict_and_write(self.api, engine, task, config, version))
+
+    def _each(self, chunk: Chunk, predict) -> dict:
+        """`predict(task)` -> outcome for each task of the chunk, fetched from Label Studio, until
+        the run is cancelled or the worker is stopping (then the rest goes back to the queue)."""
+        counts: Counter = Counter()
+        for i, task_id in enumerate(chunk.task_ids):
+            if self.queue.cancelled(chunk.run):
+                log.info(
+                    "run %s cancelled: %d task(s) of this chunk left", chunk.run, len(chunk.task_ids) - i
+                )
+                break
+            if self.stopping.is_set():
+                rest = chunk.task_ids[i:]
+                self.queue.enqueue([replace(chunk, task_ids=rest)], at_front=True)
+                log.info("stopping: %d task(s) of this chunk handed back to the queue", len(rest))
+                break
+            try:
+                task = self.api.task(task_id)
+            except LabelStudioAPIError as e:
+                log.warning("task %s: %s", task_id, e)
+                outcome = "failed"
+            else:
+                outcome = predict(task)
+            self.queue.record(chunk.run, task_id, outcome)
+            self.queue.release(task_id)
+            counts[outcome] += 1
+        return dict(counts)
+
+    def _track(self, task: dict, config, chunk: Chunk) -> str:
+        """A video task's whole track (no deadline but the job's), written unless the task has a
+        prediction of this version already."""
+        runtime, task_id = self.runtime, task["id"]
+        version = chunk.model_version or runtime.model_version
+        downloaded = []
+
+        def download() -> str:
+            downloaded.append(
+                runtime.media.download_to_file(task_data_url(task, config, config.videos()[0].name), task_id)
+            )
+            return str(downloaded[-1])
+
+        try:
+            if version in self.api.prediction_versions(task_id):
+                return "skipped"
+            entry = predict_video_task(
+                task,
+                None,
+                chunk.label_config,
+                download,
+                runtime.video_tracker(),
+                deadline_s=CHUNK_TIMEOUT_S,
+                max_frames=runtime.settings.video_max_frames,
+                model_version=version,
+            )
+            if not entry["result"]:
+                return "skipped"
+            return "done" if self.api.create_prediction(task_id, entry, version) else "skipped"
+        except (BackendError, LabelStudioAPIError) as e:
+            log.warning("video task %s failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
+        except Exception:  # a bug must not cost the chunk's other tasks
+            log.exception("video task %s failed", task_id)
+        finally:
+            for path in downloaded:
+                path.unlink(missing_ok=True)
+        return "failed"
+
+    def _warm(self, task: dict, config) -> str:
+        """Encode the task's image into the embedding store (shared with the server and the other
+        workers); "skipped" if it is there already."""
+        runtime, task_id = self.runtime, task["id"]
+        if runtime.store is None:
+            log.warning(
+                "task %s not encoded: this worker has no embedding store (EMBEDDING_STORE_DIR)", task_id
+            )
+            return "failed"
+        url = (task.get("data") or {}).get(config.images()[0].value_key) if config.images() else None
+        if not isinstance(url, str) or not url:
+            return "skipped"
+        try:
+            image = runtime.media.load_image(url, task_id)
+            predictor = runtime.require().predictor
+            return (
+                "done"
+                if encode_into_store(predictor, runtime.store, UrlIndex(runtime.store.dir), url, image)
+                else "skipped"
+            )
+        except BackendError as e:
+            log.warning("task %s not encoded: %s", task_id, e.message)
+        except Exception:
+            log.exception("task %s not encoded", task_id)
+        return "failed"
+
+
+_runner: JobRunner | None = None  # RQ imports job functions by name: they reach the model here
+
+
+def run_chunk(data: dict) -> dict:
+    """The RQ job: one chunk of tasks (`backend.jobqueue.JOB_FUNC`)."""
+    if _runner is None:
+        raise RuntimeError("backend.worker.run_chunk runs inside `python -m backend worker`")
+    return _runner.run(chunk_from_job(data))
+
+
+class ModelWorker(SimpleWorker):
+    """RQ's SimpleWorker (jobs run in this process, so the model stays loaded) with a lease on
+    the running job renewed by a heartbeat thread, abandoned jobs of dead workers requeued from
+    that thread too, per-worker job metrics in Redis, and SIGTERM stopping after the task."""
+
+    def __init__(self, *args, runner: JobRunner, lease_s: float, **kwargs):
+        self.runner = runner
+        self.lease_s = lease_s
+        tick = max(1, int(lease_s / 3))
+        super().__init__(*args, worker_ttl=15 + tick, maintenance_interval=tick, **kwargs)
+        self.push_exc_handler(_log_abandoned)
+
+    def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+        return int(self.lease_s)
+
+    def execute_job(self, job, queue):
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._renew, args=(job, execution, done), name="lease", daemon=True)
+        beat.start()
+        start = time.monotonic()
+        ok = False
+        try:
+            ok = self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+            try:
+                self.runner.queue.worker_finished_job(self.name, time.monotonic() - start, failed=not ok)
+            except QueueUnavailable as e:
+                log.warning("%s", e.message)
+        self.set_state("idle")
+
+    def _renew(self, job, execution, done: threading.Event) -> None:
+        tick = max(1.0, self.lease_s / 3)
+        while not done.wait(tick):
+            try:
+                self.maintain_heartbeats(job, execution)
+                if self.should_run_maintenance_tasks:
+                    self.clean_registries()  # requeue the jobs of workers that stopped renewing
+            except Exception as e:  # Redis away for a moment: the lease has slack for that
+                log.warning("could not renew the job's lease: %s", describe(e))
+
+    def request_stop(self, signum, frame):
+        if not self.runner.stopping.is_set():
+            log.warning("stopping after the current task (signal again to stop at once)")
+        self.runner.stopping.set()
+        super().request_stop(signum, frame)
+
+
+def _log_abandoned(job, exc_type, exc_value, traceback) -> bool:
+    """RQ's registry maintenance found a job whose worker stopped renewing its lease."""
+    if exc_type is AbandonedJobError:
+        left = job.retries_left or 0
+        log.warning(
+            "job %s was abandoned by its worker (lease expired): %s",
+            job.id,
+            f"requeued ({left - 1} retr{'y' if left == 2 else 'ies'} left after this one)"
+            if left
+            else "failed for good",
+        )
+    return True  # the other handlers (RQ's own) still run
+
+
+def cmd_worker(args) -> None:
+    global _runner
+    settings = Settings.from_env(
+        model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
+    )
+    setup_logging(settings.log_level)
+    if not settings.redis_url:
+        raise SystemExit("worker: set REDIS_URL (the Redis the server queues its work in)")
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise SystemExit("worker: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key)")
+    queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
+    try:
+        queue.workers()  # Redis reachable: say so now, before the model loads
+        api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+        set_cpu_threads(args.threads)
+        loaded = load_image_model(settings.model, settings.device, settings.cpu_precision)
+    except QueueUnavailable as e:
+        raise SystemExit(f"worker: {e.message}") from None
+    except (LabelStudioAPIError, ModelUnavailable) as e:
+        raise SystemExit(f"worker: {e}") from None
+    except Exception as e:  # the SDK refuses an expired token while constructing
+        raise SystemExit(
+            f"worker: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}"
+        ) from None
+    runtime = Runtime(settings, loaded=loaded)
+    _runner = JobRunner(runtime, api, queue)
+    name = args.name or f"{socket.gethostname()}.{os.getpid()}.{loaded.device}"
+    worker = ModelWorker(
+        [QUEUE_NAME],
+        name=name,
+        connection=redisconn.connect(settings.redis_url, socket_timeout_s=None),
+        serializer=JSONSerializer,
+        runner=_runner,
+        lease_s=settings.job_lease_s,
+    )
+    log.info(
+        "worker %s: model %s on %s, queue %r at %s, job lease %.0f s",
+        name,
+        loaded.source,
+        loaded.device,
+        QUEUE_NAME,
+        queue.where,
+        settings.job_lease_s,
+    )
+    worker.work(burst=args.burst, logging_level=settings.log_level)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "worker",
+        help="process queued work (REDIS_URL): Retrieve overflow, `preannotate --queue`",
+        description="An RQ worker for the job queue in REDIS_URL: loads the model once and keeps it "
+        "for every job (no fork, no reload), predicts the queued chunks of tasks and writes their "
+        "predictions to Label Studio (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY). Run one per GPU "
+        "(--device cuda:N), on any machine that reaches Redis and Label Studio. SIGTERM finishes "
+        "the current task and hands the rest of its chunk back; a killed worker's chunk is "
+        "requeued within 2 x JOB_LEASE_S.",
+    )
+    add_model_options(p)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--name", default=None, help="worker name in Redis and /metrics (default: host.pid.device)"
+    )
+    p.add_argument(
+        "--burst", action="store_true", help="exit once the queue is empty (default: keep listening)"
+    )
+    add_label_studio_options(p)
+    p.set_defaults(fn=cmd_worker)
