@@ -154,13 +154,14 @@ class Runtime:
         return self._trainer.start(project, source)
 
     def video_tracker(self) -> VideoTracker:
-        """The video model, loaded on the first video task (sharing the image encoder)."""
+        """The video model, loaded on the first video task (sharing the image encoder and the
+        embedding store: a re-track of a video runs no encoder on frames tracked before)."""
         with self._video_lock:
             if self._video_tracker is None:
                 loaded = load_video_model(
                     self.image_model.source, self.settings.device, share_with=self.image_model
                 )
-                self._video_tracker = VideoTracker(loaded)
+                self._video_tracker = VideoTracker(loaded, store=self.store)
             return self._video_tracker
 
     def background_job(self, api: LabelStudioAPI | None = None) -> BackgroundJob | None:

@@ -106,7 +106,10 @@ class Settings(BaseSettings):
         description='persistent embedding store, on by default (see "Zero-wait first click") under `~/.cache/label-studio-sam2/embeddings` (`XDG_CACHE_HOME` if set; `/models/embeddings` in Docker); `off` disables it',
     )
     store_gb: float = _env(
-        "EMBEDDING_STORE_GB", default=10.0, gt=0, description="its size bound (8 MB per image)"
+        "EMBEDDING_STORE_GB",
+        default=10.0,
+        gt=0,
+        description="its size bound (8 MB per image, 16 MB per tracked video frame at 1024 px)",
     )
     prefetch_tasks: int = _env(
         "PREFETCH_TASKS",

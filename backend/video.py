@@ -214,7 +214,10 @@ def _summary(results: list[dict], result: TrackResult, took_s: float) -> str:
         parts.append(f"{r.get('id') or 'region'} {where}")
     tracked = sum(1 for p in parts if not p.endswith("not found"))
     line = f"tracked {tracked} of {len(results)} region(s) ({'; '.join(parts)}), {new} new keyframe(s)"
-    line += f"; the model ran on {result.frames_processed} frame(s) in {took_s:.1f} s"
+    line += f"; the model ran on {result.frames_processed} frame(s)"
+    if result.frames_from_store:
+        line += f" ({result.frames_from_store} with stored image features)"
+    line += f" in {took_s:.1f} s"
     return "; ".join([line, *result.notes])
 
 

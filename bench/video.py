@@ -9,8 +9,15 @@ N frames. Each (mode, N) runs in a fresh process, so its peak RSS is its own.
 - baseline: what the reference example does: decode every frame and preprocess it into one
   (N, 3, S, S) float32 tensor first, then transformers' Sam2VideoInferenceSession with the whole
   video and `propagate_in_video_iterator`, which keeps every frame's outputs.
+- retrack (at the largest N only, all in one process, side by side): the first track with an
+  empty embedding store (which keeps every frame's image features), a re-track with the same
+  box, a re-track after a corrected keyframe (a second box halfway), and that corrected track
+  without the store. Reports time per frame, the ratios, the encoder's and memory attention's
+  share of the first track (timed around the modules), whether the re-tracks' boxes equal the
+  tracks without stored features, and the store's bytes per frame.
 
-    .venv/bin/python -m bench.video                          # 1024 px, 4 and 16 frames (~10 min on 2 CPU cores)
+    .venv/bin/python -m bench.video                          # 1024 px, 4 and 16 frames (~15 min on 2 CPU cores)
+    .venv/bin/python -m bench.video --modes retrack --frames 12   # first track vs re-track only
     .venv/bin/python -m bench.video --frames 30,100,300      # the full comparison (hours on CPU, minutes on a GPU)
     .venv/bin/python -m bench.video --frames 30,100,300 --image-size 256   # memory scaling, faster
 
@@ -31,8 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import machine
+
 RESULTS = Path(__file__).parent / "results" / "video.json"
 BOX = (120.0, 100.0, 220.0, 190.0)  # the object on frame 0, pixels of the 640x360 video
+VELOCITY = (1.5, 0.4)  # its motion, pixels per frame
 
 
 def _rss_mb() -> float:
@@ -71,6 +81,8 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
     torch.manual_seed(0)
     loaded = random_model(hiera_tiny(image_size), "video")
     load_s = time.monotonic() - t0
+    if mode == "retrack":
+        return _retrack(loaded, video, count) | {"image_size": image_size, "threads": threads}
     rss_model = _rss_mb()
     t0 = time.monotonic()
     state_mb = _streaming(loaded, video, count) if mode == "streaming" else _baseline(loaded, video, count)
@@ -104,6 +116,81 @@ def _streaming(loaded, video: str, count: int) -> float:
         )
     assert result.frames_processed == count, result.message
     return round(peak[0] / 2**20, 1)
+
+
+def _retrack(loaded, video: str, count: int) -> dict:
+    """First track vs re-tracks, one process, side by side (see the module's docstring)."""
+    from sam2.frames import VideoReader
+    from sam2.store import EmbeddingStore
+    from sam2.video import ObjectPrompt, VideoTracker
+
+    mid = count // 2
+    dx, dy = VELOCITY[0] * mid, VELOCITY[1] * mid
+    first_box = [ObjectPrompt(1, {0: BOX})]
+    corrected = [ObjectPrompt(1, {0: BOX, mid: (BOX[0] + dx, BOX[1] + dy, BOX[2] + dx, BOX[3] + dy)})]
+    spent = {"vision_encoder": 0.0, "memory_attention": 0.0}
+    for name in spent:
+        _time_module(getattr(loaded.model, name), name, spent)
+
+    def run(tracker, objects):
+        ends = []
+        for key in spent:
+            spent[key] = 0.0
+        with VideoReader(video) as reader:
+            t0 = time.monotonic()
+            result = tracker.track(
+                reader,
+                objects,
+                max_frames_each_way=count - 1 - max(objects[0].boxes),
+                lost_after=None,
+                on_progress=lambda p: ends.append(time.monotonic()),
+            )
+            took = time.monotonic() - t0
+        assert result.frames_processed == count, result.message
+        steps = [b - a for a, b in zip([t0, *ends], ends, strict=False)]
+        late = steps[len(steps) // 2 :]  # memory bank full (7 frames) from about frame 7 on
+        return result, {
+            "s_per_frame": round(took / count, 3),
+            "s_per_frame_second_half": round(sum(late) / len(late), 3),
+            "frames_from_store": result.frames_from_store,
+            "encoder_share": round(spent["vision_encoder"] / took, 3),
+            "memory_attention_share": round(spent["memory_attention"] / took, 3),
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EmbeddingStore(tmp)
+        plain, with_store = VideoTracker(loaded), VideoTracker(loaded, store=store)
+        with VideoReader(video) as reader:  # warm-up: first-call costs out of the timings
+            plain.track(reader, first_box, max_frames_each_way=0)
+        first, first_t = run(with_store, first_box)
+        stored_mb = store.bytes / count / 2**20
+        again, again_t = run(with_store, first_box)
+        fixed_plain, fixed_plain_t = run(plain, corrected)  # each ratio's two runs are adjacent
+        fixed, fixed_t = run(with_store, corrected)
+    return {
+        "mode": "retrack",
+        "frames": count,
+        "first_track": first_t,
+        "retrack_same_box": again_t,
+        "retrack_corrected": fixed_t,
+        "corrected_without_store": fixed_plain_t,
+        "speedup_same_box": round(first_t["s_per_frame"] / again_t["s_per_frame"], 2),
+        "speedup_corrected": round(fixed_plain_t["s_per_frame"] / fixed_t["s_per_frame"], 2),
+        "speedup_second_half_corrected": round(
+            fixed_plain_t["s_per_frame_second_half"] / fixed_t["s_per_frame_second_half"], 2
+        ),
+        "boxes_equal_same_box": again.tracks[1].boxes == first.tracks[1].boxes,
+        "boxes_equal_corrected": fixed.tracks[1].boxes == fixed_plain.tracks[1].boxes,
+        "store_mb_per_frame": round(stored_mb, 1),
+    }
+
+
+def _time_module(module, name: str, spent: dict) -> None:
+    started = {}
+    module.register_forward_pre_hook(lambda *a: started.__setitem__(name, time.monotonic()))
+    module.register_forward_hook(
+        lambda *a: spent.__setitem__(name, spent[name] + time.monotonic() - started[name])
+    )
 
 
 def _baseline(loaded, video: str, count: int) -> None:
@@ -142,7 +229,7 @@ def _baseline(loaded, video: str, count: int) -> None:
 def _video(path: str, frames: int, width: int, height: int) -> str:
     from devkit.videos import Shape, moving_shapes, write_video
 
-    shapes = [Shape((230, 40, 40), BOX, (1.5, 0.4)), Shape((40, 60, 230), (420, 200, 520, 300), (-1.0, -0.2))]
+    shapes = [Shape((230, 40, 40), BOX, VELOCITY), Shape((40, 60, 230), (420, 200, 520, 300), (-1.0, -0.2))]
     return write_video(path, moving_shapes(frames, height, width, shapes), fps=30)
 
 
@@ -152,7 +239,7 @@ def main() -> None:
     p.add_argument(
         "--image-size", type=int, default=1024, help="model input side (default 1024, the real one)"
     )
-    p.add_argument("--modes", default="streaming,baseline")
+    p.add_argument("--modes", default="streaming,baseline,retrack")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=360)
@@ -166,13 +253,15 @@ def main() -> None:
         print(json.dumps(_child(mode, count, args.video, args.image_size, args.threads)), flush=True)
         return
 
+    cpu, load_before = machine()
     counts = [int(c) for c in args.frames.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         video = _video(os.path.join(tmp, "bench.mp4"), max(counts), args.width, args.height)
+        retrack = None
         for mode in modes:
-            for count in counts:
+            for count in [max(counts)] if mode == "retrack" else counts:
                 cmd = [sys.executable, "-m", "bench.video", "--child", mode, str(count), "--video", video]
                 cmd += ["--image-size", str(args.image_size), "--threads", str(args.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -180,6 +269,10 @@ def main() -> None:
                     print(out.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"{mode} with {count} frames failed")
                 run = json.loads(out.stdout.strip().splitlines()[-1])
+                if mode == "retrack":
+                    retrack = run
+                    print(f"  retrack {count:>4} frames: {run['speedup_corrected']:.2f}x", flush=True)
+                    continue
                 runs.append(run)
                 print(
                     f"{mode:>9} {count:>4} frames: {run['s_per_frame']:.2f} s/frame, "
@@ -189,6 +282,9 @@ def main() -> None:
 
     report = {
         "command": "python -m bench.video " + " ".join(sys.argv[1:]),
+        "cpu": cpu,
+        "load_average_before": load_before,
+        "load_average_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "video": f"{args.width}x{args.height} H.264, one object",
         "model": f"random-init sam2.1 hiera-tiny, {args.image_size} px input, CPU fp32, {args.threads} threads",
         "runs": runs,
@@ -199,8 +295,16 @@ def main() -> None:
                 3,
             )
             for mode in modes
+            if mode != "retrack"
         },
+        "retrack": retrack,
     }
+    print(f"{cpu}; load average {load_before} before, {report['load_average_after']} after")
+    if retrack is not None:
+        _print_retrack(retrack, report["model"])
+    if not runs:
+        _write(report, args.out)
+        return
     print()
     print(
         f"| mode | frames | s/frame | peak RSS MB | RSS over model MB | session state MB |  ({report['model']})"
@@ -214,9 +318,39 @@ def main() -> None:
         )
     for mode, ratio in report["peak_rss_ratio_largest_over_smallest"].items():
         print(f"{mode}: peak RSS at {max(counts)} frames / at {min(counts)} frames = {ratio:.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    _write(report, args.out)
+
+
+def _print_retrack(r: dict, model: str) -> None:
+    print()
+    print(
+        f"| {r['frames']} frames, one object | s/frame | s/frame, 2nd half | from the store | encoder | memory attention |  ({model})"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = [
+        ("first track (store empty, writes)", "first_track"),
+        ("re-track, same box", "retrack_same_box"),
+        ("re-track after a corrected keyframe", "retrack_corrected"),
+        ("the corrected track without the store", "corrected_without_store"),
+    ]
+    for label, key in rows:
+        t = r[key]
+        print(
+            f"| {label} | {t['s_per_frame']:.2f} | {t['s_per_frame_second_half']:.2f} | {t['frames_from_store']} "
+            f"| {100 * t['encoder_share']:.0f} % | {100 * t['memory_attention_share']:.0f} % |"
+        )
+    print(
+        f"re-track speed-up: same box {r['speedup_same_box']:.2f}x, after a correction "
+        f"{r['speedup_corrected']:.2f}x ({r['speedup_second_half_corrected']:.2f}x on the second half, "
+        f"memory full); boxes equal to the tracks without stored features: "
+        f"{r['boxes_equal_same_box'] and r['boxes_equal_corrected']}; store {r['store_mb_per_frame']} MB per frame"
+    )
+
+
+def _write(report: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

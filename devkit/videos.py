@@ -7,6 +7,7 @@ and coordinates against ground truth.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -122,12 +123,16 @@ class Clip:
 
 
 class ClipFrames:
-    """A `Clip` as the tracker's FrameSource."""
+    """A `Clip` as the tracker's FrameSource; its content key hashes the decoded frames."""
 
     def __init__(self, clip: Clip):
         self.clip = clip
         self.num_frames = len(clip.frames)
         self.height, self.width = clip.frames[0].shape[:2]
+        h = hashlib.sha256(f"{self.num_frames}x{self.height}x{self.width}".encode())
+        for frame in clip.frames:
+            h.update(np.ascontiguousarray(frame).tobytes())
+        self.content_key = h.hexdigest()
 
     def frame(self, index: int) -> np.ndarray:
         return self.clip.frames[index]

@@ -18,11 +18,16 @@ The tracker never holds a whole video: it asks for frames in order, forwards or 
 
 Frames come out as (H, W, 3) uint8 RGB, turned upright when the stream carries a display
 rotation (phone videos), as browsers show them. Non-square pixels are not stretched.
+
+- Identity. `content_key` names what the frames are: the sha256 of the file's bytes with how
+  they are decoded (this module's numbering and colour conversion, PyAV's version). The tracker
+  keys stored frame features by it; it is computed on first use (1-2 s per GB on 2 cores).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import logging
 import os
@@ -46,6 +51,9 @@ class FrameSource(Protocol):
     num_frames: int
     width: int
     height: int
+    # what the frames are (the same key: the same frames), or None when unknown; the tracker
+    # keeps frames' image features in its store only for a video that has one
+    content_key: str | None
 
     def frames(self, indices: range) -> Iterator[tuple[int, np.ndarray]]:
         """Yield `(index, (H, W, 3) uint8 RGB)` for `indices`, a range with step 1 or -1."""
@@ -60,6 +68,7 @@ class VideoReader:
     def __init__(self, path: str | os.PathLike, *, chunk_bytes: int = 128 << 20):
         self.path = str(path)
         self.chunk_bytes = int(chunk_bytes)
+        self._content_key: str | None = None
         if not os.path.isfile(self.path):
             raise UnreadableVideo(f"video file {self.path} does not exist")
         if os.path.getsize(self.path) == 0:
@@ -88,6 +97,19 @@ class VideoReader:
         )
 
     # --- what callers read ---------------------------------------------------------------
+
+    DECODING = "pts-order,rgb24,upright"  # what frame i is; change it when decoding changes
+
+    @property
+    def content_key(self) -> str:
+        """sha256 of the file and of how it is decoded (computed once, on first use)."""
+        if self._content_key is None:
+            h = hashlib.sha256(f"{self.DECODING},av-{av.__version__}\n".encode())
+            with open(self.path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            self._content_key = h.hexdigest()
+        return self._content_key
 
     @property
     def duration_s(self) -> float:

@@ -15,7 +15,14 @@ is wrapped here once, with why it is needed:
 - `Sam2VideoInferenceSession.processed_frames`: the preprocessed frames, dropped after their
   step; `forget_frame`, `close`.
 - `Sam2VideoInferenceSession.cache._vision_features`: the cached image features, counted in the
-  tracker's state size; `held_tensors`.
+  tracker's state size; `held_tensors`. Its entry for a frame, `{"vision_feats": [...],
+  "vision_pos_embeds": [...]}` (what `Sam2VideoModel._prepare_vision_features` caches: one
+  (HW, 1, C) tensor per feature level, high to low resolution), is what the tracker keeps in the
+  embedding store and puts back with `Sam2VideoInferenceCache.cache_vision_features`, so a
+  frame seen before runs no encoder; `frame_features`, `put_frame_features`.
+- `Sam2VisionModel.neck.position_encoding`: the sine positional encodings of each feature level,
+  a function of the level's size alone; rebuilt for frames whose features come from the store
+  instead of being stored with every frame (they are 5x the features' size); `position_encodings`.
 - `Sam2VideoConfig.max_cond_frame_num`, changed for the duration of one step and restored: how
   many prompted frames memory attention reads; `prompt_frames_attended`.
 - `transformers.models.sam2.modeling_sam2.Sam2Attention`: the decoder's attention layers, whose
@@ -61,6 +68,7 @@ _METHODS = {
     },
 }
 _SESSION_ATTRIBUTES = ("output_dict_per_obj", "processed_frames")
+_FEATURE_KEYS = ("vision_feats", "vision_pos_embeds")  # the session cache's entry for one frame
 
 
 def frame_step(
@@ -114,13 +122,42 @@ def outputs_of(session) -> dict[int, dict[str, dict[int, dict]]]:
 
 
 def forget_frame(session, frame: int) -> None:
-    """Drop a frame's preprocessed pixels once its step is done."""
-    session.processed_frames.pop(frame, None)
+    """Drop a frame's preprocessed pixels once its step is done (None until a frame is added:
+    a session given only stored features has none)."""
+    if session.processed_frames is not None:
+        session.processed_frames.pop(frame, None)
 
 
 def held_tensors(session) -> list:
     """What the session holds: outputs, preprocessed frames, cached image features."""
     return [session.output_dict_per_obj, session.processed_frames, session.cache._vision_features]
+
+
+def frame_features(session, frame: int) -> list[torch.Tensor] | None:
+    """The image features the session computed (or was given) for `frame`, one (HW, 1, C)
+    tensor per level, high to low resolution; None once the session's cache has dropped them."""
+    cached = session.cache._vision_features.get(frame)
+    return None if cached is None else list(cached["vision_feats"])
+
+
+def put_frame_features(session, frame: int, features: list[torch.Tensor], pos: list[torch.Tensor]) -> None:
+    """Give the session `frame`'s image features (`frame_features` of an earlier session) and
+    the levels' positional encodings (`position_encodings`): its next step on that frame runs
+    no encoder. The session's cache holds one frame: this replaces the one before."""
+    session.cache.cache_vision_features(frame, dict(zip(_FEATURE_KEYS, (features, pos), strict=True)))
+
+
+def position_encodings(model, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The positional encodings the vision encoder returns beside a frame's features, one per
+    level in `frame_features`' order and layout (they depend only on the levels' sizes)."""
+    vision = model.config.vision_config
+    encode = model.vision_encoder.neck.position_encoding
+    channels = int(vision.fpn_hidden_size)
+    out = []
+    for h, w in vision.backbone_feature_sizes:
+        pos = encode((1, channels, int(h), int(w)), device, dtype).to(dtype)
+        out.append(pos.flatten(2).permute(2, 0, 1))
+    return out
 
 
 def close(session) -> None:
@@ -158,6 +195,14 @@ def problems() -> list[str]:
             found.append(f"Sam2VideoInferenceSession.{name} is no longer a dict")
     if not isinstance(getattr(getattr(session, "cache", None), "_vision_features", None), dict):
         found.append("Sam2VideoInferenceSession.cache._vision_features is no longer a dict")
+    cache = getattr(session, "cache", None)
+    if not callable(getattr(cache, "cache_vision_features", None)):
+        found.append("Sam2VideoInferenceCache.cache_vision_features is gone")
+    prepare = getattr(Sam2VideoModel, "_prepare_vision_features", None)
+    if prepare is None or not all(f'"{key}"' in inspect.getsource(prepare) for key in _FEATURE_KEYS):
+        found.append(
+            f"Sam2VideoModel._prepare_vision_features no longer caches {' and '.join(_FEATURE_KEYS)}"
+        )
     if not isinstance(getattr(Sam2VideoConfig(), "max_cond_frame_num", None), int):
         found.append("Sam2VideoConfig.max_cond_frame_num is gone")
     return found

@@ -1,14 +1,20 @@
 """A persistent embedding store on disk: the second level behind the in-memory cache.
 
-One file per image embedding, keyed by model id + image content hash, fp16 on disk, written
-atomically (temporary file + rename), so every gunicorn worker and the `warm` job can share one
-directory and entries survive restarts. Each file carries a checksum: a corrupt or truncated
+One file per entry, written atomically (temporary file + rename), so every gunicorn worker and
+the `warm` job can share one directory and entries survive restarts. Two kinds of entry share the
+directory, its size bound and its eviction:
+- image embeddings (`get`/`put`), keyed by model id + image content hash, fp16 on disk;
+- any list of tensors (`get_tensors`/`put_tensors`), kept in their own dtype, bit for bit: the
+  video tracker's per-frame image features (sam2/video.py), keyed by model, precision, video
+  content and frame index.
+ Each file carries a checksum: a corrupt or truncated
 entry is detected on read, deleted and re-encoded by the caller. The directory is bounded in
 bytes; the least recently used entries (by modification time, touched on every hit) go first.
 A full disk or an unwritable directory never fails a request: the entry is simply not stored.
 
 File layout: b"SAM2EMB1" | uint32 little-endian header length | JSON header | payload, where the
-header holds the original image size, each tensor's shape, and the payload's sha256.
+header holds each tensor's shape and dtype, the payload's sha256 and the entry's own fields (an
+image's original size). Entries written before dtypes were recorded (one "dtype") still read.
 """
 
 from __future__ import annotations
@@ -85,6 +91,19 @@ class EmbeddingStore:
 
     def get(self, key: str) -> ImageEmbedding | None:
         """The stored embedding (fp32 tensors on CPU), or None if absent or corrupt."""
+        found = self.get_tensors(key)
+        if found is None:
+            return None
+        tensors, fields = found
+        try:
+            hw = tuple(int(v) for v in fields["hw"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return ImageEmbedding.of([t.float() for t in tensors], hw)
+
+    def get_tensors(self, key: str) -> tuple[list[torch.Tensor], dict] | None:
+        """The stored tensors (on CPU, in the dtype they were put with) and the entry's fields,
+        or None if absent or corrupt (a corrupt entry is deleted)."""
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -95,8 +114,8 @@ class EmbeddingStore:
             log.warning("embedding store: cannot read %s: %s", path.name, e)
             self.misses += 1
             return None
-        emb = _decode(data)
-        if emb is None:
+        found = _decode(data)
+        if found is None:
             self.corrupt += 1
             self.misses += 1
             log.warning("embedding store: %s is corrupt or truncated; it will be re-encoded", path.name)
@@ -105,14 +124,19 @@ class EmbeddingStore:
         with contextlib.suppress(OSError):
             os.utime(path)  # LRU: a hit makes it recent
         self.hits += 1
-        return emb
+        return found
 
     # --- write ------------------------------------------------------------------------------
 
     def put(self, key: str, emb: ImageEmbedding) -> bool:
-        """Store an embedding; returns False (and logs) if the disk refuses, never raises."""
+        """Store an embedding (in fp16); returns False (and logs) if the disk refuses, never raises."""
+        return self.put_tensors(key, [f.half() for f in emb.features], {"hw": list(emb.original_hw)})
+
+    def put_tensors(self, key: str, tensors: list[torch.Tensor], fields: dict | None = None) -> bool:
+        """Store tensors as they are (dtype and values exact) with JSON-able `fields`; returns
+        False (and logs) if the disk refuses, never raises."""
         path = self.path(key)
-        data = _encode(emb)
+        data = _encode(tensors, fields or {})
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,14 +189,21 @@ class EmbeddingStore:
         return True
 
 
-def _encode(emb: ImageEmbedding) -> bytes:
-    arrays = [f.detach().to("cpu", torch.float16).contiguous().numpy() for f in emb.features]
-    payload = b"".join(a.tobytes() for a in arrays)
+# dtypes an entry may hold (the name in the header -> torch)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _encode(tensors: list[torch.Tensor], fields: dict) -> bytes:
+    on_cpu = [t.detach().to("cpu") for t in tensors]
+    orders = [_memory_order(t) for t in on_cpu]
+    flat = [t.permute(order).contiguous() for t, order in zip(on_cpu, orders, strict=True)]
+    payload = b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in flat)
     header = json.dumps(
         {
-            "hw": list(emb.original_hw),
-            "shapes": [list(a.shape) for a in arrays],
-            "dtype": "float16",
+            **fields,
+            "shapes": [list(t.shape) for t in on_cpu],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for t in on_cpu],
+            "orders": orders,
             "sha256": hashlib.sha256(payload).hexdigest(),
             "created": time.time(),
         }
@@ -180,27 +211,44 @@ def _encode(emb: ImageEmbedding) -> bytes:
     return MAGIC + struct.pack("<I", len(header)) + header + payload
 
 
-def _decode(data: bytes) -> ImageEmbedding | None:
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """The dimensions from the outermost in memory to the innermost: a tensor read back is laid
+    out (strided) like the one stored, so kernels that choose by layout choose the same."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def _decode(data: bytes) -> tuple[list[torch.Tensor], dict] | None:
     if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
         return None
     (hlen,) = struct.unpack_from("<I", data, len(MAGIC))
     start = len(MAGIC) + 4
     try:
         header = json.loads(data[start : start + hlen])
-        shapes = [tuple(s) for s in header["shapes"]]
-        hw = tuple(int(v) for v in header["hw"])
+        shapes = [tuple(int(v) for v in s) for s in header["shapes"]]
+        names = header.get("dtypes") or [header["dtype"]] * len(shapes)
+        dtypes = [DTYPES[n] for n in names]
+        orders = header.get("orders") or [list(range(len(s))) for s in shapes]
         digest = header["sha256"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
+    if len(dtypes) != len(shapes) or len(orders) != len(shapes):
+        return None
+    if any(sorted(o) != list(range(len(s))) for o, s in zip(orders, shapes, strict=True)):
+        return None
+    sizes = [int(np.prod(s)) * d.itemsize for s, d in zip(shapes, dtypes, strict=True)]
     payload = memoryview(data)[start + hlen :]
-    if len(payload) != sum(int(np.prod(s)) * 2 for s in shapes):
+    if len(payload) != sum(sizes):
         return None
     if hashlib.sha256(payload).hexdigest() != digest:
         return None
-    flat = torch.frombuffer(bytearray(payload), dtype=torch.float16)
-    features, offset = [], 0
-    for s in shapes:
-        n = int(np.prod(s))
-        features.append(flat[offset : offset + n].view(s).float())
-        offset += n
-    return ImageEmbedding.of(features, hw)
+    buffer = bytearray(payload)
+    tensors, offset = [], 0
+    for shape, dtype, order, size in zip(shapes, dtypes, orders, sizes, strict=True):
+        if size:
+            t = torch.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+        else:
+            t = torch.empty(0, dtype=dtype)
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        tensors.append(t.view([shape[d] for d in order]).permute(inverse))
+        offset += size
+    return tensors, header

@@ -65,6 +65,7 @@ class TrackResult:
     partial: bool  # stopped early (deadline) before covering every requested frame
     message: str  # one line for logs and users
     notes: list[str] = field(default_factory=list)  # the message's warnings (partial, unreadable)
+    frames_from_store: int = 0  # of frames_processed: image features from the store, no encoder
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,16 @@ the preprocessed frame and the high-resolution masks go as soon as the step is d
 frame's image features stay cached. So the state is flat in video length
 (`TrackProgress.state_bytes`).
 
+Re-tracking without re-encoding: with an embedding store (sam2/store.py) and a video that says
+what it is (`FrameSource.content_key`), each frame's image features, what the vision encoder
+computes for it, go into the store, keyed by model, precision, video content and frame index.
+A later track of the same video (after a labeler corrected a keyframe) takes them from there
+and runs no encoder on frames seen before: one frame's features are read per step, so memory
+stays flat. They are stored exactly, in the dtype the model computed them in (fp32 on CPU, the
+autocast dtype on a GPU), so a re-track's tracks are those of a track without the store; about
+17 MB a frame for a 1024 px model in fp32, within the store's size bound and LRU eviction. The
+positional encodings beside them depend only on the feature sizes and are rebuilt, not stored.
+
 The model is locked per frame, not per call: a long track leaves room for other requests'
 clicks between its frames. Coordinates: continuous pixels (sam2/transforms.py).
 """
@@ -51,6 +61,7 @@ from transformers import Sam2VideoInferenceSession
 from sam2 import hf_internals as hf
 from sam2.frames import FrameSource, UnreadableVideo
 from sam2.models import LoadedModel
+from sam2.store import EmbeddingStore
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
 from sam2.transforms import mask_box, preprocess, to_model_coords, upscale_logits
 
@@ -64,14 +75,22 @@ class VideoTracker:
     calls (each call has its own session), so one instance serves every request."""
 
     def __init__(
-        self, loaded: LoadedModel, *, max_prompt_frames_attended: int = 8, prune_memory: bool = True
+        self,
+        loaded: LoadedModel,
+        *,
+        store: EmbeddingStore | None = None,
+        max_prompt_frames_attended: int = 8,
+        prune_memory: bool = True,
     ):
-        """`max_prompt_frames_attended`: how many of an object's prompted frames (the temporally
+        """`store`: keeps each frame's image features for the next track of the same video (a
+        video without a `content_key` is tracked without it).
+        `max_prompt_frames_attended`: how many of an object's prompted frames (the temporally
         closest) its memory attention reads on each frame; bounds the cost when a user has drawn
         many keyframes. With fewer prompts than this, tracking is exactly SAM2's.
         `prune_memory`: drop what the memory bank will not read again after each frame (False
         keeps every output, as the `transformers` session does by itself: tests compare the two)."""
         self.loaded = loaded
+        self.store = store
         self.prune_memory = bool(prune_memory)
         config = loaded.model.config
         self.num_maskmem = int(config.num_maskmem)
@@ -230,8 +249,13 @@ class _Run:
         self.frames_total = len(prompted) + len(forward) + len(backward)
 
     def execute(self) -> TrackResult:
+        stored = None
+        if self.tracker.store is not None:
+            content_key = getattr(self.frames, "content_key", None)
+            if content_key:
+                stored = _StoredFrames(self.tracker.store, self.tracker.loaded, content_key)
         session = _Session(
-            self.tracker, self.frames.height, self.frames.width, [o.obj_id for o in self.objects]
+            self.tracker, self.frames.height, self.frames.width, [o.obj_id for o in self.objects], stored
         )
         t0 = time.monotonic()
         try:
@@ -246,9 +270,12 @@ class _Run:
         tracks = {p.prompt.obj_id: p.track for p in self.plans}
         partial = self.clock.stopped
         found = sum(1 for t in tracks.values() if t.boxes)
+        reused = (
+            f" ({session.frames_from_store} with stored image features)" if session.frames_from_store else ""
+        )
         message = (
             f"found {found} of {len(tracks)} object(s), running the model on {self.frames_done} frame(s)"
-            f" in {time.monotonic() - t0:.1f} s"
+            f"{reused} in {time.monotonic() - t0:.1f} s"
         )
         notes = list(self.notes)
         if partial:
@@ -258,7 +285,9 @@ class _Run:
             )
         if self.frames_done:
             self.tracker.frame_cost_s = self.clock.step_s
-        return TrackResult(tracks, self.frames_done, partial, "; ".join([message, *notes]), notes)
+        return TrackResult(
+            tracks, self.frames_done, partial, "; ".join([message, *notes]), notes, session.frames_from_store
+        )
 
     # --- the three phases ----------------------------------------------------------------------
 
@@ -425,8 +454,19 @@ class _Session:
     session on every frame, and fails for objects whose first prompt is still ahead).
     """
 
-    def __init__(self, tracker: VideoTracker, height: int, width: int, obj_ids: list[int]):
+    def __init__(
+        self,
+        tracker: VideoTracker,
+        height: int,
+        width: int,
+        obj_ids: list[int],
+        stored: _StoredFrames | None = None,
+    ):
         self.tracker = tracker
+        self.stored = stored
+        self.frames_from_store = 0
+        self._reused: int | None = None  # the frame whose features came from the store
+        self._positions: list[torch.Tensor] | None = None
         self.loaded = tracker.loaded
         self.model = tracker.loaded.model
         self.device = tracker.loaded.device
@@ -446,8 +486,33 @@ class _Session:
             raise ValueError(
                 f"frame {frame} is {rgb.shape[1]}x{rgb.shape[0]}, the video {self.hw[1]}x{self.hw[0]}"
             )
+        if self.stored is not None:
+            features = self.stored.get(frame)  # disk read outside the model lock
+            if features is not None:
+                hf.put_frame_features(
+                    self.inner, frame, features, self._position_encodings(features[-1].dtype)
+                )
+                self._reused = frame
+                self.frames_from_store += 1
+                return
+        self._reused = None
         pixels = preprocess(rgb, self.loaded.image_size, self.device)
         self.inner.add_new_frame(pixels, frame)
+
+    def _keep_features(self, frame: int) -> None:
+        """After a step on a frame the encoder ran on: its features go into the store."""
+        if self.stored is not None and self._reused != frame:
+            features = hf.frame_features(self.inner, frame)
+            if features is not None:
+                self.stored.put(frame, features)
+
+    def _position_encodings(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The same for every frame: built once per session, on its first stored frame, under the
+        autocast the encoder runs in (on a GPU some of their ops autocast to fp32)."""
+        if self._positions is None or self._positions[-1].dtype != dtype:
+            with torch.inference_mode(), self.loaded.autocast_context():
+                self._positions = hf.position_encodings(self.model, self.device, dtype)
+        return self._positions
 
     def prompt(self, frame: int, boxes: dict[int, Box]) -> dict[int, _Seen]:
         """Conditioning outputs for the objects boxed on this frame (no memory: SAM2's rule for a
@@ -460,7 +525,9 @@ class _Session:
                 )
                 box_points = torch.as_tensor(corners, device=self.device)
                 outs[obj_id] = hf.frame_step(self.model, self.inner, frame, self.idx[obj_id], box_points)
-            return self._finish(frame, outs, conditioning=True)
+            seen = self._finish(frame, outs, conditioning=True)
+        self._keep_features(frame)  # outside the model lock: other requests' clicks go first
+        return seen
 
     def track(self, frame: int, obj_ids: list[int], reverse: bool) -> dict[int, _Seen]:
         """One tracking step on a loaded frame for these objects (memory-conditioned)."""
@@ -468,7 +535,9 @@ class _Session:
         with self._model_step():
             for obj_id in obj_ids:
                 outs[obj_id] = hf.frame_step(self.model, self.inner, frame, self.idx[obj_id], reverse=reverse)
-            return self._finish(frame, outs, conditioning=False)
+            seen = self._finish(frame, outs, conditioning=False)
+        self._keep_features(frame)
+        return seen
 
     def _finish(self, frame: int, outs: dict[int, dict], conditioning: bool) -> dict[int, _Seen]:
         """Store outputs, encode their memories (batched), drop what memory never reads, and
@@ -535,6 +604,39 @@ class _Session:
             hf.prompt_frames_attended(self.model, self.tracker.max_prompt_frames_attended),
         ):
             yield
+
+
+class _StoredFrames:
+    """One video's per-frame image features in the embedding store.
+
+    Key: model id, the precision they were computed in (device and dtype: a GPU's bf16 features
+    never stand in for a CPU's fp32 ones), the video's content key and the frame index.
+    """
+
+    FORMAT = "video-features-v1"  # bump when what is stored, or how frames are preprocessed, changes
+
+    def __init__(self, store: EmbeddingStore, loaded: LoadedModel, content_key: str):
+        dtype = str(loaded.autocast or torch.float32).removeprefix("torch.")
+        self.prefix = f"{loaded.model_id}:{self.FORMAT}:{loaded.device.type}-{dtype}:{content_key}:"
+        self.store = store
+        vision = loaded.model.config.vision_config
+        self.tokens = [int(h) * int(w) for h, w in vision.backbone_feature_sizes]  # per level
+        self.writable = True
+
+    def get(self, frame: int) -> list[torch.Tensor] | None:
+        """The frame's features ((HW, 1, C) per level, on CPU), or None (not stored, or not what
+        this model computes)."""
+        found = self.store.get_tensors(f"{self.prefix}{frame}")
+        if found is None:
+            return None
+        features = found[0]
+        if [f.shape[0] if f.dim() == 3 else -1 for f in features] != self.tokens:
+            return None
+        return features
+
+    def put(self, frame: int, features: list[torch.Tensor]) -> None:
+        if self.writable:  # after a refused write (a full disk), the rest of this track skips it
+            self.writable = self.store.put_tensors(f"{self.prefix}{frame}", features, {"frame": frame})
 
 
 def _segments(spans: list[tuple[int, int]], reverse: bool) -> list[range]:

@@ -5,6 +5,7 @@ upgrade this is the one test that names what changed."""
 from __future__ import annotations
 
 import torch
+from transformers import Sam2VideoInferenceSession
 
 from sam2 import hf_internals
 from sam2.models import random_model, tiny_config
@@ -33,3 +34,20 @@ def test_prompt_frames_attended_is_restored():
     with hf_internals.prompt_frames_attended(model, 3):
         assert model.config.max_cond_frame_num == 3
     assert model.config.max_cond_frame_num == before
+
+
+def test_rebuilt_position_encodings_are_the_encoders():
+    # A frame whose image features come from the embedding store gets these instead of the
+    # ones the encoder returns beside the features: they must be the same, values and layout.
+    model = random_model(tiny_config(64), kind="video").model
+    session = Sam2VideoInferenceSession(video_height=64, video_width=64, dtype=torch.float32)
+    session.add_new_frame(torch.rand(3, 64, 64), 0)
+    box = torch.tensor([[4.0, 4.0], [40.0, 40.0]])
+    with torch.inference_mode():
+        hf_internals.frame_step(model, session, 0, session.obj_id_to_idx(1), box)
+    features = hf_internals.frame_features(session, 0)
+    encoders = session.cache.get_vision_features(0)["vision_pos_embeds"]
+    rebuilt = hf_internals.position_encodings(model, torch.device("cpu"), features[-1].dtype)
+    assert len(rebuilt) == len(encoders) == len(features) == 3
+    for mine, theirs in zip(rebuilt, encoders, strict=True):
+        assert torch.equal(mine, theirs) and mine.stride() == theirs.stride()

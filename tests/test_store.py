@@ -55,6 +55,46 @@ def test_store_is_fp16_and_bounded_lru(tiny_model, tmp_path):
     assert EmbeddingStore(tmp_path).bytes == store.bytes  # a restart counts the same bytes
 
 
+def test_tensors_come_back_exactly_in_their_dtype_and_layout(tmp_path):
+    # Video frame features are stored as computed: fp32 on CPU, bf16 under a GPU's autocast, in
+    # the layout the encoder left them (a level of SAM2's features is a transposed view).
+    import torch
+
+    store = EmbeddingStore(tmp_path)
+    tensors = [
+        torch.randn(1, 16, 1024).permute(2, 0, 1),
+        torch.randn(256, 1, 32).to(torch.bfloat16),
+        torch.randn(2, 3, 4, 5).half().to(memory_format=torch.channels_last),
+    ]
+    assert store.put_tensors("frame", tensors, {"frame": 7})
+    back, fields = EmbeddingStore(tmp_path).get_tensors("frame")
+    assert fields["frame"] == 7
+    for put, got in zip(tensors, back, strict=True):
+        assert got.dtype == put.dtype and got.stride() == put.stride() and torch.equal(got, put)
+
+
+def test_entries_written_before_dtypes_were_recorded_still_read(tmp_path):
+    import hashlib
+    import json
+    import struct
+
+    import torch
+
+    from sam2.store import MAGIC
+
+    features = [torch.randn(1, 8, 4, 4).half(), torch.randn(1, 4, 2, 2).half()]
+    payload = b"".join(f.numpy().tobytes() for f in features)
+    header = {"hw": [30, 40], "shapes": [[1, 8, 4, 4], [1, 4, 2, 2]], "dtype": "float16"}
+    header["sha256"] = hashlib.sha256(payload).hexdigest()
+    data = json.dumps(header).encode()
+    store = EmbeddingStore(tmp_path)
+    store.path("old").parent.mkdir(parents=True)
+    store.path("old").write_bytes(MAGIC + struct.pack("<I", len(data)) + data + payload)
+    emb = store.get("old")
+    assert emb.original_hw == (30, 40)
+    assert all(torch.equal(got, f.float()) for got, f in zip(emb.features, features, strict=True))
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_corrupt_entry_is_detected_and_re_encoded(tiny_model, tmp_path, damage):
     img = noise_image(30, 30)

@@ -26,6 +26,7 @@ from backend.video import (
 from devkit.videos import ClipFrames, Shape, crossing_clip, leaving_clip, moving_shapes, write_video
 from sam2.frames import UnreadableVideo, VideoReader
 from sam2.models import random_model, tiny_config
+from sam2.store import EmbeddingStore
 from sam2.tracks import ObjectPrompt, ObjectTrack, TrackResult
 from sam2.video import VideoTracker
 
@@ -645,6 +646,100 @@ def test_an_object_that_comes_back_starts_a_new_span(trained_loaded, one_thread)
     assert set(range(4, 14)) <= set(track.boxes) and set(range(20, 30)) <= set(track.boxes)
     assert track.lost_forward_at is None
     assert all(box_iou(box, clip.box(f)) >= 0.5 for f, box in track.boxes.items())
+
+
+class EncoderCalls:
+    """Counts the vision encoder's forward passes while in use."""
+
+    def __init__(self, model):
+        self.model, self.count = model, 0
+
+    def __enter__(self):
+        self.hook = self.model.vision_encoder.register_forward_hook(lambda *a: self._add())
+        return self
+
+    def _add(self):
+        self.count += 1
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+
+
+def test_retrack_after_a_corrected_keyframe_encodes_only_frames_not_seen_before(
+    trained_loaded, one_thread, tmp_path
+):
+    clip = crossing_clip(1, num_frames=30)
+    tracker = VideoTracker(trained_loaded, store=EmbeddingStore(tmp_path))
+    with EncoderCalls(trained_loaded.model) as first:
+        result = tracker.track(
+            ClipFrames(clip), [ObjectPrompt(0, {12: clip.box(12)})], max_frames_each_way=10
+        )
+    assert first.count == result.frames_processed == 21 and result.frames_from_store == 0  # frames 2-22
+
+    # The labeler corrects the box on frame 20; the re-track also runs 5 frames further (23-27).
+    corrected = [ObjectPrompt(0, {12: clip.box(12), 20: clip.box(20)})]
+    retrack_progress, plain_progress = [], []
+    with EncoderCalls(trained_loaded.model) as again:
+        retrack = tracker.track(
+            ClipFrames(clip), corrected, max_frames_each_way=7, on_progress=retrack_progress.append
+        )
+    assert retrack.frames_processed == 23 and again.count == 5  # frames 5-27: only 23-27 are new
+    assert retrack.frames_from_store == 18 and "18 with stored image features" in retrack.message
+
+    plain = VideoTracker(trained_loaded).track(
+        ClipFrames(clip), corrected, max_frames_each_way=7, on_progress=plain_progress.append
+    )
+    track, reference = retrack.tracks[0], plain.tracks[0]
+    assert track.boxes == reference.boxes and len(track.boxes) == 23  # the same box on every frame
+    assert track.scores == reference.scores and track.span == reference.span == (5, 27)
+    # Stored features are read one frame at a time: the session holds no more than without them.
+    assert max(p.state_bytes for p in retrack_progress) <= max(p.state_bytes for p in plain_progress)
+
+
+def test_frame_features_stay_within_the_store_bound(trained_loaded, one_thread, tmp_path):
+    clip = crossing_clip(2, num_frames=12)
+    prompt = [ObjectPrompt(0, {0: clip.box(0)})]
+    probe = EmbeddingStore(tmp_path / "probe")
+    VideoTracker(trained_loaded, store=probe).track(ClipFrames(clip), prompt, max_frames_each_way=0)
+    store = EmbeddingStore(tmp_path / "small", max_bytes=int(3.5 * probe.bytes))  # room for 3 frames
+    tracker = VideoTracker(trained_loaded, store=store)
+    first = tracker.track(ClipFrames(clip), prompt, max_frames_each_way=11)
+    assert first.frames_processed == 12 and store.bytes <= store.max_bytes
+    assert len(list((tmp_path / "small").rglob("*.emb"))) == 3  # the least recently used went
+    with EncoderCalls(trained_loaded.model) as again:
+        retrack = tracker.track(ClipFrames(clip), prompt, max_frames_each_way=11)
+    assert again.count >= 9 and again.count + retrack.frames_from_store == 12  # evicted: encoded again
+    assert retrack.tracks[0].boxes == first.tracks[0].boxes and store.bytes <= store.max_bytes
+
+
+def test_a_video_task_tracked_again_after_a_correction_runs_no_encoder(
+    app_factory, media_server, video_path, tmp_path, one_thread
+):
+    from pathlib import Path
+
+    from tests.conftest import predict_body
+
+    url = media_server.add("shapes.mp4", Path(video_path).read_bytes())
+    task = {"id": 5, "data": {"video": url}}
+    app = app_factory(store_dir=str(tmp_path / "store"), video_max_frames=4)
+    client = app.test_client()
+    first = client.post(
+        "/predict", json=predict_body([task], [region("red", keyframe(11, box_of(RED, 10)))], CONFIG)
+    )
+    (entry,) = first.get_json()["results"]
+    assert first.status_code == 200 and "the model ran on 9 frame(s) in" in entry["message"]
+
+    moved = tuple(v + 2 for v in box_of(RED, 10))  # the labeler nudges the box
+    encoder = app.extensions["sam2"].video_tracker().loaded.model
+    with EncoderCalls(encoder) as calls:
+        again = client.post(
+            "/predict", json=predict_body([task], [region("red", keyframe(11, moved))], CONFIG)
+        )
+    (entry,) = again.get_json()["results"]
+    assert again.status_code == 200 and entry["result"][0]["value"]["sequence"]
+    assert (
+        calls.count == 0 and "the model ran on 9 frame(s) (9 with stored image features)" in entry["message"]
+    )
 
 
 def test_a_task_opened_without_regions_is_not_downloaded_nor_warned_about(app_factory, media_server, caplog):
