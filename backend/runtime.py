@@ -121,7 +121,9 @@ class Runtime:
         if store is not None:
             self.metrics.watch_store(store)
         self.store = store
-        if store is not None and self.settings.prefetch_tasks > 0:
+        # the default is measured on CPU only (nice 19 yields the CPU; a GPU has no such priority)
+        chosen = "prefetch_tasks" in self.settings.model_fields_set or loaded.device.type == "cpu"
+        if store is not None and self.settings.prefetch_tasks > 0 and chosen:
             self.prefetcher = Prefetcher(self.settings, loaded.source)
         predictor = ImagePredictor(loaded, cache, store)
         predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)

@@ -453,6 +453,7 @@ def start_backend(
         raise LabelStudioError(f"port {port} on {host} is already in use")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PREFETCH_TASKS"] = "0"  # no background encoding beside a test unless it asks (extra_env)
     if label_studio is not None:
         env["LABEL_STUDIO_URL"] = label_studio.url
         env["LABEL_STUDIO_API_KEY"] = label_studio.token

@@ -5,9 +5,10 @@ The SAM recipe (segment-anything's `automatic_mask_generator.py`), on our statel
 1. One embedding per image (`ImagePredictor.embedding`, cached), or per region of interest when
    ROIs are cropped and encoded on their own (small objects get the encoder's full resolution).
 2. A regular grid of single positive points, decoded in batches of `points_per_batch` with three
-   candidate masks each.
+   candidate masks each (or, in the fast mode, coarse to fine: see `AutoMaskConfig.skip_covered`).
 3. Candidates filtered on the decoder's predicted IoU and on the stability score (IoU of the mask
-   thresholded at +offset and -offset in logit space), at the decoder's low resolution.
+   thresholded at +offset and -offset in logit space), at the decoder's low resolution. The IoU
+   comes before the mask: a point none of whose candidates passes is not upscaled at all.
 4. Non-maximum suppression on boxes (ours, numpy; no torchvision), then optionally on masks.
 5. The survivors upscaled to the original size, clipped to their region, filtered by area.
 
@@ -44,10 +45,18 @@ class AutoMaskConfig:
     max_masks: keep at most this many (best predicted IoU first); None for all.
     crop_rois: encode each ROI as its own image (better for small ROIs, one encoder pass each);
         False reuses the whole image's embedding and puts the grid inside the ROI.
-    skip_covered: the opt-in fast mode. The grid is decoded coarse to fine (every other point of
-        every other row first), and a point that falls inside a mask already kept (after the IoU
-        and stability filters) is not decoded: in a full run it mostly finds that mask again, which
-        NMS then drops. Fewer decoder calls, and a few masks fewer (bench.bulk measures the recall).
+    skip_covered: the opt-in fast mode (AUTO_FAST). The grid is decoded coarse to fine: first every
+        `coarse_step`-th point of every `coarse_step`-th row; then a finer point is decoded only if
+        (a) it is not inside a confident mask kept so far (in a full run it mostly finds that mask
+        again, which NMS then drops), and (b) some coarse point around it predicted a candidate
+        of IoU >= pred_iou_thresh - `fine_iou_margin` (where every coarse neighbour found nothing
+        near the bar, the point between them rarely does). Fewer decoder calls, a few masks fewer
+        (bench.auto measures the recall and the share of points decoded).
+    cover_iou_thresh, cover_stability_thresh: what a kept mask needs to cover grid points.
+    cover_max_area: a kept mask larger than this share of its region (background, the whole
+        image) covers no point: small objects inside it still get their points.
+    coarse_step: spacing of the coarse grid, in grid points.
+    fine_iou_margin: rule (b)'s margin below pred_iou_thresh; None decodes every uncovered point.
     """
 
     points_per_side: int = 16
@@ -61,10 +70,15 @@ class AutoMaskConfig:
     max_masks: int | None = None
     crop_rois: bool = True
     skip_covered: bool = False
+    cover_iou_thresh: float = 0.8
+    cover_stability_thresh: float = 0.92
+    cover_max_area: float = 0.25
+    coarse_step: int = 2
+    fine_iou_margin: float | None = 0.0
 
     def __post_init__(self):
-        if self.points_per_side < 1 or self.points_per_batch < 1:
-            raise ValueError("points_per_side and points_per_batch must be at least 1")
+        if self.points_per_side < 1 or self.points_per_batch < 1 or self.coarse_step < 1:
+            raise ValueError("points_per_side, points_per_batch and coarse_step must be at least 1")
 
 
 @dataclass
@@ -225,6 +239,7 @@ class AutoMaskGenerator:
     def __init__(self, predictor: ImagePredictor, config: AutoMaskConfig | None = None):
         self.predictor = predictor
         self.config = config or AutoMaskConfig()
+        self.points_decoded = 0  # grid points sent to the decoder, over all calls
 
     def generate(
         self,
@@ -315,11 +330,14 @@ class AutoMaskGenerator:
         local_h, local_w = region.emb.original_hw
         parts: list[_Candidates] = []
         low_hw = None
-        covered: list[torch.Tensor] = []  # skip_covered: [union of the masks kept so far], low-res
-        for pts in self._batches(grid, covered, (local_h, local_w)):
+        plan = _FastPlan(cfg, (local_h, local_w)) if cfg.skip_covered else None
+        for ids in _plan_batches(cfg, grid, plan):
+            pts = grid[ids]
             logits, iou = self._decode_points(region.emb, pts)  # (b, k, h, w), (b, k)
             b, k, h, w = logits.shape
             low_hw = (h, w)
+            if plan is not None:
+                plan.decoded(ids, iou.max(dim=1).values.numpy())
             logits = logits.reshape(b * k, h, w)
             iou = iou.reshape(b * k)
             point_of = torch.arange(b).repeat_interleave(k)
@@ -332,9 +350,8 @@ class AutoMaskGenerator:
             idx, stab, boxes = idx[nonempty], stab[nonempty], boxes[nonempty]
             if len(idx) == 0:
                 continue
-            if cfg.skip_covered:
-                kept = (logits[idx] > 0).any(dim=0)
-                covered[:] = [covered[0] | kept if covered else kept]
+            if plan is not None:
+                plan.kept(logits[idx], iou[idx], stab)
             scale = np.array([local_w / w, local_h / h] * 2)
             boxes_px = boxes.numpy() * scale + [ox, oy, ox, oy]
             boxes_px = np.clip(boxes_px, [cx1, cy1, cx1, cy1], [cx2, cy2, cx2, cy2])
@@ -357,35 +374,6 @@ class AutoMaskGenerator:
             np.concatenate([p.points for p in parts]),
         )
 
-    def _batches(self, grid: np.ndarray, covered: list[torch.Tensor], local_hw):
-        """Batches of grid points to decode: in order; or, with skip_covered, the coarse grid
-        first and then the other points not inside a mask kept so far (`covered`, updated by
-        the caller between batches)."""
-        cfg = self.config
-        if not cfg.skip_covered:
-            for start in range(0, len(grid), cfg.points_per_batch):
-                yield grid[start : start + cfg.points_per_batch]
-            return
-        n = cfg.points_per_side
-        row, col = np.divmod(np.arange(len(grid)), n)
-        coarse = (row % 2 == 0) & (col % 2 == 0)
-        order = np.concatenate([np.flatnonzero(coarse), np.flatnonzero(~coarse)])
-        pending = list(order)
-        first = int(coarse.sum())
-        while pending:
-            size = first if first else cfg.points_per_batch
-            first = 0
-            mask = covered[0] if covered else None
-            batch = []
-            while pending and len(batch) < size:
-                i = pending.pop(0)
-                if mask is not None and _inside(mask, grid[i], local_hw):
-                    continue
-                batch.append(i)
-            if batch:
-                for start in range(0, len(batch), cfg.points_per_batch):
-                    yield grid[batch[start : start + cfg.points_per_batch]]
-
     @torch.inference_mode()
     def _decode_points(self, emb: ImageEmbedding, points_xy: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """One positive point per prompt, three candidates each, in one decoder call.
@@ -395,9 +383,11 @@ class AutoMaskGenerator:
         Returns:
             low-res logits (B, 3, h, w) float32 on the CPU, predicted IoU (B, 3).
         """
+        self.points_decoded += len(points_xy)
         ones = np.ones(1, np.int64)
         prompts = [Prompt(np.asarray(p, np.float32)[None], ones) for p in points_xy]
-        logits, iou, _ = self.predictor.decode_logits(emb, prompts)
+        # candidates under the IoU bar are dropped: the decoder need not upscale their masks
+        logits, iou, _ = self.predictor.decode_logits(emb, prompts, min_iou=self.config.pred_iou_thresh)
         return logits.cpu(), iou.cpu()
 
     def _materialise(self, region: _Region, c: _Candidates, hw: tuple[int, int]) -> list[AutoMask]:
@@ -426,6 +416,72 @@ class AutoMaskGenerator:
                 )
             )
         return out
+
+
+def _plan_batches(cfg: AutoMaskConfig, grid: np.ndarray, plan: _FastPlan | None):
+    """Index arrays of grid points to decode, batch by batch: all in order; or the fast mode's
+    choice, asked of `plan` just before each batch (the caller updates it in between)."""
+    size = cfg.points_per_batch
+    if plan is None:
+        for start in range(0, len(grid), size):
+            yield np.arange(start, min(start + size, len(grid)))
+        return
+    n = cfg.points_per_side
+    row, col = np.divmod(np.arange(len(grid)), n)
+    st = cfg.coarse_step
+    coarse = (row % st == st // 2) & (col % st == st // 2)
+    plan.start(row, col, coarse)
+    coarse_ids = np.flatnonzero(coarse)
+    for start in range(0, len(coarse_ids), size):
+        yield coarse_ids[start : start + size]
+    pending = list(np.flatnonzero(~coarse))
+    while pending:
+        batch = []
+        while pending and len(batch) < size:
+            i = pending.pop(0)
+            if plan.wanted(i, grid[i]):
+                batch.append(i)
+        if batch:
+            yield np.asarray(batch)
+
+
+class _FastPlan:
+    """What the fast mode knows while it decodes a grid: each decoded point's best predicted IoU
+    and the union of the confident, not too large masks kept so far (low-res)."""
+
+    def __init__(self, cfg: AutoMaskConfig, local_hw: tuple[int, int]):
+        self.cfg = cfg
+        self.local_hw = local_hw
+        self.covered: torch.Tensor | None = None
+
+    def start(self, row: np.ndarray, col: np.ndarray, coarse: np.ndarray) -> None:
+        self.row, self.col, self.coarse = row, col, coarse
+        self.best_iou = np.full(len(row), -np.inf)
+
+    def decoded(self, ids: np.ndarray, best_iou: np.ndarray) -> None:
+        self.best_iou[ids] = best_iou
+
+    def kept(self, logits: torch.Tensor, iou: torch.Tensor, stability: torch.Tensor) -> None:
+        """Candidates that passed the filters: (N, h, w) logits, (N,) predicted IoU, stability."""
+        cfg = self.cfg
+        masks = logits[(iou >= cfg.cover_iou_thresh) & (stability >= cfg.cover_stability_thresh)] > 0
+        masks = masks[masks.flatten(1).float().mean(-1) <= cfg.cover_max_area]
+        if len(masks):
+            union = masks.any(dim=0)
+            self.covered = union if self.covered is None else self.covered | union
+
+    def wanted(self, i: int, xy: np.ndarray) -> bool:
+        """Should grid point i (at xy, pixels of the embedded window) be decoded?"""
+        if self.covered is not None and _inside(self.covered, xy, self.local_hw):
+            return False
+        cfg = self.cfg
+        if cfg.fine_iou_margin is None:
+            return True
+        st = cfg.coarse_step
+        near = self.coarse & (np.abs(self.row - self.row[i]) < st) & (np.abs(self.col - self.col[i]) < st)
+        if not near.any():  # a grid too small for a coarse point nearby: decode it
+            return True
+        return bool((self.best_iou[near] >= cfg.pred_iou_thresh - cfg.fine_iou_margin).any())
 
 
 def _inside(mask: torch.Tensor, xy: np.ndarray, local_hw: tuple[int, int]) -> bool:

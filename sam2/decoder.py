@@ -68,6 +68,16 @@ def _image_positional_encoding(model) -> torch.Tensor:
     return model.get_image_wide_positional_embeddings()[0].flatten(1).transpose(0, 1).contiguous()
 
 
+def _masks(dec, ctx, image: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """Upscale the image side and read masks out with the mask tokens' hypernetwork outputs:
+    image (n, C, h, w), hyper (n, k, C/8) -> logits (n, k, 4h, 4w)."""
+    n = image.shape[0]
+    up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image) + ctx.feat_s1))
+    up = dec.activation(dec.upscale_conv2(up) + ctx.feat_s0)  # (n, C/8, 4h, 4w)
+    _, c8, hh, ww = up.shape
+    return (hyper @ up.view(n, c8, hh * ww)).view(n, hyper.shape[1], hh, ww)
+
+
 def weights_version(model) -> tuple:
     """Identifies the weights a context was computed from: storage and in-place version of the
     tensors the context reads, so loading other decoder weights invalidates it."""
@@ -138,21 +148,29 @@ def decode(
     sparse: torch.Tensor,
     dense: torch.Tensor | None,
     multimask_output: bool,
+    min_iou: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`Sam2MaskDecoder.forward` for one image and n objects, from a per-image context.
 
     Arguments:
         sparse: (1, n, Np, C) point/box embeddings from the prompt encoder.
         dense: (n or 1, C, h, w) mask-prompt embeddings, or None for "no mask" (the context's keys).
+        min_iou: with multimask_output, objects none of whose candidates predicts an IoU of at
+            least this skip the mask upscaling (about a third of the decoder's work), and their
+            masks come back as DROPPED_LOGIT everywhere: for callers that drop such candidates
+            anyway (automatic masks), so their output is unchanged.
     Returns:
         masks (1, n, k, 4h, 4w) logits, iou (1, n, k), object_score_logits (1, n, 1);
         k = 3 when multimask_output else 1.
     """
     with threads_for(sparse.shape[1]):
-        return _decode(model, ctx, sparse, dense, multimask_output)
+        return _decode(model, ctx, sparse, dense, multimask_output, min_iou)
 
 
-def _decode(model, ctx, sparse, dense, multimask_output):
+DROPPED_LOGIT = -1e4  # the mask logit of a candidate `decode(min_iou=...)` did not upscale
+
+
+def _decode(model, ctx, sparse, dense, multimask_output, min_iou=None):
     dec = model.mask_decoder
     tf = dec.transformer
     n = sparse.shape[1]
@@ -215,10 +233,17 @@ def _decode(model, ctx, sparse, dense, multimask_output):
     iou = dec.iou_prediction_head(queries[:, 1])[None]  # (1, n, 4)
     object_logits = dec.pred_obj_score_head(queries[:, 0])[None]  # (1, n, 1)
     image = keys.transpose(1, 2).reshape(n, -1, h, w)
-    up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image) + ctx.feat_s1))
-    up = dec.activation(dec.upscale_conv2(up) + ctx.feat_s0)  # (n, C/8, 4h, 4w)
-    _, c8, hh, ww = up.shape
-    masks = (hyper @ up.view(n, c8, hh * ww)).view(1, n, num_mask_tokens, hh, ww)
+    wanted = None
+    if min_iou is not None and multimask_output:
+        wanted = (iou[0, :, 1:] >= min_iou).any(-1)  # (n,)
+    if wanted is None or bool(wanted.all()):
+        masks = _masks(dec, ctx, image, hyper)[None]
+    else:
+        masks = torch.full(
+            (1, n, num_mask_tokens, 4 * h, 4 * w), DROPPED_LOGIT, dtype=hyper.dtype, device=hyper.device
+        )
+        if bool(wanted.any()):
+            masks[0, wanted] = _masks(dec, ctx, image[wanted], hyper[wanted]).to(masks.dtype)
     if multimask_output:
         return masks[:, :, 1:], iou[:, :, 1:], object_logits
     if dec.dynamic_multimask_via_stability:

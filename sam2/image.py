@@ -284,10 +284,14 @@ class ImagePredictor:
 
     @torch.inference_mode()
     def decode_logits(
-        self, emb: ImageEmbedding, prompts: list[Prompt]
+        self, emb: ImageEmbedding, prompts: list[Prompt], min_iou: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One batched decoder call for prompts that share kind (box or not), mask input and
         multimask setting; points of unequal count are padded with the ignore label.
+
+        min_iou: for callers that drop every candidate predicting a lower IoU (automatic masks):
+        the fast decoder then skips upscaling prompts with no candidate at or above it (their
+        logits are `sam2.decoder.DROPPED_LOGIT`). The transformers path computes all.
 
         Returns:
             logits: (n, k, h, w) float32 low-res mask logits (k = 3 candidates if multimask, else 1);
@@ -319,7 +323,7 @@ class ImagePredictor:
         start = time.perf_counter()
         with lm.lock:
             if self.fast_decoder and hasattr(lm.model, "mask_decoder"):  # a SAM2 (not a stand-in)
-                masks, iou, object_logits = self._decode_fast(emb, prompts[0].multimask, **kwargs)
+                masks, iou, object_logits = self._decode_fast(emb, prompts[0].multimask, min_iou, **kwargs)
             else:
                 with lm.autocast_context():
                     out = lm.model(
@@ -332,7 +336,7 @@ class ImagePredictor:
         self._timed("decoder", start)
         return masks[0].float(), iou[0].float(), object_logits[0].float().reshape(n)
 
-    def _decode_fast(self, emb: ImageEmbedding, multimask: bool, input_masks=None, **prompt):
+    def _decode_fast(self, emb: ImageEmbedding, multimask: bool, min_iou=None, input_masks=None, **prompt):
         """Sam2Model.forward's prompt handling, then the decoder from the image's context."""
         model = self.loaded.model
         ctx = self.decoder_context(emb)
@@ -352,7 +356,7 @@ class ImagePredictor:
                 input_boxes=prompt.get("input_boxes"),
                 input_masks=input_masks,
             )
-            return decode(model, ctx, sparse, dense if input_masks is not None else None, multimask)
+            return decode(model, ctx, sparse, dense if input_masks is not None else None, multimask, min_iou)
 
     @torch.inference_mode()
     def _decode(self, emb: ImageEmbedding, prompts: list[Prompt]) -> list[MaskPrediction]:

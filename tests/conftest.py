@@ -50,6 +50,13 @@ def _loopback_media_is_trusted(monkeypatch):
     monkeypatch.setattr(media, "TRUSTED_FOR_TESTS", {"127.0.0.1"})
 
 
+@pytest.fixture(autouse=True)
+def _no_prefetch_unless_asked(monkeypatch):
+    """PREFETCH_TASKS is on by default on CPU: a test app with LS credentials would start `warm`
+    processes after its clicks. Tests of the prefetcher set it themselves."""
+    monkeypatch.setenv("PREFETCH_TASKS", "0")
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     """A real redis-server on a free loopback port (devkit.redis_server): url, stop(), start()."""

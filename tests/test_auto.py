@@ -260,3 +260,26 @@ def test_skip_covered_finds_the_same_shapes_from_fewer_points(colour_predictor):
     assert decoded[False] == 16 * 16
     covered_share = sum(t.mean() for t in truth)  # points inside a shape, found by a coarse point
     assert decoded[True] <= 16 * 16 * (1 - 0.75 * covered_share) + 16
+
+
+def test_fast_mode_recovers_the_full_runs_masks_from_fewer_points():
+    """AUTO_FAST on the trained fixture: the full run's masks come back (IoU >= 0.9) while far
+    fewer grid points are decoded (bench.auto measures this on more image kinds)."""
+    from devkit.scenes import make_scene
+    from sam2.auto import mask_iou
+    from sam2.models import load_image_model
+    from tests.test_behaviour import FIXTURE
+
+    pred = ImagePredictor(load_image_model(str(FIXTURE), "cpu", cpu_precision="fp32"))
+    full_gen = AutoMaskGenerator(pred, AutoMaskConfig(points_per_side=16))
+    fast_gen = AutoMaskGenerator(pred, AutoMaskConfig(points_per_side=16, skip_covered=True))
+    found = []
+    for seed in range(8):
+        img = make_scene(seed).image
+        full = full_gen.generate(f"scene{seed}", img)
+        fast = fast_gen.generate(f"scene{seed}", img)
+        found += [max((mask_iou(r, m) for m in fast), default=0.0) >= 0.9 for r in full]
+    assert len(found) >= 8, "too few reference masks for a recall"
+    assert np.mean(found) >= 0.9, found
+    assert full_gen.points_decoded == 8 * 256
+    assert fast_gen.points_decoded <= 0.6 * full_gen.points_decoded

@@ -83,6 +83,23 @@ def test_mask_prompt_equals_transformers(real_size):
     )
 
 
+def test_candidates_under_the_iou_bar_skip_upscaling_and_nothing_else_changes(real_size):
+    """Automatic masks drop candidates under their IoU bar: `min_iou` spares their upscaling."""
+    from sam2.decoder import DROPPED_LOGIT
+
+    _, fast, _, emb = real_size
+    prompts = PROMPT_KINDS["grid batch (all threads)"]
+    logits, iou, obj = fast.decode_logits(emb, prompts)
+    bar = float(iou.max(dim=1).values.median())  # half the objects above, half under
+    s_logits, s_iou, s_obj = fast.decode_logits(emb, prompts, min_iou=bar)
+    kept = (iou >= bar).any(dim=1)
+    assert 0 < int(kept.sum()) < len(prompts)
+    torch.testing.assert_close(s_iou, iou)
+    torch.testing.assert_close(s_obj, obj)
+    torch.testing.assert_close(s_logits[kept], logits[kept])
+    assert bool((s_logits[~kept] == DROPPED_LOGIT).all())
+
+
 def test_cached_click_runs_no_per_image_work_twice(real_size):
     _, fast, _, emb = real_size
     ctx = fast.decoder_context(emb)

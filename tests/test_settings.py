@@ -101,3 +101,13 @@ def test_every_variable_the_code_reads_is_documented():
                 read.add(m.group(1) or m.group(2))
     missing = sorted(name for name in read if f"`{name}`" not in readme)
     assert not missing, f"read by the code but not in README.md: {missing}"
+
+
+def test_prefetch_is_on_by_default_on_cpu_and_off_when_set_to_0(app_factory, monkeypatch, tmp_path):
+    """PREFETCH_TASKS defaults to 3 (bench.prefetch: no click delayed on CPU); 0 switches it off."""
+    monkeypatch.delenv("PREFETCH_TASKS")
+    creds = {"label_studio_url": "http://ls.invalid", "label_studio_api_key": "k", "store_dir": str(tmp_path)}
+    runtime = app_factory(**creds).extensions["sam2"]
+    assert runtime.prefetcher is not None and runtime.prefetcher.enabled
+    assert runtime.settings.prefetch_tasks == 3
+    assert app_factory(**creds, prefetch_tasks=0).extensions["sam2"].prefetcher is None

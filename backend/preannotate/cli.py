@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
         "--fast",
         action="store_true",
         default=None,
-        help="automatic masks: skip grid points inside masks already found (default: AUTO_FAST, else off; fewer masks)",
+        help="automatic masks, fast mode: coarse grid first, finer points only where it found something (default: AUTO_FAST, else off; a few masks fewer)",
     )
     p.add_argument(
         "--points-per-side",

@@ -1,0 +1,171 @@
+"""Does pre-encoding the next tasks (PREFETCH_TASKS) delay a labeler's click?
+
+After a click the server starts `python -m backend warm` for the next tasks as a separate process
+at nice 19 (backend/prefetch.py). Here a process of the same kind (the same model, the same
+encoder, at the priority `Prefetcher` gives it) encodes images back to back: the worst case, a
+prefetch that never ends. Side by side in one run, alternated (the prefetch process is paused
+with SIGSTOP and resumed with SIGCONT between clicks, so both see the same machine):
+- a cached click on image N (decode only) through the Flask app, prefetch paused vs encoding;
+- a first click on an image not prefetched (encode + decode), paused vs encoding;
+- the same with the prefetch process at nice 0, to show what the priority buys.
+A random real-size hiera-tiny at 1024 px (real latency), a 1024x768 JPEG over loopback HTTP.
+
+    .venv/bin/python -m bench.prefetch [--clicks 6] [--first-clicks 2] [--threads 2]
+Prints a table and writes bench/results/prefetch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.click import _body
+from bench.common import machine, photo, report, serve_directory
+
+RESULTS = Path(__file__).parent / "results" / "prefetch.json"
+
+
+def _prefetch_process(nice: int, threads: int, ready, encoded) -> None:
+    """What `warm` does per task, forever: encode an image not seen before."""
+    import numpy as np
+
+    from sam2.image import EmbeddingCache, ImagePredictor
+    from sam2.models import random_model, real_config
+
+    os.nice(nice)
+    torch.set_num_threads(threads)
+    pred = ImagePredictor(random_model(real_config(), "image"), EmbeddingCache(0))
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    ready.set()
+    while True:
+        pred.embedding(f"next{encoded.value}", rgb)
+        encoded.value += 1
+
+
+def run(clicks: int, first_clicks: int, threads: int) -> dict:
+    from backend.app import create_app
+    from backend.settings import Settings
+    from sam2.models import random_model, real_config
+
+    loaded = random_model(real_config(), "image")
+    tmp = tempfile.mkdtemp()
+    n_images = 2 + 4 * first_clicks
+    for i in range(n_images):
+        Path(tmp, f"img{i}.jpg").write_bytes(photo(1024, 768, i))
+    httpd, base = serve_directory(tmp)
+    settings = Settings.from_env(cache_mb=4096, store_dir="off", media_allowed_hosts=("127.0.0.1",))
+    app = create_app(settings, loaded_model=loaded)
+    client = app.test_client()
+
+    def click(image: int, n: int) -> float:
+        start = time.perf_counter()
+        resp = client.post("/predict", json=_body(f"{base}/img{image}.jpg", image + 1, n))
+        elapsed = time.perf_counter() - start
+        assert resp.status_code == 200 and resp.get_json()["results"][0]["result"]
+        return elapsed
+
+    click(1, 1)  # warm-up on another image
+    click(0, 1)  # image N is open: its embedding is cached
+    next_image = iter(range(2, n_images))
+    result: dict = {}
+    ctx = mp.get_context("spawn")
+    for nice in (19, 0):
+        ready, encoded = ctx.Event(), ctx.Value("i", 0)
+        proc = ctx.Process(target=_prefetch_process, args=(nice, threads, ready, encoded), daemon=True)
+        proc.start()
+        try:
+            if not ready.wait(300):
+                raise RuntimeError("the prefetch process did not start")
+            while encoded.value < 1:  # running: its first encode is done (allocations made)
+                time.sleep(0.2)
+            times: dict[str, list[float]] = {
+                "cached_alone": [],
+                "cached_beside": [],
+                "first_alone": [],
+                "first_beside": [],
+            }
+            for n in range(2, 2 + clicks):  # alternated: both see the same machine
+                os.kill(proc.pid, signal.SIGSTOP)
+                times["cached_alone"].append(click(0, n))
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(0.3)  # back at work before the click
+                times["cached_beside"].append(click(0, n))
+            for _ in range(first_clicks):
+                os.kill(proc.pid, signal.SIGSTOP)
+                times["first_alone"].append(click(next(next_image), 1))
+                os.kill(proc.pid, signal.SIGCONT)
+                time.sleep(0.3)
+                times["first_beside"].append(click(next(next_image), 1))
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            proc.join()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result[f"nice_{nice}"] = {
+            "times_s": times,
+            "median_s": med,
+            "cached_delay": med["cached_beside"] / med["cached_alone"],
+            "first_delay": med["first_beside"] / med["first_alone"],
+            "prefetch_encodes": encoded.value,
+        }
+    httpd.close()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clicks", type=int, default=6)
+    p.add_argument("--first-clicks", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the server and of the prefetch")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu, load = machine()
+    r = run(args.clicks, args.first_clicks, args.threads)
+    result = {
+        "model": "hiera-tiny (random init), 1024 px input",
+        "image": "1024x768 JPEG over loopback HTTP",
+        "torch_threads": args.threads,
+        "cpu": cpu,
+        "load_before": load,
+        **r,
+        "load_after": machine()[1],
+    }
+    rows = [("machine", cpu, f"load average {load}")]
+    for nice in (19, 0):
+        v = r[f"nice_{nice}"]
+        m = v["median_s"]
+        title = (
+            "prefetch at nice 19 (as PREFETCH_TASKS runs it)"
+            if nice == 19
+            else "prefetch at nice 0 (contrast)"
+        )
+        rows += [
+            (title, "", f"{v['prefetch_encodes']} images encoded meanwhile"),
+            ("  cached click, prefetch paused (median)", f"{m['cached_alone']:.3f} s", ""),
+            (
+                "  cached click, prefetch encoding (median)",
+                f"{m['cached_beside']:.3f} s",
+                f"{v['cached_delay']:.2f}x",
+            ),
+            ("  first click on a new image, paused", f"{m['first_alone']:.2f} s", ""),
+            (
+                "  first click on a new image, encoding",
+                f"{m['first_beside']:.2f} s",
+                f"{v['first_delay']:.2f}x",
+            ),
+        ]
+    rows.append(("load average after", result["load_after"], ""))
+    report(result, rows, RESULTS, value_width=12)
+
+
+if __name__ == "__main__":
+    main()
