@@ -88,7 +88,7 @@ def _rectangles(n: int, seed: int) -> list[dict]:
 def run(
     images: int = 6, boxes: int = 5, auto_images: int = 1, points_per_side: int = 16, width=1024, height=768
 ) -> dict:
-    from backend.media import LabelStudioAuth, MediaClient, open_image
+    from backend.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
     from backend.preannotate.engine import PreannotateOptions
     from backend.preannotate.project import run_project
     from backend.segment import ImageSegmenter
@@ -134,7 +134,10 @@ def run(
     ]
     ls = MemoryLabelStudio(tasks)
     pred, spent = predictor()
-    segmenter = ImageSegmenter(pred, MediaClient(LabelStudioAuth(None, None)), "bench")
+    media = MediaClient(
+        LabelStudioAuth(None, None), MediaLimits(allowed_hosts=("127.0.0.1",))
+    )  # its own host
+    segmenter = ImageSegmenter(pred, media, "bench")
     start = time.perf_counter()
     summary = run_project(
         ls, 1, segmenter, PreannotateOptions(mode="boxes"), model_version="bench", prefetch=2
