@@ -16,6 +16,7 @@ import requests
 
 from backend.app import parse_json_body
 from backend.settings import Settings, SettingsError
+from devkit import gunicorn as devkit_gunicorn
 from devkit.lsserver import free_port
 from tests.conftest import keypoint, noise_image, predict_body, rectangle
 from tests.test_deploy import _basic, wait_loaded
@@ -61,28 +62,9 @@ def _slowloris(port: int, stop: threading.Event, cut: list) -> None:
 
 
 def start_gunicorn(tiny_model_dir, port: int, log_path: Path, **env) -> subprocess.Popen:
-    env = _clean_env(
-        SAM2_MODEL=str(tiny_model_dir),
-        DEVICE="cpu",
-        PORT=str(port),
-        HOST="127.0.0.1",
-        WORKERS="1",
-        THREADS="3",
-        QUEUE_SIZE="2",
-        TORCH_THREADS="1",
-        BASIC_AUTH_USER="ml",
-        BASIC_AUTH_PASS=PASS,
-        MEDIA_ALLOWED_HOSTS="127.0.0.1",
-        ACCESS_LOG="0",
-        **env,
-    )
-    return subprocess.Popen(
-        [str(Path(PY).with_name("gunicorn")), "-c", "deploy/gunicorn.conf.py", "backend.wsgi:app"],
-        cwd=REPO,
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    settings = dict(WORKERS="1", THREADS="3", QUEUE_SIZE="2", TORCH_THREADS="1", ACCESS_LOG="0")
+    settings |= dict(BASIC_AUTH_USER="ml", BASIC_AUTH_PASS=PASS, MEDIA_ALLOWED_HOSTS="127.0.0.1")
+    return devkit_gunicorn.start_gunicorn(tiny_model_dir, port, log_path, **(settings | env))
 
 
 def test_slow_header_clients_do_not_starve_health_or_clicks(tiny_model_dir, media_server, tmp_path):
