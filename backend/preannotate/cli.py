@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 
@@ -228,6 +229,9 @@ def _queued(args, settings: Settings, options: PreannotateOptions, selection: Se
         sys.exit(
             "preannotate: --queue, --status and --cancel need REDIS_URL (the Redis the workers listen on)"
         )
+    # Ctrl-C stops following, also where SIGINT came in ignored (a job started in the background
+    # by a non-interactive shell): Python installs no KeyboardInterrupt handler then
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
     try:
         if args.status:
@@ -250,18 +254,18 @@ def _queued(args, settings: Settings, options: PreannotateOptions, selection: Se
         if run is None:
             print(f"project {args.project}: nothing to queue ({skipped} task(s) without an annotation)")
             return
-        workers = queue.workers()
-        print(
-            f"queued {run.total} task(s) of project {args.project} as run {run.id} "
-            f"({run.jobs.get('queued', 0)} job(s)); {workers} worker(s) listening",
-            flush=True,
-        )
-        if not workers:
+        try:
+            workers = queue.workers()
             print(
-                "no worker is listening yet: start `python -m backend worker` with the same REDIS_URL",
+                f"queued {run.total} task(s) of project {args.project} as run {run.id} "
+                f"({run.jobs.get('queued', 0)} job(s)); {workers} worker(s) listening",
                 flush=True,
             )
-        try:
+            if not workers:
+                print(
+                    "no worker is listening yet: start `python -m backend worker` with the same REDIS_URL",
+                    flush=True,
+                )
             status = queued.follow(queue, run)
         except KeyboardInterrupt:
             print(
