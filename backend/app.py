@@ -339,13 +339,7 @@ def _video_task(
         queue = None
     if queue is not None and _held(queue, task_id):
         return []  # queued by an earlier request, still on its way
-    downloaded = []
-
-    def download() -> str:  # only once there is a region to track
-        downloaded.append(runtime.media.download_to_file(url, task_id))
-        return str(downloaded[-1])
-
-    try:
+    with runtime.media.lazy_file(url, task_id) as download:  # only once there is a region to track
         entry = predict_video_task(
             task,
             regions,
@@ -356,9 +350,6 @@ def _video_task(
             max_frames=settings.video_max_frames,
             model_version=runtime.model_version,
         )
-    finally:
-        for path in downloaded:
-            path.unlink(missing_ok=True)
     if entry.pop("partial") and queue is not None:
         run = queue.start_run(
             [task_id],

@@ -591,6 +591,23 @@ class MediaClient:
             raise
         return Path(name)
 
+    @contextmanager
+    def lazy_file(self, url: str, task_id: int | None = None) -> Iterator[Callable[[], str]]:
+        """A function that downloads the media to a temporary file when called and returns its
+        path (a video is fetched only once there is something to track); what it downloaded is
+        deleted on exit."""
+        paths: list[Path] = []
+
+        def download() -> str:
+            paths.append(self.download_to_file(url, task_id))
+            return str(paths[-1])
+
+        try:
+            yield download
+        finally:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
     def load_image(self, url: str, task_id: int | None = None) -> ImageFile:
         return open_image(self.fetch(url, task_id), self.limits.max_pixels)
 
