@@ -113,27 +113,21 @@ class JobRunner:
         prediction of this version already."""
         runtime, task_id = self.runtime, task["id"]
         version = chunk.model_version or runtime.model_version
-        downloaded = []
-
-        def download() -> str:
-            downloaded.append(
-                runtime.media.download_to_file(task_data_url(task, config, config.videos()[0].name), task_id)
-            )
-            return str(downloaded[-1])
-
         try:
             if version in self.api.prediction_versions(task_id):
                 return "skipped"
-            entry = predict_video_task(
-                task,
-                None,
-                chunk.label_config,
-                download,
-                runtime.video_tracker(),
-                deadline_s=CHUNK_TIMEOUT_S,
-                max_frames=runtime.settings.video_max_frames,
-                model_version=version,
-            )
+            url = task_data_url(task, config, config.videos()[0].name)
+            with runtime.media.lazy_file(url, task_id) as download:
+                entry = predict_video_task(
+                    task,
+                    None,
+                    chunk.label_config,
+                    download,
+                    runtime.video_tracker(),
+                    deadline_s=CHUNK_TIMEOUT_S,
+                    max_frames=runtime.settings.video_max_frames,
+                    model_version=version,
+                )
             if not entry["result"]:
                 return "skipped"
             return "done" if self.api.create_prediction(task_id, entry, version) else "skipped"
@@ -141,9 +135,6 @@ class JobRunner:
             log.warning("video task %s failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
         except Exception:  # a bug must not cost the chunk's other tasks
             log.exception("video task %s failed", task_id)
-        finally:
-            for path in downloaded:
-                path.unlink(missing_ok=True)
         return "failed"
 
     def _warm(self, task: dict, config) -> str:
@@ -161,10 +152,10 @@ class JobRunner:
         try:
             image = runtime.media.load_image(url, task_id)
             predictor = runtime.require().predictor
+            if self._index is None:  # read once per worker, as one `warm` run does
+                self._index = UrlIndex(runtime.store.dir)
             return (
-                "done"
-                if encode_into_store(predictor, runtime.store, UrlIndex(runtime.store.dir), url, image)
-                else "skipped"
+                "done" if encode_into_store(predictor, runtime.store, self._index, url, image) else "skipped"
             )
         except BackendError as e:
             log.warning("task %s not encoded: %s", task_id, e.message)
