@@ -210,12 +210,9 @@ def _queue_warm(settings: Settings, args) -> None:
             source="warm",
             kind="warm",
         )
-        print(f"queued {run.total} image(s) of project {args.project} as run {run.id}", flush=True)
-        try:
+        with queued.ctrl_c_stops_following(args.project):
+            print(f"queued {run.total} image(s) of project {args.project} as run {run.id}", flush=True)
             status = queued.follow(queue, run)
-        except KeyboardInterrupt:
-            print(f"\nstopped following; the jobs go on (`preannotate --project {args.project} --status`)")
-            raise SystemExit(130) from None
     except QueueUnavailable as e:
         raise SystemExit(f"warm: {e.message}") from None
     c = status.counts

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 
@@ -229,9 +228,6 @@ def _queued(args, settings: Settings, options: PreannotateOptions, selection: Se
         sys.exit(
             "preannotate: --queue, --status and --cancel need REDIS_URL (the Redis the workers listen on)"
         )
-    # Ctrl-C stops following, also where SIGINT came in ignored (a job started in the background
-    # by a non-interactive shell): Python installs no KeyboardInterrupt handler then
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
     try:
         if args.status:
@@ -254,7 +250,7 @@ def _queued(args, settings: Settings, options: PreannotateOptions, selection: Se
         if run is None:
             print(f"project {args.project}: nothing to queue ({skipped} task(s) without an annotation)")
             return
-        try:
+        with queued.ctrl_c_stops_following(args.project):
             workers = queue.workers()
             print(
                 f"queued {run.total} task(s) of project {args.project} as run {run.id} "
@@ -267,13 +263,6 @@ def _queued(args, settings: Settings, options: PreannotateOptions, selection: Se
                     flush=True,
                 )
             status = queued.follow(queue, run)
-        except KeyboardInterrupt:
-            print(
-                f"\nstopped following; the jobs go on. `preannotate --project {args.project} --status` "
-                "shows their progress, `--cancel` stops them",
-                flush=True,
-            )
-            sys.exit(130)
     except QueueUnavailable as e:
         sys.exit(f"preannotate: {e.message}")
     except (LabelStudioAPIError, ModelUnavailable) as e:

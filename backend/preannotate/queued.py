@@ -9,8 +9,11 @@ No model is loaded here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 
 from backend.jobqueue import JobQueue, RunStatus
@@ -65,6 +68,23 @@ def follow(queue: JobQueue, run: RunStatus, poll_s: float = 1.0, progress=None) 
             time.sleep(poll_s)
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_following(project_id: int) -> Iterator[None]:
+    """Around a command line's `follow`: Ctrl-C stops following (exit 130), never the jobs. It
+    does so also where SIGINT came in ignored (a job started in the background by a
+    non-interactive shell), where Python installs no KeyboardInterrupt handler of its own."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following; the jobs go on. `preannotate --project {project_id} --status` "
+            "shows their progress, `--cancel` stops them",
+            flush=True,
+        )
+        raise SystemExit(130) from None
 
 
 def report(status: RunStatus, seconds: float, skipped_before: int) -> str:
