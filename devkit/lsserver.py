@@ -190,6 +190,22 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _spawn(args: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    """A server in its own session (so `_stop_process` stops its children too), output appended
+    to `log_path`, no stdin, Ctrl-C semantics restored."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            args,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
+        )
+
+
 def _stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
     """SIGINT the process group we started (Ctrl-C semantics), then SIGKILL it if it lingers."""
     if process.poll() is not None:
@@ -357,18 +373,13 @@ def start_label_studio(
         )
     log_path = Path(log_path or data_dir.parent / "label-studio.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser"]
-            + ["--internal-host", host, "--port", str(port)],
-            env=server_env(data_dir, extra_env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=data_dir,
-            start_new_session=True,
-            preexec_fn=_default_sigint,
-        )
+    process = _spawn(
+        [str(LS_VENV / "bin" / "label-studio"), "start", "--no-browser"]
+        + ["--internal-host", host, "--port", str(port)],
+        server_env(data_dir, extra_env),
+        data_dir,
+        log_path,
+    )
     url = f"http://{host}:{port}"
     boot_s = _wait_healthy(f"{url}/health", process, log_path, timeout_s, "Label Studio")
     if process.poll() is not None or LS_VERSION not in requests.get(f"{url}/version", timeout=10).text:
@@ -460,19 +471,14 @@ def start_backend(
     env.update(extra_env or {})
     log_path = Path(log_path or Path(tempfile.mkdtemp(prefix="sam2-backend-")) / "backend.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--host", host, "--port", str(port)]
-            + (["--model", str(model)] if model is not None else [])
-            + (["--device", device] if device is not None else []),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
-            start_new_session=True,
-            preexec_fn=_default_sigint,
-        )
+    process = _spawn(
+        [sys.executable, "-m", "backend", "serve", "--host", host, "--port", str(port)]
+        + (["--model", str(model)] if model is not None else [])
+        + (["--device", device] if device is not None else []),
+        env,
+        REPO_ROOT,
+        log_path,
+    )
     url = f"http://{host}:{port}"
     _wait_healthy(
         f"{url}/health",
