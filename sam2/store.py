@@ -7,7 +7,7 @@ directory, its size bound and its eviction:
 - any list of tensors (`get_tensors`/`put_tensors`), kept in their own dtype, bit for bit: the
   video tracker's per-frame image features (sam2/video.py), keyed by model, precision, video
   content and frame index.
- Each file carries a checksum: a corrupt or truncated
+Each file carries a checksum: a corrupt or truncated
 entry is detected on read, deleted and re-encoded by the caller. The directory is bounded in
 bytes; the least recently used entries (by modification time, touched on every hit) go first.
 A full disk or an unwritable directory never fails a request: the entry is simply not stored.
