@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 
 from devkit import lsserver
@@ -94,9 +95,19 @@ def open_task(page, label_studio, project_id: int, task_id: int) -> None:
 
 def auto_annotation_on(page) -> None:
     """The bottom bar's Auto-Annotation switch (with it on, the Auto-Accept switch shows)."""
-    if not page.get_by_test_id("bottombar-auto-accept-toggle").is_visible():
-        page.get_by_test_id("bottombar-auto-annotation-toggle").click()
-    page.get_by_test_id("bottombar-auto-accept-toggle").wait_for(timeout=10_000)
+    accept = page.get_by_test_id("bottombar-auto-accept-toggle")
+    toggle = page.get_by_test_id("bottombar-auto-annotation-toggle")
+    for _ in range(3):  # on a loaded machine a click on a page still settling can be lost
+        if accept.is_visible():
+            return
+        if not toggle.is_checked():
+            toggle.click()
+        try:
+            accept.wait_for(timeout=10_000)
+            return
+        except PlaywrightTimeoutError:
+            continue
+    accept.wait_for(timeout=10_000)
 
 
 def image_point(page, x_pct: float, y_pct: float) -> tuple[float, float]:
