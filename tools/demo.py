@@ -16,6 +16,7 @@ seconds), and restarts the backend with it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
@@ -31,6 +32,8 @@ from devkit import lsserver  # noqa: E402
 from devkit.sample_media import make_scene, rectangle  # noqa: E402
 
 RUN_DIR = REPO_ROOT / ".run"
+LOCK_FILE = "demo.lock"  # in the run dir, held while a demo runs on it
+PAGE_SIZE = 100
 PROJECT_TITLE = "SAM2 demo"
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
@@ -77,6 +80,19 @@ def say(message: str = "") -> None:
     print(message, flush=True)
 
 
+def listed(list_page, **kwargs) -> list:
+    """Every item of a Label Studio list, page by page, stopping at a short page. (The SDK's pager
+    asks for the page after the last one, which Label Studio answers with a 404 and logs as a
+    `NotFound: Invalid page.` traceback.)"""
+    items, page = [], 1
+    while True:
+        batch = list_page(page=page, page_size=PAGE_SIZE, **kwargs).items or []
+        items += batch
+        if len(batch) < PAGE_SIZE:
+            return items
+        page += 1
+
+
 def sample_images(directory: Path) -> list[Path]:
     """A few synthetic scenes (an ellipse and a square on a gradient), generated once."""
     paths = []
@@ -106,7 +122,7 @@ def add_rectangles_task(ls: lsserver.LabelStudio, project_id: int, directory: Pa
 
 
 def rectangles_task_id(ls: lsserver.LabelStudio, project_id: int) -> int | None:
-    for task in ls.client.tasks.list(project=project_id, include="id,data"):
+    for task in listed(ls.client.tasks.list, project=project_id, include="id,data"):
         if str((task.data or {}).get("image", "")).endswith(RECTANGLES_SAMPLE):
             return task.id
     return None
@@ -118,7 +134,7 @@ def demo_project(ls: lsserver.LabelStudio, backend_url: str, samples: list[Path]
     Projects of earlier demo versions get the instructions and the rectangles task too.
     """
     client = ls.client
-    project = next((p for p in client.projects.list() if p.title == PROJECT_TITLE), None)
+    project = next((p for p in listed(client.projects.list) if p.title == PROJECT_TITLE), None)
     if project is None:
         project = lsserver.create_project(ls, PROJECT_TITLE, LABEL_CONFIG)
         for path in samples:
@@ -150,7 +166,7 @@ def video_demo(ls: lsserver.LabelStudio, backend_url: str, directory: Path) -> N
     from devkit.videos import crossing_clip, write_video
 
     client = ls.client
-    project = next((p for p in client.projects.list() if p.title == VIDEO_PROJECT_TITLE), None)
+    project = next((p for p in listed(client.projects.list) if p.title == VIDEO_PROJECT_TITLE), None)
     if project is None:
         path = directory / "crossing.mp4"
         if not path.exists():
@@ -219,7 +235,32 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
         f".venv/bin/python -m backend serve --port {port} --model {model}"
     )
     say("The demo project's instructions (the Instructions button of the labeling page) repeat this.")
-    say("Ctrl-C stops both servers.")
+
+
+def lock_run_dir(run_dir: Path, ls_url: str):
+    """Hold `run_dir`'s lock for as long as this process runs (the open file, to keep); None if
+    another demo holds it. Two demos on one directory would share Label Studio's SQLite database
+    and its projects, attach a second model to them, and write into the same logs."""
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {ls_url}\n")
+    handle.flush()
+    return handle
+
+
+def running_demo(run_dir: Path) -> str:
+    """'(pid N, Label Studio at URL)' of the demo holding `run_dir`'s lock, as far as it says."""
+    try:
+        pid, url = (run_dir / LOCK_FILE).read_text().split()[:2]
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid}, Label Studio at {url})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -286,9 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     host = "127.0.0.1"
     run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, f"http://{host}:{args.port}")
+    if lock is None:
+        say(f"A demo is already running on {run_dir}{running_demo(run_dir)}: use that one, or stop it")
+        say("with Ctrl-C in its terminal first. A second demo beside it needs its own directory and")
+        say("ports: python tools/demo.py --run-dir OTHER_DIR --port 8081 --backend-port 9091")
+        return 2
     for name, port in (("Label Studio", args.port), ("the backend", args.backend_port)):
         if lsserver.port_in_use(host, port):
-            say(f"Port {port} for {name} is in use. Choose another: make run LS_PORT=... BACKEND_PORT=...")
+            say(f"Port {port} for {name} is in use by another program (no demo runs on {run_dir}).")
+            say("Stop that program, or choose free ports: make run LS_PORT=8081 BACKEND_PORT=9091")
             return 2
 
     # Ctrl-C reaches only this process (the servers run in their own sessions): stop both here.
@@ -346,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         rect_task = rectangles_task_id(ls, project.id)
         banner(ls, project, backend, health.get("model_version"), model, run_dir, rect_task)
         video_demo(ls, backend.url, run_dir / "samples")
+        say("Ctrl-C stops both servers.")
         last_check = time.monotonic()
         while True:
             for name, proc in (
