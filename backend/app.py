@@ -335,6 +335,24 @@ def _video_task(
     runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project
 ) -> dict | list:
     regions = context.get("result") if isinstance(context, dict) else None
+    if regions is not None:  # interactive: shown, not stored; every request gets its answer
+        return _track_video(runtime, settings, task, config, xml, regions, deadline, project)
+    # Label Studio 1.23.2 asks twice at once for a task it reloads: track it once, or it stores
+    # two identical predictions (the second request answers with nothing)
+    key = (project, task.get("id"), json.dumps(task, sort_keys=True, default=str), runtime.model_version)
+    with runtime.video_calls.once(key, timeout_s=max(0.0, deadline - time.monotonic())) as first:
+        if not first:
+            log.info(
+                "video task %s: tracked by a concurrent identical request; answering this one with nothing",
+                task.get("id"),
+            )
+            return []
+        return _track_video(runtime, settings, task, config, xml, regions, deadline, project)
+
+
+def _track_video(
+    runtime: Runtime, settings: Settings, task, config, xml, regions, deadline, project
+) -> dict | list:
     url = task_data_url(task, config, config.videos()[0].name)
     task_id = task.get("id")
     # Retrieve (no regions in the context) with REDIS_URL: a track the deadline cuts goes to the
