@@ -35,43 +35,57 @@ RUN_DIR = REPO_ROOT / ".run"
 LOCK_FILE = "demo.lock"  # in the run dir, held while a demo runs on it
 PAGE_SIZE = 100
 PROJECT_TITLE = "SAM2 demo"
+# One visible row of labels, in two groups: each smart tool takes only its own control's labels
+# (in Label Studio 1.23.2 a click or box with no label selected makes no region). smartOnly: the
+# keypoint and rectangle exist only as the smart tools (no plain tool that never calls the model);
+# smart="false" on the brush: no smart brush in the Auto-Detect fly-out (this backend does not
+# take brush strokes as prompts), and its labels are hidden: picking them would switch to the
+# plain brush. The masks still come back as the brush control's regions.
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="mask" toName="image">
+  <BrushLabels name="mask" toName="image" smart="false" visible="false">
     <Label value="object" background="#ff4d4f"/>
     <Label value="background" background="#1890ff"/>
   </BrushLabels>
-  <KeyPointLabels name="click" toName="image" smart="true">
-    <Label value="object" background="#ff4d4f" showInline="true"/>
-    <Label value="background" background="#1890ff" showInline="true"/>
-  </KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true">
-    <Label value="object" background="#ff4d4f" showInline="true"/>
-    <Label value="background" background="#1890ff" showInline="true"/>
-  </RectangleLabels>
+  <View style="display: flex; align-items: center; gap: 12px; flex-wrap: wrap">
+    <Header value="Click:" size="5"/>
+    <KeyPointLabels name="click" toName="image" smart="true" smartOnly="true">
+      <Label value="object" background="#ff4d4f"/>
+      <Label value="background" background="#1890ff"/>
+    </KeyPointLabels>
+    <Header value="Box:" size="5"/>
+    <RectangleLabels name="box" toName="image" smart="true" smartOnly="true">
+      <Label value="object" background="#ff4d4f"/>
+      <Label value="background" background="#1890ff"/>
+    </RectangleLabels>
+  </View>
 </View>"""
 SAMPLE_COUNT = 4
 RECTANGLES_SAMPLE = "sample-rectangles.png"  # the task with a submitted annotation of plain rectangles
 TOKEN_CHECK_S = 5.0
 
 # Where people get lost; shown in the project's instructions (the Instructions button of the
-# labeling page).
-INSTRUCTIONS = f"""<h3>SAM2 demo: a mask from a click or a box</h3>
+# labeling page), written against what Label Studio 1.23.2 shows. {rect_task}: the task's ID.
+INSTRUCTIONS = """<h3>SAM2 demo: a mask from a click or a box</h3>
 <ol>
 <li>Open a task. Switch on <b>Auto-Annotation</b> in the bar at the bottom of the labeling page.</li>
-<li>The smart tools are in the <b>Auto-Detect</b> fly-out (shortcut <b>M</b>) of the tool bar on the
-left: the smart keypoint and the smart rectangle. The plain keypoint and rectangle tools at the top
-never call the model.</li>
-<li>Select the label <b>object</b>, then click an object (or drag a box around it): its mask appears
-as a suggestion; accept it with the check mark in the bottom bar, or turn on
+<li><b>A click.</b> Click <b>Auto-Detect</b>, the last button of the tool bar at the right edge of
+the image (or press <b>M</b>): it selects the smart keypoint. Click the label <b>object</b> after
+<b>Click:</b> below the image (it turns solid red), then click the object: its mask appears as a
+suggestion.</li>
+<li><b>A box.</b> Hover over <b>Auto-Detect</b>: its fly-out opens to the left. Pick the smart
+rectangle (the second icon), click the label <b>object</b> after <b>Box:</b>, then drag a box around
+the object.</li>
+<li>Accept the suggestion with the check mark in the bottom bar, or turn on
 <i>Auto-Accept Suggestions</i> there.</li>
-<li>More clicks refine it: select the label again before each click, or turn on
-<i>Keep label selected after creating a region</i> in the settings (gear icon).
-Alt+click makes a negative point.</li>
+<li>More clicks refine the mask (Alt+click: a negative point). The label turns pale after each click:
+click it once before the next click (clicking a label that is still solid deselects it), or turn on
+<i>Keep label selected after creating a region</i> in the settings (the Settings button of the bottom
+bar).</li>
 <li>Submit to keep the mask.</li>
 </ol>
-<p><b>Retrieve predictions</b>: the task <i>{RECTANGLES_SAMPLE}</i> has a submitted annotation with
-plain rectangles. In the Data Manager tick it, open the tasks menu at the top left ("1 Task"),
+<p><b>Retrieve predictions</b>: task <b>{rect_task}</b> (its ID in the Data Manager's ID column; the
+task annotated by the admin, AD under "Annotated by") has a submitted annotation with plain rectangles. In the Data Manager tick it, open the tasks menu at the top left ("1 Task"),
 choose Retrieve Predictions and confirm; open the task and pick the prediction's tab (sam2-...):
 a mask for each rectangle.</p>"""
 
@@ -131,7 +145,8 @@ def rectangles_task_id(ls: lsserver.LabelStudio, project_id: int) -> int | None:
 def demo_project(ls: lsserver.LabelStudio, backend_url: str, samples: list[Path]):
     """The demo project (created with the samples on the first run) connected to the backend.
 
-    Projects of earlier demo versions get the instructions and the rectangles task too.
+    Projects of earlier demo versions get this version's label config, instructions and the
+    rectangles task too.
     """
     client = ls.client
     project = next((p for p in listed(client.projects.list) if p.title == PROJECT_TITLE), None)
@@ -139,10 +154,14 @@ def demo_project(ls: lsserver.LabelStudio, backend_url: str, samples: list[Path]
         project = lsserver.create_project(ls, PROJECT_TITLE, LABEL_CONFIG)
         for path in samples:
             ls.upload(project.id, path, "image/png")
-    if project.expert_instruction != INSTRUCTIONS:
-        client.projects.update(id=project.id, expert_instruction=INSTRUCTIONS, show_instruction=False)
-    if rectangles_task_id(ls, project.id) is None:
-        add_rectangles_task(ls, project.id, samples[0].parent)
+    if project.label_config != LABEL_CONFIG:  # a project of an earlier demo version
+        client.projects.update(id=project.id, label_config=LABEL_CONFIG)
+    rect_task = rectangles_task_id(ls, project.id)
+    if rect_task is None:
+        rect_task = add_rectangles_task(ls, project.id, samples[0].parent)["id"]
+    instructions = INSTRUCTIONS.format(rect_task=rect_task)
+    if project.expert_instruction != instructions:
+        client.projects.update(id=project.id, expert_instruction=instructions, show_instruction=False)
     connected = [m for m in client.ml.list(project=project.id) if m.url.rstrip("/") == backend_url]
     if not connected:
         lsserver.connect_backend(ls, project.id, backend_url)
@@ -217,16 +236,19 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
     say(f"  Logs           {run_dir / 'label-studio.log'}, {run_dir / 'backend.log'}")
     say("")
     say("How to get a mask:")
-    say("  Open a task and switch on Auto-Annotation (bottom bar). The smart keypoint and rectangle")
-    say("  are in the Auto-Detect fly-out (M) of the tool bar on the left; the plain tools at the top")
-    say('  never call the model. Select the "object" label and click an object (or drag a box); accept')
-    say("  the suggested mask with the check mark in the bottom bar (or turn on Auto-Accept Suggestions).")
-    say("  More clicks refine it: select the label again before each click, or turn on")
-    say('  "Keep label selected after creating a region" in the settings (gear icon).')
+    say("  Open a task and switch on Auto-Annotation (bottom bar). A click: click Auto-Detect, the last")
+    say("  button of the tool bar at the right edge of the image (or press M): the smart keypoint. Click")
+    say('  the label "object" after "Click:" below the image, then the object. A box: hover over')
+    say("  Auto-Detect, pick the smart rectangle (second icon) from the fly-out that opens to the left,")
+    say('  click "object" after "Box:", drag a box. Accept the suggested mask with the check mark in the')
+    say("  bottom bar (or turn on Auto-Accept Suggestions). More clicks refine it: the label turns pale")
+    say("  after each click, click it once before the next (a solid one deselects), or turn on")
+    say('  "Keep label selected after creating a region" (Settings button of the bottom bar).')
     if rect_task is not None:
-        say(f"Retrieve predictions: task {rect_task} has a submitted annotation with plain rectangles.")
-        say('  In the Data Manager tick it, open the tasks menu at the top left ("1 Task"):')
-        say("  Retrieve Predictions, OK; then open the task and pick the prediction's tab (sam2-...).")
+        say(f"Retrieve predictions: task {rect_task} (the Data Manager's ID column; the one annotated by")
+        say("  the admin) has a submitted annotation with plain rectangles. Tick it, open the tasks menu")
+        say('  at the top left ("1 Task"): Retrieve Predictions, OK; open the task and pick the')
+        say("  prediction's tab (sam2-...): a mask for each rectangle.")
     say("Backend only (your own backend against this Label Studio; connect it in a project under")
     say(f"  Settings -> Model -> Connect Model, with a Name and this URL: http://127.0.0.1:{port}):")
     say(
