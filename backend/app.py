@@ -1,7 +1,8 @@
 """Flask app factory: the Label Studio ML backend protocol.
 
 /health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it;
-                 the loading error only for callers with the basic auth credentials)
+                 a model that failed to load: 503 {"status": "ERROR", "error": ...}, the loading
+                 error itself only for callers with the basic auth credentials)
 /setup   POST -> {"model_version": ...}   (cheap: LS gives it 3 s; the label config is remembered)
 /predict POST -> {"results": [one entry per task]}
 /webhook POST -> 200 for any event (LS creates the webhook itself)
@@ -155,19 +156,23 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     def health():
         # Anyone who reaches the port may ask: no model path, no error text (both in the log);
         # a caller with the basic auth credentials gets the loading error too.
+        # A model that failed to load is a 503 "ERROR": Label Studio then lists the backend as
+        # Disconnected (and refuses to connect it) instead of Connected with every click a 503.
+        # While the model still loads it is "UP": Label Studio may connect, clicks wait for it.
+        failed = runtime.error is not None
         answer = dict(
-            status="UP",
+            status="ERROR" if failed else "UP",
             model_class=MODEL_CLASS,
             model_loaded=runtime.segmenter is not None,
             model_version=runtime.model_version,
         )
-        if runtime.error is not None:
+        if failed:
             answer["error"] = (
                 runtime.error
                 if settings.basic_auth_user and _has_credentials(settings)
                 else "the model could not be loaded; see the backend's log"
             )
-        return jsonify(answer)
+        return jsonify(answer), 503 if failed else 200
 
     @app.post("/setup")
     def setup():
@@ -330,6 +335,24 @@ def _video_task(
     runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project
 ) -> dict | list:
     regions = context.get("result") if isinstance(context, dict) else None
+    if regions is not None:  # interactive: shown, not stored; every request gets its answer
+        return _track_video(runtime, settings, task, config, xml, regions, deadline, project)
+    # Label Studio 1.23.2 asks twice at once for a task it reloads: track it once, or it stores
+    # two identical predictions (the second request answers with nothing)
+    key = (project, task.get("id"), json.dumps(task, sort_keys=True, default=str), runtime.model_version)
+    with runtime.video_calls.once(key, timeout_s=max(0.0, deadline - time.monotonic())) as first:
+        if not first:
+            log.info(
+                "video task %s: tracked by a concurrent identical request; answering this one with nothing",
+                task.get("id"),
+            )
+            return []
+        return _track_video(runtime, settings, task, config, xml, regions, deadline, project)
+
+
+def _track_video(
+    runtime: Runtime, settings: Settings, task, config, xml, regions, deadline, project
+) -> dict | list:
     url = task_data_url(task, config, config.videos()[0].name)
     task_id = task.get("id")
     # Retrieve (no regions in the context) with REDIS_URL: a track the deadline cuts goes to the

@@ -16,6 +16,7 @@ import time
 
 from backend.errors import Unavailable
 from backend.finetuned import ProjectSegmenters, TrainingLauncher
+from backend.inflight import Coalescer
 from backend.jobqueue import JobQueue
 from backend.media import LabelStudioAuth, MediaClient, MediaLimits
 from backend.metrics import Metrics
@@ -64,6 +65,7 @@ class Runtime:
         self.task_times = TaskTimes()  # "Retrieve predictions": recent seconds per task, by mode
         self._video_tracker: VideoTracker | None = None
         self._video_lock = threading.Lock()
+        self.video_calls = Coalescer()  # Label Studio's concurrent identical video requests
         self._job: BackgroundJob | None = None
         self._job_lock = threading.Lock()
         self._queue: JobQueue | None = None

@@ -223,21 +223,21 @@ def _stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
 
 
 def _wait_healthy(
-    url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str, ok=None
+    url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str, ok=None, codes=(200,)
 ) -> float:
-    """Poll `url` until it answers 200 (and `ok(response)`); return the seconds it took.
+    """Poll `url` until it answers with one of `codes` (and `ok(response)`); return the seconds it took.
 
     The process is stopped when this fails or is interrupted (Ctrl-C), so nothing is left behind.
     """
     try:
-        return _poll_healthy(url, process, log_path, timeout_s, what, ok)
+        return _poll_healthy(url, process, log_path, timeout_s, what, ok, codes)
     except BaseException:
         _stop_process(process)
         raise
 
 
 def _poll_healthy(
-    url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str, ok
+    url: str, process: subprocess.Popen, log_path: Path, timeout_s: float, what: str, ok, codes
 ) -> float:
     start = time.monotonic()
     while True:
@@ -247,7 +247,7 @@ def _poll_healthy(
             )
         try:
             response = requests.get(url, timeout=2)
-            if response.status_code == 200 and (ok is None or ok(response)):
+            if response.status_code in codes and (ok is None or ok(response)):
                 return time.monotonic() - start
         except (requests.RequestException, ValueError):  # not up yet, or not JSON yet
             pass
@@ -486,7 +486,9 @@ def start_backend(
         log_path,
         timeout_s,
         "the SAM2 backend",
-        ok=lambda r: r.json().get("status") == "UP",
+        # a model that failed to load: 503 "ERROR" (wait_for_model and the demo say why)
+        ok=lambda r: r.json().get("status") in ("UP", "ERROR"),
+        codes=(200, 503),
     )
     return Backend(url=url, process=process, log_path=log_path)
 

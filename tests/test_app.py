@@ -228,7 +228,10 @@ def test_model_that_cannot_load_gives_503_with_instructions(tmp_path):
     app = create_app(Settings.from_env(model=str(tmp_path / "nope.pt")))
     client = app.test_client()
     app.extensions["sam2"].ready.wait(10)
-    assert client.get("/health").get_json()["status"] == "UP"
+    health = client.get("/health")
+    # not "UP": Label Studio would list the backend as Connected while every click gets a 503
+    assert health.status_code == 503 and health.get_json()["status"] == "ERROR"
+    assert health.get_json()["model_loaded"] is False
     resp = client.post("/predict", json=predict_body([{"id": 1, "data": {"image": "x"}}], None))
     assert resp.status_code == 503 and "does not exist" in resp.get_json()["error"]
     assert resp.headers["Retry-After"]

@@ -172,7 +172,7 @@ def test_health_hides_model_path_and_error_from_anonymous_callers(tmp_path):
     assert runtime.error and "customer-x" in runtime.error
     client = app.test_client()
     anonymous = client.get("/health")
-    assert anonymous.status_code == 200 and anonymous.get_json()["model_loaded"] is False
+    assert anonymous.status_code == 503 and anonymous.get_json()["model_loaded"] is False
     assert "customer-x" not in anonymous.get_data(as_text=True)
     assert "secret-models" not in anonymous.get_data(as_text=True)
     authed = client.get("/health", headers=_basic("ml", PASS)).get_json()

@@ -755,3 +755,50 @@ def test_a_task_opened_without_regions_is_not_downloaded_nor_warned_about(app_fa
         assert resp.status_code == 200 and resp.get_json()["results"] == [[]]
     assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
     assert any("no VideoRectangle region" in r.getMessage() for r in caplog.records if r.levelname == "DEBUG")
+
+
+def test_concurrent_identical_retrieves_of_a_video_task_store_one_track(
+    app_factory, media_server, video_path, one_thread
+):
+    """Label Studio 1.23.2 reloads a submitted video task and asks /predict for it twice at once:
+    one of the two answers holds the track, the other nothing (so Label Studio stores one
+    prediction), and the video is tracked once."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from tests.conftest import predict_body
+
+    url = media_server.add("shapes.mp4", Path(video_path).read_bytes())
+    annotation = {
+        "id": 1,
+        "updated_at": "2026-02-01T00:00:00Z",
+        "result": [region("red", keyframe(11, box_of(RED, 10)))],
+    }
+    body = predict_body([{"id": 7, "data": {"video": url}, "annotations": [annotation]}], None, CONFIG)
+    app = app_factory()
+    runtime = app.extensions["sam2"]
+    tracker = runtime.video_tracker()
+    real_track, tracked = tracker.track, []
+
+    def track(*args, **kwargs):
+        tracked.append(1)
+        # the first track waits until the second request waits for it (or tracks too)
+        calls = getattr(runtime, "video_calls", None)
+        deadline = time.monotonic() + 60
+        while len(tracked) < 2 and not (calls and calls.waiting()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return real_track(*args, **kwargs)
+
+    tracker.track = track
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(
+            pool.map(
+                lambda _: app.test_client().post("/predict", json=body).get_json()["results"][0], range(2)
+            )
+        )
+    stored = [a for a in answers if a]  # Label Studio stores nothing for an empty answer
+    assert len(stored) == 1, answers
+    assert [r["id"] for r in stored[0]["result"]] == ["red"] and len(tracked) == 1
+    # the same request once the first is answered: tracked again (nothing is cached)
+    again = app.test_client().post("/predict", json=body).get_json()["results"][0]
+    assert [r["id"] for r in again["result"]] == ["red"] and len(tracked) == 2

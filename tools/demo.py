@@ -16,6 +16,7 @@ seconds), and restarts the backend with it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
@@ -31,50 +32,79 @@ from devkit import lsserver  # noqa: E402
 from devkit.sample_media import make_scene, rectangle  # noqa: E402
 
 RUN_DIR = REPO_ROOT / ".run"
+LOCK_FILE = "demo.lock"  # in the run dir, held while a demo runs on it
+PAGE_SIZE = 100
 PROJECT_TITLE = "SAM2 demo"
+# One visible row of labels, in two groups: each smart tool takes only its own control's labels
+# (in Label Studio 1.23.2 a click or box with no label selected makes no region). smartOnly: the
+# keypoint and rectangle exist only as the smart tools (no plain tool that never calls the model);
+# smart="false" on the brush: no smart brush in the Auto-Detect fly-out (this backend does not
+# take brush strokes as prompts), and its labels are hidden: picking them would switch to the
+# plain brush. The masks still come back as the brush control's regions.
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="mask" toName="image">
+  <BrushLabels name="mask" toName="image" smart="false" visible="false">
     <Label value="object" background="#ff4d4f"/>
     <Label value="background" background="#1890ff"/>
   </BrushLabels>
-  <KeyPointLabels name="click" toName="image" smart="true">
-    <Label value="object" background="#ff4d4f" showInline="true"/>
-    <Label value="background" background="#1890ff" showInline="true"/>
-  </KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true">
-    <Label value="object" background="#ff4d4f" showInline="true"/>
-    <Label value="background" background="#1890ff" showInline="true"/>
-  </RectangleLabels>
+  <View style="display: flex; align-items: center; gap: 12px; flex-wrap: wrap">
+    <Header value="Click:" size="5"/>
+    <KeyPointLabels name="click" toName="image" smart="true" smartOnly="true">
+      <Label value="object" background="#ff4d4f"/>
+      <Label value="background" background="#1890ff"/>
+    </KeyPointLabels>
+    <Header value="Box:" size="5"/>
+    <RectangleLabels name="box" toName="image" smart="true" smartOnly="true">
+      <Label value="object" background="#ff4d4f"/>
+      <Label value="background" background="#1890ff"/>
+    </RectangleLabels>
+  </View>
 </View>"""
 SAMPLE_COUNT = 4
 RECTANGLES_SAMPLE = "sample-rectangles.png"  # the task with a submitted annotation of plain rectangles
 TOKEN_CHECK_S = 5.0
 
 # Where people get lost; shown in the project's instructions (the Instructions button of the
-# labeling page).
-INSTRUCTIONS = f"""<h3>SAM2 demo: a mask from a click or a box</h3>
+# labeling page), written against what Label Studio 1.23.2 shows. {rect_task}: the task's ID.
+INSTRUCTIONS = """<h3>SAM2 demo: a mask from a click or a box</h3>
 <ol>
 <li>Open a task. Switch on <b>Auto-Annotation</b> in the bar at the bottom of the labeling page.</li>
-<li>The smart tools are in the <b>Auto-Detect</b> fly-out (shortcut <b>M</b>) of the tool bar on the
-left: the smart keypoint and the smart rectangle. The plain keypoint and rectangle tools at the top
-never call the model.</li>
-<li>Select the label <b>object</b>, then click an object (or drag a box around it): its mask appears
-as a suggestion; accept it with the check mark in the bottom bar, or turn on
+<li><b>A click.</b> Click <b>Auto-Detect</b>, the last button of the tool bar at the right edge of
+the image (or press <b>M</b>): it selects the smart keypoint. Click the label <b>object</b> after
+<b>Click:</b> below the image (it turns solid red), then click the object: its mask appears as a
+suggestion.</li>
+<li><b>A box.</b> Hover over <b>Auto-Detect</b>: its fly-out opens to the left. Pick the smart
+rectangle (the second icon), click the label <b>object</b> after <b>Box:</b>, then drag a box around
+the object.</li>
+<li>Accept the suggestion with the check mark in the bottom bar, or turn on
 <i>Auto-Accept Suggestions</i> there.</li>
-<li>More clicks refine it: select the label again before each click, or turn on
-<i>Keep label selected after creating a region</i> in the settings (gear icon).
-Alt+click makes a negative point.</li>
+<li>More clicks refine the mask (Alt+click: a negative point). The label turns pale after each click:
+click it once before the next click (clicking a label that is still solid deselects it), or turn on
+<i>Keep label selected after creating a region</i> in the settings (the Settings button of the bottom
+bar).</li>
 <li>Submit to keep the mask.</li>
 </ol>
-<p><b>Retrieve predictions</b>: the task <i>{RECTANGLES_SAMPLE}</i> has a submitted annotation with
-plain rectangles. In the Data Manager tick it, open the tasks menu at the top left ("1 Task"),
+<p><b>Retrieve predictions</b>: task <b>{rect_task}</b> (its ID in the Data Manager's ID column; the
+task annotated by the admin, AD under "Annotated by") has a submitted annotation with plain rectangles. In the Data Manager tick it, open the tasks menu at the top left ("1 Task"),
 choose Retrieve Predictions and confirm; open the task and pick the prediction's tab (sam2-...):
 a mask for each rectangle.</p>"""
 
 
 def say(message: str = "") -> None:
     print(message, flush=True)
+
+
+def listed(list_page, **kwargs) -> list:
+    """Every item of a Label Studio list, page by page, stopping at a short page. (The SDK's pager
+    asks for the page after the last one, which Label Studio answers with a 404 and logs as a
+    `NotFound: Invalid page.` traceback.)"""
+    items, page = [], 1
+    while True:
+        batch = list_page(page=page, page_size=PAGE_SIZE, **kwargs).items or []
+        items += batch
+        if len(batch) < PAGE_SIZE:
+            return items
+        page += 1
 
 
 def sample_images(directory: Path) -> list[Path]:
@@ -106,7 +136,7 @@ def add_rectangles_task(ls: lsserver.LabelStudio, project_id: int, directory: Pa
 
 
 def rectangles_task_id(ls: lsserver.LabelStudio, project_id: int) -> int | None:
-    for task in ls.client.tasks.list(project=project_id, include="id,data"):
+    for task in listed(ls.client.tasks.list, project=project_id, include="id,data"):
         if str((task.data or {}).get("image", "")).endswith(RECTANGLES_SAMPLE):
             return task.id
     return None
@@ -115,18 +145,23 @@ def rectangles_task_id(ls: lsserver.LabelStudio, project_id: int) -> int | None:
 def demo_project(ls: lsserver.LabelStudio, backend_url: str, samples: list[Path]):
     """The demo project (created with the samples on the first run) connected to the backend.
 
-    Projects of earlier demo versions get the instructions and the rectangles task too.
+    Projects of earlier demo versions get this version's label config, instructions and the
+    rectangles task too.
     """
     client = ls.client
-    project = next((p for p in client.projects.list() if p.title == PROJECT_TITLE), None)
+    project = next((p for p in listed(client.projects.list) if p.title == PROJECT_TITLE), None)
     if project is None:
         project = lsserver.create_project(ls, PROJECT_TITLE, LABEL_CONFIG)
         for path in samples:
             ls.upload(project.id, path, "image/png")
-    if project.expert_instruction != INSTRUCTIONS:
-        client.projects.update(id=project.id, expert_instruction=INSTRUCTIONS, show_instruction=False)
-    if rectangles_task_id(ls, project.id) is None:
-        add_rectangles_task(ls, project.id, samples[0].parent)
+    if project.label_config != LABEL_CONFIG:  # a project of an earlier demo version
+        client.projects.update(id=project.id, label_config=LABEL_CONFIG)
+    rect_task = rectangles_task_id(ls, project.id)
+    if rect_task is None:
+        rect_task = add_rectangles_task(ls, project.id, samples[0].parent)["id"]
+    instructions = INSTRUCTIONS.format(rect_task=rect_task)
+    if project.expert_instruction != instructions:
+        client.projects.update(id=project.id, expert_instruction=instructions, show_instruction=False)
     connected = [m for m in client.ml.list(project=project.id) if m.url.rstrip("/") == backend_url]
     if not connected:
         lsserver.connect_backend(ls, project.id, backend_url)
@@ -150,7 +185,7 @@ def video_demo(ls: lsserver.LabelStudio, backend_url: str, directory: Path) -> N
     from devkit.videos import crossing_clip, write_video
 
     client = ls.client
-    project = next((p for p in client.projects.list() if p.title == VIDEO_PROJECT_TITLE), None)
+    project = next((p for p in listed(client.projects.list) if p.title == VIDEO_PROJECT_TITLE), None)
     if project is None:
         path = directory / "crossing.mp4"
         if not path.exists():
@@ -201,16 +236,19 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
     say(f"  Logs           {run_dir / 'label-studio.log'}, {run_dir / 'backend.log'}")
     say("")
     say("How to get a mask:")
-    say("  Open a task and switch on Auto-Annotation (bottom bar). The smart keypoint and rectangle")
-    say("  are in the Auto-Detect fly-out (M) of the tool bar on the left; the plain tools at the top")
-    say('  never call the model. Select the "object" label and click an object (or drag a box); accept')
-    say("  the suggested mask with the check mark in the bottom bar (or turn on Auto-Accept Suggestions).")
-    say("  More clicks refine it: select the label again before each click, or turn on")
-    say('  "Keep label selected after creating a region" in the settings (gear icon).')
+    say("  Open a task and switch on Auto-Annotation (bottom bar). A click: click Auto-Detect, the last")
+    say("  button of the tool bar at the right edge of the image (or press M): the smart keypoint. Click")
+    say('  the label "object" after "Click:" below the image, then the object. A box: hover over')
+    say("  Auto-Detect, pick the smart rectangle (second icon) from the fly-out that opens to the left,")
+    say('  click "object" after "Box:", drag a box. Accept the suggested mask with the check mark in the')
+    say("  bottom bar (or turn on Auto-Accept Suggestions). More clicks refine it: the label turns pale")
+    say("  after each click, click it once before the next (a solid one deselects), or turn on")
+    say('  "Keep label selected after creating a region" (Settings button of the bottom bar).')
     if rect_task is not None:
-        say(f"Retrieve predictions: task {rect_task} has a submitted annotation with plain rectangles.")
-        say('  In the Data Manager tick it, open the tasks menu at the top left ("1 Task"):')
-        say("  Retrieve Predictions, OK; then open the task and pick the prediction's tab (sam2-...).")
+        say(f"Retrieve predictions: task {rect_task} (the Data Manager's ID column; the one annotated by")
+        say("  the admin) has a submitted annotation with plain rectangles. Tick it, open the tasks menu")
+        say('  at the top left ("1 Task"): Retrieve Predictions, OK; open the task and pick the')
+        say("  prediction's tab (sam2-...): a mask for each rectangle.")
     say("Backend only (your own backend against this Label Studio; connect it in a project under")
     say(f"  Settings -> Model -> Connect Model, with a Name and this URL: http://127.0.0.1:{port}):")
     say(
@@ -219,7 +257,32 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
         f".venv/bin/python -m backend serve --port {port} --model {model}"
     )
     say("The demo project's instructions (the Instructions button of the labeling page) repeat this.")
-    say("Ctrl-C stops both servers.")
+
+
+def lock_run_dir(run_dir: Path, ls_url: str):
+    """Hold `run_dir`'s lock for as long as this process runs (the open file, to keep); None if
+    another demo holds it. Two demos on one directory would share Label Studio's SQLite database
+    and its projects, attach a second model to them, and write into the same logs."""
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {ls_url}\n")
+    handle.flush()
+    return handle
+
+
+def running_demo(run_dir: Path) -> str:
+    """'(pid N, Label Studio at URL)' of the demo holding `run_dir`'s lock, as far as it says."""
+    try:
+        pid, url = (run_dir / LOCK_FILE).read_text().split()[:2]
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid}, Label Studio at {url})"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -286,9 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     host = "127.0.0.1"
     run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, f"http://{host}:{args.port}")
+    if lock is None:
+        say(f"A demo is already running on {run_dir}{running_demo(run_dir)}: use that one, or stop it")
+        say("with Ctrl-C in its terminal first. A second demo beside it needs its own directory and")
+        say("ports: python tools/demo.py --run-dir OTHER_DIR --port 8081 --backend-port 9091")
+        return 2
     for name, port in (("Label Studio", args.port), ("the backend", args.backend_port)):
         if lsserver.port_in_use(host, port):
-            say(f"Port {port} for {name} is in use. Choose another: make run LS_PORT=... BACKEND_PORT=...")
+            say(f"Port {port} for {name} is in use by another program (no demo runs on {run_dir}).")
+            say("Stop that program, or choose free ports: make run LS_PORT=8081 BACKEND_PORT=9091")
             return 2
 
     # Ctrl-C reaches only this process (the servers run in their own sessions): stop both here.
@@ -346,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         rect_task = rectangles_task_id(ls, project.id)
         banner(ls, project, backend, health.get("model_version"), model, run_dir, rect_task)
         video_demo(ls, backend.url, run_dir / "samples")
+        say("Ctrl-C stops both servers.")
         last_check = time.monotonic()
         while True:
             for name, proc in (

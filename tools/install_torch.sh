@@ -39,6 +39,11 @@ else
     echo "torch: torch==$VERSION from TORCH_INDEX=$index"
 fi
 
+# numpy before torch: the build report below imports torch, which warns "Failed to initialize
+# NumPy" when numpy is not installed yet (it comes with requirements.txt, after this script).
+NUMPY_SPEC="$(grep -E '^numpy[<>=! ]' "$(dirname "$0")/../requirements.txt" | cut -d'#' -f1 | tr -d ' ')"
+"$PY" -m pip install -q "${NUMPY_SPEC:-numpy}"
+
 if [[ "$index" == pypi ]]; then
     "$PY" -m pip install -q "torch==$VERSION"
 else

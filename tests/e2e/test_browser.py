@@ -143,12 +143,16 @@ def demo_project(label_studio, backend_server, tmp_path_factory):
     return project, tasks
 
 
-def test_the_newcomer_gets_a_mask_from_the_smart_keypoint_then_a_prediction_from_retrieve(
+def test_the_newcomer_follows_the_instructions_to_a_mask_from_a_click_and_a_box_then_retrieve(
     label_studio, browser, demo_project, e2e_output_dir
 ):
-    """The path the README and the banner describe, click by click."""
+    """The demo project's Instructions (the README and the banner say the same), gesture by
+    gesture as written, and what they claim about the page checked on the way."""
     project, tasks = demo_project
     task_id, scene = tasks["sample-1.png"]
+    rect_id, rect_scene = tasks[demo.RECTANGLES_SAMPLE]
+    instructions = label_studio.client.projects.get(id=project.id).expert_instruction
+    assert f"task <b>{rect_id}</b>" in instructions  # the task named by its ID, as the Data Manager shows it
     page = browser.new_page()
     with screenshot_on_failure(page, e2e_output_dir / "newcomer-failed.png"):
         log_in(page, label_studio)
@@ -158,23 +162,71 @@ def test_the_newcomer_gets_a_mask_from_the_smart_keypoint_then_a_prediction_from
         open_task(page, label_studio, project.id, task_id)
         assert stored_predictions(label_studio, task_id) == []  # opening it stored nothing
 
+        # one visible row of labels: "Click:" object, background, "Box:" object, background
+        labels = page.locator(".lsf-label:visible")
+        expect(labels).to_have_count(4)
+        names = [text.split()[0] for text in labels.all_inner_texts()]  # "object 3": name, hotkey
+        assert names == ["object", "background", "object", "background"]
+        assert len({round(labels.nth(i).bounding_box()["y"]) for i in range(4)}) == 1
+        click_object, box_object = labels.nth(0), labels.nth(2)
+
+        # 1. "Switch on Auto-Annotation in the bar at the bottom of the labeling page."
         auto_annotation_on(page)
-        auto_detect = page.locator("button.lsf-tool_smart").filter(has_text="Auto-Detect").first
-        auto_detect.hover()  # the fly-out with the smart tools
-        auto_detect.get_by_label("key-point-tool").click()
-        page.locator(".lsf-label").filter(has_text="object").nth(1).click()  # the keypoints' "object"
+        # 2. "Click Auto-Detect, the last button of the tool bar at the right edge of the image: it
+        # selects the smart keypoint."
+        auto_detect = page.locator("button.lsf-tool").filter(has_text="Auto-Detect").first
+        image = page.locator(".lsf-main-view canvas, canvas").nth(1).bounding_box()
+        bar_buttons = page.locator("button.lsf-tool:visible")
+        last = bar_buttons.nth(bar_buttons.count() - 1).bounding_box()
+        detect_box = auto_detect.bounding_box()
+        assert detect_box == last  # the last button of the bar
+        assert detect_box["x"] >= image["x"] + image["width"] - detect_box["width"]  # at its right edge
+        auto_detect.click()
+        expect(
+            page.locator("button.lsf-tool_smart.lsf-tool_active[aria-label=key-point-tool]")
+        ).to_have_count(1)
+        # "Click the label object after Click: (it turns solid red), then click the object: its mask
+        # appears as a suggestion." 3. "Accept the suggestion with the check mark in the bottom bar"
+        click_object.click()
+        expect(click_object).to_have_class(re.compile("lsf-label_selected"))
         page.mouse.click(*image_point(page, *scene.center_pct()))
         page.get_by_test_id("bottombar-accept-suggestions-button").click(timeout=60_000)
-        page.locator(".lsf-tree__node_type_brushregion").first.wait_for(state="visible", timeout=10_000)
+        expect(page.locator(".lsf-tree__node_type_brushregion")).to_have_count(1, timeout=10_000)
+
+        # "A box. Hover over Auto-Detect: its fly-out opens to the left. Pick the smart rectangle
+        # (the second icon), click the label object after Box:, then drag a box around the object."
+        auto_detect.hover()
+        smart_rect = page.locator("button.lsf-tool_smart[aria-label=rectangle-tool]").first
+        smart_rect.wait_for(state="visible", timeout=10_000)
+        flyout = page.locator("button.lsf-tool_smart[aria-label]:visible")
+        assert flyout.nth(1).get_attribute("aria-label") == "rectangle-tool"  # the second icon
+        assert smart_rect.bounding_box()["x"] < detect_box["x"]  # opened to the left
+        smart_rect.click()
+        box_object.click()
+        expect(box_object).to_have_class(re.compile("lsf-label_selected"))
+        x0, y0, x1, y1 = scene.object_box_px
+        page.mouse.move(*image_point(page, 100 * (x0 - 4) / scene.width, 100 * (y0 - 4) / scene.height))
+        page.mouse.down()
+        page.mouse.move(
+            *image_point(page, 100 * (x1 + 4) / scene.width, 100 * (y1 + 4) / scene.height), steps=8
+        )
+        page.mouse.up()
+        page.get_by_test_id("bottombar-accept-suggestions-button").click(timeout=60_000)
+        expect(page.locator(".lsf-tree__node_type_brushregion")).to_have_count(2, timeout=10_000)
+        # "Submit to keep the mask."
         page.get_by_role("button", name="Submit current annotation").click()
         annotation = _wait_for_annotation(label_studio, task_id)
-        [mask] = brush_masks(annotation["result"], scene.width, scene.height, from_name="mask")
-        assert object_iou(mask, scene) >= 0.8  # the mask is the clicked ellipse
+        masks = brush_masks(annotation["result"], scene.width, scene.height, from_name="mask")
+        assert len(masks) == 2  # the click's and the box's
+        assert min(object_iou(m, scene) for m in masks) >= 0.8  # each is the ellipse
 
-        rect_id, rect_scene = tasks[demo.RECTANGLES_SAMPLE]
+        # "In the Data Manager tick it, open the tasks menu at the top left ("1 Task"), choose
+        # Retrieve Predictions and confirm; open the task and pick the prediction's tab"
         page.goto(f"{label_studio.url}/projects/{project.id}/data")
         page.get_by_label(f"Select Task {rect_id}").click()
-        page.get_by_role("button", name=re.compile("Actions")).first.click()
+        tasks_menu = page.get_by_role("button", name=re.compile("Actions")).first
+        expect(tasks_menu).to_have_text(re.compile("1 Task"))
+        tasks_menu.click()
         page.get_by_text("Retrieve Predictions").click()
         page.locator("button", has_text="OK").last.click()
         [prediction] = stored_predictions(label_studio, rect_id, wait_s=60)

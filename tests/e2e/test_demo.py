@@ -91,6 +91,30 @@ def revoke(ls_url: str, token: str) -> None:
     assert not lsserver.token_works(ls_url, token)
 
 
+def browser_login(demo: Demo) -> requests.Session:
+    """The demo admin logged in through Label Studio's login form, as a browser holds it."""
+    creds = json.loads((demo.run_dir / "label-studio" / lsserver.CREDENTIALS_FILE).read_text())
+    session = requests.Session()
+    login = f"{demo.ls_url}/user/login/"
+    session.get(login, timeout=30)
+    session.post(
+        login,
+        data={
+            "email": creds["email"],
+            "password": creds["password"],
+            "csrfmiddlewaretoken": session.cookies["csrftoken"],
+        },
+        headers={"Referer": login},
+        timeout=30,
+    )
+    assert logged_in(demo, session)
+    return session
+
+
+def logged_in(demo: Demo, session: requests.Session) -> bool:
+    return session.get(f"{demo.ls_url}/api/projects/", timeout=30).status_code == 200
+
+
 def click_gives_a_mask(demo: Demo, tmp_path: Path) -> None:
     """A click through Label Studio's interactive endpoint on the first sample: the backend
     fetches the uploaded image with the token it was given, so a dead token fails here."""
@@ -121,12 +145,33 @@ def test_the_demo_survives_a_revoked_token_while_running_and_at_the_next_start(t
         assert "Retrieve Predictions" in banner and "Connect Model, with a Name" in banner
         assert f"LABEL_STUDIO_URL={demo.ls_url} " in banner and "-m backend serve --port " in banner
         assert demo.token not in banner  # where to find it, not the secret itself
+        # the video block comes before the last line, which says how to stop
+        assert banner.index("Video demo") < banner.index(BANNER_END)
+        assert banner.rstrip().endswith(BANNER_END), banner[-300:]
+        # the SDK's pager asked Label Studio for a page after the last: a traceback in its log
+        assert "Invalid page" not in (run_dir / "label-studio.log").read_text()
 
+        # `make run` again while it runs (e.g. on other ports): refused, the first demo untouched
+        second = subprocess.run(
+            [sys.executable, "tools/demo.py", "--test-model", "--run-dir", str(run_dir)]
+            + ["--port", str(lsserver.free_port()), "--backend-port", str(lsserver.free_port())],
+            cwd=lsserver.REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"A demo is already running on {run_dir} (pid {demo.process.pid}" in second.stdout
+        assert "--run-dir" in second.stdout and "Traceback" not in second.stdout + second.stderr
+        assert demo.process.poll() is None
+
+        session = browser_login(demo)
         first = demo.token
         revoke(demo.ls_url, first)
         seen = len(demo.output())
         demo.wait_for("the backend is back", 180, after=seen)
         assert demo.token != first and lsserver.token_works(demo.ls_url, demo.token)
+        assert logged_in(demo, session)  # renewing the token kept the browser's session
         click_gives_a_mask(demo, tmp_path)
 
         revoke(demo.ls_url, demo.token)  # and then `make run` again

@@ -107,3 +107,33 @@ def test_video_retrieve_predictions_stores_tracks(label_studio, video_project):
     assert stored[-1].model_version.startswith("sam2"), stored[-1].model_version
     [track] = stored[-1].result
     check_track(track, video, region)
+
+
+def test_a_backend_whose_model_failed_to_load_is_shown_disconnected_not_connected(
+    label_studio, backend_model_dir, tmp_path
+):
+    """A labeler must not see "Connected" while every click gets a 503: Label Studio lists the
+    backend as Disconnected once its model failed to load, and refuses to connect it."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    project = lsserver.create_project(label_studio, "SAM2 failed model E2E", IMAGE_CONFIG)
+    port = lsserver.free_port()
+    good = lsserver.start_backend(backend_model_dir, label_studio, port=port, log_path=tmp_path / "good.log")
+    try:
+        assert good.wait_for_model(120).get("model_loaded")
+        ml = lsserver.connect_backend(label_studio, project.id, good.url)
+    finally:
+        good.stop()
+    # the same address, restarted with weights that cannot be loaded
+    broken = lsserver.start_backend(
+        tmp_path / "no-such-model", label_studio, port=port, log_path=tmp_path / "b.log"
+    )
+    try:
+        assert broken.wait_for_model(120).get("status") == "ERROR"
+        assert label_studio.client.ml.get(ml.id).state == "DI"  # the Model page: Disconnected
+        other = lsserver.create_project(label_studio, "SAM2 failed model E2E 2", IMAGE_CONFIG)
+        with pytest.raises(ApiError) as refused:  # Settings -> Model -> Connect Model
+            label_studio.client.ml.create(project=other.id, url=broken.url, title="SAM2", is_interactive=True)
+        assert "health check failed" in str(refused.value.body)
+    finally:
+        broken.stop()
