@@ -5,7 +5,8 @@ network, so Label Studio, redis-server and the image's processes meet on loopbac
 
 - The server: the image's own command (its CMD, gunicorn with deploy/gunicorn.conf.py) as the
   image's own user (its USER, uid 10001), connected to the real Label Studio: a click gives a
-  mask of the clicked object, "Retrieve predictions" stores one, and /metrics counts them.
+  mask of the clicked object, "Retrieve predictions" stores one, and /metrics counts them; the
+  image's HEALTHCHECK command passes while it serves and fails once it has stopped.
 - The worker: `python -m backend worker` from the same image against a real redis-server
   finishes a task queued by `preannotate --queue`.
 - Every process the image ran is gone once it is stopped.
@@ -59,7 +60,8 @@ def image_config() -> dict:
     )
     if out.returncode != 0:
         pytest.fail(f"no image {IMAGE} in buildah's store: `make image` builds it\n{out.stderr}")
-    return json.loads(out.stdout)["OCIv1"]["config"]
+    image = json.loads(out.stdout)
+    return {**image["OCIv1"]["config"], "Healthcheck": image["Docker"]["config"].get("Healthcheck")}
 
 
 @pytest.fixture(scope="module")
@@ -221,12 +223,20 @@ def test_the_images_gunicorn_serves_label_studio_as_its_unprivileged_user(
         assert metric(text, "sam2_requests_total", endpoint="/predict", outcome="ok") >= 2
         assert metric(text, "sam2_tasks_total", outcome="ok") >= 2
 
+        # the image's HEALTHCHECK, run in the container beside the server, as Docker would
+        kind, *health = image_config["Healthcheck"]["Test"]
+        assert kind == "CMD"
+        check = container.run(health, {"PORT": str(port)}, [], tmp_path / "healthcheck.log")
+        assert check.wait(60) == 0, (tmp_path / "healthcheck.log").read_text()
+
         # what `docker stop` does: SIGTERM to the container's command, gunicorn's master
         [master] = [pid for pid in gunicorns if _parent(pid) not in gunicorns]
         os.kill(master, signal.SIGTERM)
         assert server.wait(60) == 0, log_path.read_text()[-4000:]  # gunicorn exits cleanly
         left = {pid: cmdline for pid, (cmdline, _) in processes.items() if Path(f"/proc/{pid}").exists()}
         assert not left, f"still running after the image's server stopped: {left}"
+        check = container.run(health, {"PORT": str(port)}, [], tmp_path / "healthcheck-down.log")
+        assert check.wait(60) != 0, "the HEALTHCHECK passed with no server"
     finally:
         container.remove()
     log = log_path.read_text()
