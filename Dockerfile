@@ -3,12 +3,13 @@
 #
 # Debian bookworm's python3 (3.11) in a virtualenv, and torch 2.13.0, the version the tests run.
 # One build argument, TORCH_INDEX, picks its build; every other line is the same in both images:
-#   GPU (default): PyTorch's CUDA 12.8 build (cu128 index; CUDA comes with the wheels, the driver
-#                  from the host). It also runs on a machine without a GPU (DEVICE=auto).
+#   GPU (default): PyTorch's CUDA 13.0 build (cu130 index; the CUDA libraries come with the
+#                  wheels, the driver, 580 or newer, from the host). It also runs without a GPU.
 #     docker build -t label-studio-sam2 .
 #   CPU: PyTorch's CPU build, ~2 GB smaller. `make image` builds this one, and CI builds and runs it.
 #     docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t label-studio-sam2:cpu .
-# TORCH_INDEX=pypi takes torch from the package index pip is configured with.
+# TORCH_INDEX=pypi takes torch from the package index pip is configured with (PyPI's Linux wheel
+# of torch 2.13.0 is the same CUDA 13.0 build).
 FROM debian:bookworm-slim
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -52,10 +53,11 @@ ARG PIP_CERT
 # torch first, from TORCH_INDEX (its own layer: a change of requirements.txt reuses it); the
 # installed build is then pinned as a constraint, so no requirement can swap in another one.
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
 RUN if [ "$TORCH_INDEX" = pypi ]; then pip install "torch==${TORCH_VERSION}"; \
     else pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"; fi \
-    && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
+    && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__" \
+    && python -c "import sys, torch; assert torch.version.cuda or '/cu' not in sys.argv[1], 'a CPU build from a CUDA index'" "$TORCH_INDEX"
 
 COPY requirements.txt .
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-pin.txt \
