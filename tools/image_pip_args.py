@@ -84,7 +84,8 @@ def main(tool: str) -> None:
                 print(f"image: pip's {key} {path} is local: docker build cannot use it", file=sys.stderr)
         if values:
             args += ["--build-arg", f"{env}={' '.join(values)}"]
-    print("\n".join(args))
+    if args:  # nothing at all when pip is not configured (an empty line would be an argument)
+        print("\n".join(args))
 
 
 if __name__ == "__main__":
