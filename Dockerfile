@@ -1,11 +1,16 @@
 # syntax=docker/dockerfile:1
 # The SAM2 ML backend for Label Studio, served by gunicorn (deploy/gunicorn.conf.py).
 #
-# GPU (default): PyTorch with CUDA comes from the base image. The same image runs on a machine
-# without a GPU (DEVICE=auto falls back to the CPU). A smaller CPU-only image:
-#   docker build --build-arg BASE_IMAGE=python:3.11-slim -t label-studio-sam2:cpu .
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
-FROM ${BASE_IMAGE}
+# Debian bookworm's python3 (3.11) in a virtualenv, and torch 2.13.0, the version the tests run.
+# One build argument, TORCH_INDEX, picks its build; every other line is the same in both images:
+#   GPU (default): PyTorch's CUDA 13.0 build (cu130 index; the CUDA libraries come with the
+#                  wheels, the driver, 580 or newer, from the host). It also runs without a GPU.
+#     docker build -t label-studio-sam2 .
+#   CPU: PyTorch's CPU build, ~2 GB smaller. `make image` builds this one, and CI builds and runs it.
+#     docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t label-studio-sam2:cpu .
+# TORCH_INDEX=pypi takes torch from the package index pip is configured with (PyPI's Linux wheel
+# of torch 2.13.0 is the same CUDA 13.0 build).
+FROM debian:bookworm-slim
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -13,6 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HF_HOME=/models/hf \
     EMBEDDING_STORE_DIR=/models/embeddings \
     HF_HUB_DISABLE_TELEMETRY=1 \
@@ -26,13 +33,34 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # serving 8 threads (bench/load.py: 1288 -> 1755 MB without, 1189 -> 1206 MB with).
 WORKDIR /app
 
-# torch: keep the base image's build (CUDA); a base image without torch gets the CPU wheel. The
-# installed version is then pinned as a constraint, so no requirement can swap in another build.
-ARG TORCH_CPU_VERSION=2.13.0
+# Debian's python3 and its venv module; versions follow bookworm's (security) point releases, so
+# they are not pinned here.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && python -c "import sys; assert sys.version_info >= (3, 11), sys.version"
+
+# Where pip finds packages, when the default index is not the one to use (a mirror, a proxy's CA,
+# a directory of wheels): read from the environment of whoever builds (`make image` passes the
+# builder's own pip settings); none is set by default. Not kept in the image's environment.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+
+# torch first, from TORCH_INDEX (its own layer: a change of requirements.txt reuses it); the
+# installed build is then pinned as a constraint, so no requirement can swap in another one.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+RUN if [ "$TORCH_INDEX" = pypi ]; then pip install "torch==${TORCH_VERSION}"; \
+    else pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"; fi \
+    && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__" \
+    && python -c "import sys, torch; assert torch.version.cuda or '/cu' not in sys.argv[1], 'a CPU build from a CUDA index'" "$TORCH_INDEX"
+
 COPY requirements.txt .
-RUN python -c "import torch" 2>/dev/null \
-        || pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_CPU_VERSION}"; \
-    python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/torch-pin.txt \
+RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-pin.txt \
     && pip install -c /tmp/torch-pin.txt -r requirements.txt \
     && rm /tmp/torch-pin.txt \
     && python -c "import torch, transformers, flask, gunicorn; print('torch', torch.__version__, 'cuda', torch.version.cuda)"

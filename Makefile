@@ -45,3 +45,4 @@ clean:
 # Label Studio E2E tests, Chromium and `make run` (the demo).
 include mk/e2e.mk
 include mk/deploy.mk
+include mk/image.mk
