@@ -23,7 +23,8 @@ says the object is there (object_score_logits > 0 on every frame of the return):
 - it vanished inside the frame (an occlusion): only a component near where it was last seen,
   within the motion it had: what its last box sweeps moving on at its velocity (over its last
   `VELOCITY_FRAMES` frames) for the frames elapsed, plus a margin of `RETURN_MARGIN` of its size.
-That component must be of plausible size (within `SIZE_RATIO` of its recent areas) and persist for
+That component must be of plausible size (within `SIZE_RATIO` of its recent areas, and at least
+1 / `SIZE_RATIO`² of the largest) and persist for
 `REAPPEAR_FRAMES` frames in a row, each touching the one before; those frames then start a new
 visible span, so a stray sliver, or another object of its size elsewhere in the picture, never
 makes a keyframe. SAM2's own state is untouched by this (its memory is encoded from its whole mask,
@@ -155,7 +156,7 @@ class VideoTracker:
 
 
 REAPPEAR_FRAMES = 3  # frames in a row an object must be seen again after a gap to count as found
-SIZE_RATIO = 4.0  # ... each time with an area within this factor of its recent areas
+SIZE_RATIO = 4.0  # ... each time with an area within this factor of its recent areas (see _seen_again)
 VELOCITY_FRAMES = 5  # the object's motion before a gap: its box centre's over its last frames seen
 RETURN_MARGIN = 0.25  # after an occlusion: how far beyond its motion it may reappear (x its size)
 
@@ -477,9 +478,9 @@ class _Run:
             found = _largest_within(seen, f, _return_region(plan.recent, f, self.frames_hw))
         if found is None:
             return None
-        areas = [p.area for p in plan.recent]
-        area = int(found.mask.sum())
-        return found if min(areas) / SIZE_RATIO <= area <= SIZE_RATIO * max(areas) else None
+        areas = [p.area for p in plan.recent]  # its size as it went (shrinking, if it left)
+        least = max(min(areas) / SIZE_RATIO, max(areas) / SIZE_RATIO**2)  # not a sliver of it
+        return found if least <= int(found.mask.sum()) <= SIZE_RATIO * max(areas) else None
 
     def _progress(self, session: _Session, f: int) -> None:
         self.frames_done += 1
