@@ -164,10 +164,16 @@ def crossing_clip(seed: int, num_frames: int = 50, hw: tuple[int, int] = (96, 12
 
 
 def leaving_clip(
-    num_frames: int = 40, exit_frame: int = 24, hw: tuple[int, int] = (96, 128), hidden: range = range(0)
+    num_frames: int = 40,
+    exit_frame: int = 24,
+    hw: tuple[int, int] = (96, 128),
+    hidden: range = range(0),
+    away: int | None = None,
 ) -> Clip:
     """A red ellipse crossing to the right edge and out of the picture (gone from `exit_frame`
-    on), passing a blue rectangle that stays; on the `hidden` frames the ellipse is not drawn."""
+    on), passing a blue rectangle that stays; on the `hidden` frames the ellipse is not drawn.
+    `away`: after that many frames out of the picture the ellipse turns round and comes back in
+    across the right edge, at the same speed (None: it never comes back)."""
     from devkit import scenes
 
     rng = np.random.default_rng(np.random.SeedSequence([scenes.SPLITS["test"], 2000]))
@@ -179,7 +185,10 @@ def leaving_clip(
     rect = scenes.Shape("rectangle", 0.75 * w, 0.72 * h, 0.16 * h, 0.8, 0.3, (40, 40, 220))
     frames, truth = [], []
     for i in range(num_frames):
-        e = replace(ellipse, cx=start + speed * i)
+        steps = i  # how far it has driven to the right, in frames
+        if away is not None and i > exit_frame:  # out (a frame's drive past the edge), then back
+            steps = exit_frame + 1 - max(0, i - exit_frame - away)
+        e = replace(ellipse, cx=start + speed * steps)
         image, masks = scenes.render(bg, [rect] if i in hidden else [rect, e], rng, noise=4)
         frames.append(image)
         truth.append(masks[1] if len(masks) > 1 and masks[1].any() else None)

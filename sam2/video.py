@@ -16,11 +16,21 @@ would swallow them. So only the mask's connected components that touch the objec
 previous frame of the pass (grown by a small margin) are the object; on a prompted frame, those
 that touch the user's box. Memory is still encoded from SAM2's whole mask, as SAM2 does. A frame with no such component, or a presence
 score <= 0, is a frame without the object. After such a gap the object counts as found again only
-when a component of plausible size (within `SIZE_RATIO` of its last area) persists for
+where it could plausibly come back (`_return_region`), and only while SAM2's own presence score
+says the object is there (object_score_logits > 0 on every frame of the return):
+- it left through the frame's edge (its last box touched an edge, and it was not moving away from
+  it): only a component touching that edge, entering again across it;
+- it vanished inside the frame (an occlusion): only a component near where it was last seen,
+  within the motion it had: what its last box sweeps moving on at its velocity (over its last
+  `VELOCITY_FRAMES` frames) for the frames elapsed, plus a margin of `RETURN_MARGIN` of its size.
+That component must be of plausible size (within `SIZE_RATIO` of its recent areas, and at least
+1 / `SIZE_RATIO`² of the largest) and persist for
 `REAPPEAR_FRAMES` frames in a row, each touching the one before; those frames then start a new
-visible span, so a stray sliver never makes a keyframe. An object absent for `lost_after`
-consecutive frames is given up in that direction (instead of drifting onto the background); it
-resumes at its next prompt, if any.
+visible span, so a stray sliver, or another object of its size elsewhere in the picture, never
+makes a keyframe. SAM2's own state is untouched by this (its memory is encoded from its whole mask,
+as SAM2 does): the rule decides only which frames are reported as the object's. An object absent
+for `lost_after` consecutive frames is given up in that direction (instead of drifting onto the
+background); it resumes at its next prompt, if any.
 
 Bounded memory: frames come from a `FrameSource` one at a time (sam2/frames.py bounds the
 decoder's share). The `transformers` session keeps every frame's outputs unless told otherwise;
@@ -146,7 +156,9 @@ class VideoTracker:
 
 
 REAPPEAR_FRAMES = 3  # frames in a row an object must be seen again after a gap to count as found
-SIZE_RATIO = 4.0  # ... each time with an area within this factor of its last area
+SIZE_RATIO = 4.0  # ... each time with an area within this factor of its recent areas (see _seen_again)
+VELOCITY_FRAMES = 5  # the object's motion before a gap: its box centre's over its last frames seen
+RETURN_MARGIN = 0.25  # after an occlusion: how far beyond its motion it may reappear (x its size)
 
 
 @dataclass
@@ -165,6 +177,15 @@ class _Found:
     confidence: float  # presence probability x the share of the mask that is the object
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where the object was on one frame (what a return after a gap is judged against)."""
+
+    frame: int
+    box: Box
+    area: int  # pixels of its part of the mask
+
+
 @dataclass
 class _ObjectPlan:
     """One object's frames, and where it stands in the current pass."""
@@ -179,6 +200,7 @@ class _ObjectPlan:
     done: bool = False  # nothing left in this pass
     prompt_masks: dict[int, np.ndarray] = field(default_factory=dict)  # the object on its prompted frames
     seen_last: _Found | None = None  # where it was last seen in this pass
+    recent: list[_Place] = field(default_factory=list)  # its last places in this pass, latest last
     again: list[_Found] = field(default_factory=list)  # seen again after a gap, not yet sustained
 
     @property
@@ -314,7 +336,8 @@ class _Run:
     def _pass(self, session: _Session, reverse: bool) -> None:
         for plan in self.plans:
             plan.absent_run, plan.paused_until, plan.done = 0, None, False
-            plan.again, plan.seen_last = [], self._prompted(plan, plan.first)
+            plan.again = []
+            self._restart(plan, plan.first)
             if reverse and plan.backward_end >= plan.first:
                 plan.done = True
         if reverse:
@@ -381,7 +404,7 @@ class _Run:
             plan.paused_until, plan.absent_run = None, 0
         if f in plan.prompt.boxes:  # the user's box: the object is there, whatever came before
             plan.absent_run, plan.again = 0, []
-            plan.seen_last = self._prompted(plan, f)
+            self._restart(plan, f)
         return True
 
     @staticmethod
@@ -390,6 +413,20 @@ class _Run:
         if mask is None or box is None:
             return None
         return _Found(f, mask, box, plan.track.scores[f])
+
+    def _restart(self, plan: _ObjectPlan, f: int) -> None:
+        """On a prompted frame: the object is where the user's box says (its part of the mask
+        there; the box itself when SAM2 found nothing in it)."""
+        plan.seen_last = self._prompted(plan, f)
+        if plan.seen_last is not None:
+            plan.recent = [_place(plan.seen_last)]
+        else:
+            box = plan.prompt.boxes[f]
+            plan.recent = [_Place(f, box, int(_box_mask(box, self.frames_hw).sum()))]
+
+    @property
+    def frames_hw(self) -> tuple[int, int]:
+        return (self.frames.height, self.frames.width)
 
     @staticmethod
     def _record(plan: _ObjectPlan, found: _Found) -> None:
@@ -403,14 +440,16 @@ class _Run:
             found = _on_object(seen, f, plan.seen_last.mask)
             if found is not None:
                 plan.seen_last = found
+                plan.recent = [*plan.recent[-VELOCITY_FRAMES:], _place(found)]
                 self._record(plan, found)
                 return
-        else:  # after a gap: only a sustained return of plausible size counts
+        else:  # after a gap: only a sustained return, where it could come back, counts
             found = self._seen_again(plan, f, seen)
             plan.again = [*plan.again, found] if found is not None else []
             if len(plan.again) >= REAPPEAR_FRAMES:
                 for again in plan.again:
                     self._record(plan, again)
+                plan.recent = [*plan.recent, *map(_place, plan.again)][-(VELOCITY_FRAMES + 1) :]
                 plan.seen_last, plan.again, plan.absent_run = found, [], 0
                 return
         plan.absent_run += 1
@@ -428,15 +467,20 @@ class _Run:
         else:
             plan.paused_until = resume
 
-    @staticmethod
-    def _seen_again(plan: _ObjectPlan, f: int, seen: _Seen) -> _Found | None:
-        """The object on frame f after a gap: the part touching this return's previous frame, or
-        the mask's largest component to begin one; None unless its size is plausible."""
-        found = _on_object(seen, f, plan.again[-1].mask if plan.again else None)
-        if found is None or plan.seen_last is None:
-            return found
-        ratio = found.mask.sum() / max(1, plan.seen_last.mask.sum())
-        return found if 1 / SIZE_RATIO <= ratio <= SIZE_RATIO else None
+    def _seen_again(self, plan: _ObjectPlan, f: int, seen: _Seen) -> _Found | None:
+        """The object on frame f after a gap: the part touching this return's previous frame, or,
+        to begin one, the mask's largest component where the object could come back
+        (`_return_region`); None unless SAM2 says it is present (no mask otherwise) and its size
+        is plausible."""
+        if plan.again:
+            found = _on_object(seen, f, plan.again[-1].mask)
+        else:
+            found = _largest_within(seen, f, _return_region(plan.recent, f, self.frames_hw))
+        if found is None:
+            return None
+        areas = [p.area for p in plan.recent]  # its size as it went (shrinking, if it left)
+        least = max(min(areas) / SIZE_RATIO, max(areas) / SIZE_RATIO**2)  # not a sliver of it
+        return found if least <= int(found.mask.sum()) <= SIZE_RATIO * max(areas) else None
 
     def _progress(self, session: _Session, f: int) -> None:
         self.frames_done += 1
@@ -680,6 +724,81 @@ def _on_object(seen: _Seen, frame: int, near: np.ndarray | None) -> _Found | Non
         share = float(np.count_nonzero(part)) / float(np.count_nonzero(seen.mask))
     box = tuple(float(v) for v in mask_box(part))
     return _Found(frame, part, box, seen.score * share)
+
+
+def _place(found: _Found) -> _Place:
+    return _Place(found.frame, found.box, int(np.count_nonzero(found.mask)))
+
+
+def _return_region(recent: list[_Place], frame: int, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: where an object last seen at `recent[-1]` may be seen again on `frame`.
+
+    Its motion: the velocity of its box centre over `recent` (its last frames seen, in the pass's
+    order). If its last box touched edges of the frame (within a tenth of its size, at least 2 px)
+    and it was moving out through them (or standing still), it left through those edges (the ones
+    it was moving out through fastest, within half): it can only come back across them, so the
+    region is a strip along them. Otherwise it vanished inside the frame (occluded): the region is
+    what its last box sweeps moving on at that velocity for the frames elapsed (it may also have
+    stopped), grown by `RETURN_MARGIN` of its size."""
+    h, w = hw
+    first, last = recent[0], recent[-1]
+    size = float(np.sqrt(max(p.area for p in recent)))
+    x1, y1, x2, y2 = last.box
+    vx = vy = 0.0
+    if last.frame != first.frame:
+        (fx, fy), (lx, ly) = _centre(first.box), _centre(last.box)
+        steps = abs(last.frame - first.frame)
+        vx, vy = (lx - fx) / steps, (ly - fy) / steps  # pixels per frame, in the pass's order
+    tol = max(2.0, 0.1 * size)
+    strip = max(1, int(np.ceil(tol)))
+    touched = {  # edge: (its pixels, the speed out through it)
+        "left": (np.s_[:, :strip], -vx, x1 <= tol),
+        "right": (np.s_[:, w - strip :], vx, x2 >= w - tol),
+        "top": (np.s_[:strip, :], -vy, y1 <= tol),
+        "bottom": (np.s_[h - strip :, :], vy, y2 >= h - tol),
+    }
+    touched = {name: (where, out) for name, (where, out, touching) in touched.items() if touching}
+    region = np.zeros(hw, bool)
+    if touched:
+        fastest = max(out for _, out in touched.values())
+        still = 0.02 * size  # px/frame: slower than this, the box only jitters
+        if fastest >= -still:
+            for where, out in touched.values():
+                if fastest <= still or out >= 0.5 * fastest:
+                    region[where] = True
+            return region
+    elapsed = abs(frame - last.frame)
+    dx, dy, margin = vx * elapsed, vy * elapsed, RETURN_MARGIN * size
+    c1, r1 = (
+        max(0, int(np.floor(x1 + min(0.0, dx) - margin))),
+        max(0, int(np.floor(y1 + min(0.0, dy) - margin))),
+    )
+    c2, r2 = (
+        min(w, int(np.ceil(x2 + max(0.0, dx) + margin))),
+        min(h, int(np.ceil(y2 + max(0.0, dy) + margin))),
+    )
+    region[r1:r2, c1:c2] = True
+    return region
+
+
+def _centre(box: Box) -> tuple[float, float]:
+    return ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+
+
+def _largest_within(seen: _Seen, frame: int, region: np.ndarray) -> _Found | None:
+    """The largest connected component (8-connected) of the frame's mask that overlaps `region`,
+    as the object's part; None: no mask, or none there."""
+    if seen.mask is None:
+        return None
+    labels, count = ndimage.label(seen.mask, structure=np.ones((3, 3), bool))
+    inside = np.unique(labels[region & seen.mask])
+    inside = inside[inside > 0]
+    if inside.size == 0:
+        return None
+    sizes = ndimage.sum_labels(seen.mask, labels, inside)
+    part = labels == inside[int(np.argmax(sizes))]
+    share = float(np.count_nonzero(part)) / float(np.count_nonzero(seen.mask))
+    return _Found(frame, part, tuple(float(v) for v in mask_box(part)), seen.score * share)
 
 
 def _margin(mask: np.ndarray) -> int:
