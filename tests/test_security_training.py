@@ -70,3 +70,56 @@ def test_a_planted_decoder_version_never_runs_when_a_server_loads_it(tiny_model,
     assert not marker.exists()
     assert loaded is tiny_model and version is None  # the base model is served
     assert "cannot load fine-tuned v0001" in caplog.text
+
+
+def test_hostile_regions_are_skipped_and_counted_and_the_rest_trains(app_factory, media_server, monkeypatch):
+    """A 3-point polygon declaring 40000 x 40000 pixels is never drawn (its image is 60 x 40); a
+    16-byte malformed brush RLE is one skipped region, not the end of the run."""
+    import threading
+
+    import numpy as np
+
+    import backend.train as train
+    from backend.rle import encode_mask
+    from tests.conftest import noise_image
+    from tests.test_preannotate import FakeLabelStudio
+    from tests.test_rle import MALFORMED_16
+    from tests.test_train import POLYGON_CONFIG
+
+    drawn = []
+    real_polygon, real_decode = train.polygon_mask, train.decode_mask
+    monkeypatch.setattr(train, "polygon_mask", lambda p, h, w: drawn.append((h, w)) or real_polygon(p, h, w))
+    monkeypatch.setattr(train, "decode_mask", lambda r, h, w: drawn.append((h, w)) or real_decode(r, h, w))
+
+    def region(kind, value, w=60, h=40):
+        return {"type": kind, "to_name": "image", "original_width": w, "original_height": h, "value": value}
+
+    square = np.zeros((40, 60), bool)
+    square[5:30, 10:40] = True
+    good_brush = region(
+        "brushlabels", {"format": "rle", "rle": encode_mask(square), "brushlabels": ["object"]}
+    )
+    good_polygon = region("polygonlabels", {"points": [[20, 20], [80, 20], [80, 90], [20, 90]]})
+    huge_polygon = region("polygonlabels", {"points": [[1, 1], [99, 1], [50, 99]]}, w=40000, h=40000)
+    bad_rle = region("brushlabels", {"format": "rle", "rle": MALFORMED_16, "brushlabels": ["object"]})
+    url = media_server.add_image("a.png", noise_image(40, 60))
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": url},
+            "annotations": [{"id": 1, "result": [good_brush, huge_polygon, bad_rle]}],
+        },
+        {"id": 2, "data": {"image": url}, "annotations": [{"id": 2, "result": [good_polygon]}]},
+    ]
+    segmenter = app_factory().extensions["sam2"].require()
+    api = FakeLabelStudio(config=POLYGON_CONFIG, tasks=tasks)
+    examples, n_tasks, skipped = train.collect_examples(api, 1, segmenter, threading.Event(), tty=False)
+
+    assert n_tasks == 2 and len(examples) == 2  # the good regions of both tasks train
+    assert set(drawn) == {(40, 60)}  # nothing was decoded at a size other than the image's
+    assert skipped["a region's size differs from its image's"] == 1
+    [rle_reason] = [why for why in skipped if "brushlabels region could not be read" in why]
+    assert "ValueError" in rle_reason and skipped[rle_reason] == 1
+    report = train.TrainReport(1, tasks=n_tasks, examples=len(examples), skipped=skipped)
+    lines = "\n".join(report.lines())
+    assert "skipped 1: a region's size differs from its image's" in lines and rle_reason in lines
