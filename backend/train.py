@@ -35,6 +35,7 @@ from backend.protocol import LabelConfig, latest_annotation, parse_label_config,
 from backend.rle import decode_mask
 from backend.runtime import Runtime
 from backend.settings import Settings
+from backend.trainlock import TrainingBusy, training_slot
 from sam2.decoders import DecoderVersions, model_version
 from sam2.finetune import Example, FinetuneConfig, finetune, split
 
@@ -358,13 +359,27 @@ def cmd_train(args) -> None:
         return
     if not settings.label_studio_url or not settings.label_studio_api_key:
         sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
+    slot = training_slot(versions.dir.parent, args.project, settings.max_trainings)
+    try:  # one run per project, MAX_TRAININGS at once: across processes (the server's too)
+        slot.__enter__()
+    except TrainingBusy as e:
+        sys.exit(f"train: {e.message}")
+    try:
+        report = _run(settings, args)
+    finally:
+        slot.__exit__(None, None, None)
+    print("\n".join(report.lines()), flush=True)
+    sys.exit(report.exit_code)
+
+
+def _run(settings: Settings, args) -> TrainReport:
     stop = stop_on_signals("step")
     runtime = Runtime(settings, load_in_background=False)
     runtime.load()
     try:
         segmenter = runtime.require(0)
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-        report = train_project(
+        return train_project(
             api, args.project, segmenter, settings, val_fraction=args.val_fraction, stop=stop
         )
     except BackendError as e:
@@ -375,8 +390,6 @@ def cmd_train(args) -> None:
         if type(e).__name__ == "ApiError":
             sys.exit(f"train: Label Studio: {describe(e)}")
         raise
-    print("\n".join(report.lines()), flush=True)
-    sys.exit(report.exit_code)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
