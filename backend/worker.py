@@ -233,7 +233,6 @@ class ModelWorker(SimpleWorker):
             "refused job %r: %s; marked failed, not run (REDIS_URL is writable by someone else?)", job.id, why
         )
         job.retries_left = 0  # a refused job is never retried
-        job.ended_at = None
         self.handle_job_failure(
             job, queue, exc_string=f"refused by the sam2 worker: {why}", execution=execution
         )
