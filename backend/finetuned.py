@@ -5,12 +5,15 @@
 its own model_version, or the base segmenter. `TrainingLauncher` answers Label Studio's
 START_TRAINING webhook (the "Start Training" button, or every Nth annotation when the project's
 "start training on annotation submission" is set) by running `python -m backend train` for that
-project in the background, at low CPU priority, one run per project at a time; the server picks
+project in the background, at low CPU priority, one run per project at a time and at most
+MAX_TRAININGS at once (`backend.trainlock`: file locks, so across gunicorn workers and the CLI),
+each child reaped when it ends, its log (train.log) readable by this user only; the server picks
 the new version up on its next look (FINETUNE_REFRESH_S).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -21,6 +24,7 @@ from pathlib import Path
 from backend.errors import BadRequest
 from backend.segment import ImageSegmenter
 from backend.settings import Settings
+from backend.trainlock import TrainingBusy, check_free
 from sam2.decoders import DecoderVersions, ProjectDecoders, model_version
 from sam2.image import ImagePredictor
 
@@ -78,6 +82,8 @@ class TrainingLauncher:
         self._running: dict[int, subprocess.Popen] = {}
 
     def start(self, project: int, model_source: str) -> dict:
+        """Start a run of `project`; {"status": "already training"} if one runs (here, in another
+        worker, or the CLI); TrainingBusy (429) when MAX_TRAININGS runs are going."""
         s = self.settings
         if not (s.label_studio_url and s.label_studio_api_key):
             raise BadRequest(
@@ -88,7 +94,22 @@ class TrainingLauncher:
             proc = self._running.get(project)
             if proc is not None and proc.poll() is None:
                 return {"status": "already training", "job": f"train-{project}-{proc.pid}"}
+            self._running = {p: c for p, c in self._running.items() if c.poll() is None}
+            if len(self._running) >= s.max_trainings:  # started here, not yet holding their locks
+                raise TrainingBusy(
+                    f"{len(self._running)} training run(s) already running here "
+                    f"(MAX_TRAININGS={s.max_trainings}): start this one when one ends, or raise MAX_TRAININGS",
+                    429,
+                    project_busy=False,
+                )
             versions = DecoderVersions(s.finetune_dir, project)
+            try:  # runs of other processes (workers, the CLI) hold file locks: the run takes them
+                check_free(versions.dir.parent, project, s.max_trainings)
+            except TrainingBusy as e:
+                if e.project_busy:
+                    log.info("project %s: %s", project, e.message)
+                    return {"status": "already training", "job": f"train-{project}", "detail": e.message}
+                raise
             versions.dir.mkdir(parents=True, exist_ok=True)
             cmd = [
                 sys.executable,
@@ -107,7 +128,8 @@ class TrainingLauncher:
             if s.store_dir:
                 env["EMBEDDING_STORE_DIR"] = s.store_dir
             log_path = Path(versions.dir) / "train.log"
-            with log_path.open("ab") as out:
+            out = private_append(log_path)  # the run's log: only this user reads it
+            try:
                 proc = subprocess.Popen(
                     cmd,
                     env=env,
@@ -116,7 +138,10 @@ class TrainingLauncher:
                     stdin=subprocess.DEVNULL,
                     preexec_fn=_low_priority,
                 )
+            finally:
+                os.close(out)
             self._running[project] = proc
+            reap_when_done(proc, f"train-{project}")
         log.info(
             "project %s: fine-tuning started in the background (pid %d, log %s)", project, proc.pid, log_path
         )
@@ -125,6 +150,21 @@ class TrainingLauncher:
     def wait(self, project: int, timeout_s: float | None = None) -> int | None:
         proc = self._running.get(project)
         return None if proc is None else proc.wait(timeout_s)
+
+
+def private_append(path: Path) -> int:
+    """An fd appending to `path`, created (or made) readable by this user only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with contextlib.suppress(OSError):  # not ours to change: it stays as it was
+        os.fchmod(fd, 0o600)  # a log an older version made 0644
+    return fd
+
+
+def reap_when_done(proc: subprocess.Popen, name: str) -> threading.Thread:
+    """Wait for `proc` in a daemon thread, so that it never stays <defunct> after it ends."""
+    waiter = threading.Thread(target=proc.wait, name=f"reap-{name}", daemon=True)
+    waiter.start()
+    return waiter
 
 
 def _low_priority() -> None:

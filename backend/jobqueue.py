@@ -44,6 +44,11 @@ CHUNK_TIMEOUT_S = 6 * 3600  # a chunk still running after this is stopped (a hun
 RETRIES = 3  # a chunk whose worker died, or that failed as a whole, runs again up to this often
 HOLD_S = 3600  # a Retrieve hand-off keeps later Retrieves off its task this long at most
 OUTCOMES = ("done", "skipped", "failed")
+# What a worker runs: these functions only, with no callbacks and no dependencies. Anyone who can
+# write to Redis can enqueue a job naming any importable function (`os.system`); RQ would import
+# and call it. A worker refuses every other job without importing anything it names.
+JOB_FUNCS = frozenset({JOB_FUNC})
+JOB_CALLBACKS: frozenset[str] = frozenset()  # this backend's jobs have none
 
 # The task's latest outcome, and the counts kept equal to the outcomes. A task once "done" stays
 # done: a chunk retried after its worker died finds that task predicted and would say "skipped".
@@ -61,6 +66,63 @@ return 1
 
 class QueueUnavailable(Unavailable):
     """Redis cannot be reached: the work was not queued (503, with what to do)."""
+
+
+class RefusedJob(Exception):
+    """A job that is not one of this backend's own (see `refusal`): never imported, never run."""
+
+
+def refusal(job: Job) -> str | None:
+    """Why a worker must not run `job` (a function, callback or dependency this backend never
+    enqueues), or None for one of its own jobs. Reads names only: nothing is imported."""
+    try:
+        func, instance = job.func_name, job.instance
+    except Exception as e:  # data that is not even a job (DeserializationError)
+        return f"its data cannot be read ({type(e).__name__})"
+    if instance is not None or func not in JOB_FUNCS:
+        return (
+            f"function {str(func)[:200]!r} is not one of this backend's jobs ({', '.join(sorted(JOB_FUNCS))})"
+        )
+    for kind in ("success", "failure", "stopped"):
+        name = getattr(job, f"_{kind}_callback_name", None)
+        if name and name not in JOB_CALLBACKS:
+            return f"its on_{kind} callback {str(name)[:200]!r} is not one of this backend's"
+    if job._dependency_ids:
+        return "it depends on other jobs (this backend's jobs never do)"
+    return None
+
+
+class ProjectJob(Job):
+    """RQ's Job that imports only this backend's job functions: the function and callbacks of any
+    other job raise RefusedJob instead of being imported (whoever asks: the worker, or RQ's
+    registry maintenance running a failure callback of an abandoned job)."""
+
+    @property
+    def func(self):
+        why = refusal(self)
+        if why is not None:
+            raise RefusedJob(f"job {self.id} refused: {why}")
+        return super().func
+
+    def _callback(self, kind: str):
+        name = getattr(self, f"_{kind}_callback_name", None)
+        if name and name not in JOB_CALLBACKS:
+            raise RefusedJob(
+                f"job {self.id} refused: its on_{kind} callback {str(name)[:200]!r} is not this backend's"
+            )
+        return getattr(super(), f"{kind}_callback")
+
+    @property
+    def success_callback(self):
+        return self._callback("success")
+
+    @property
+    def failure_callback(self):
+        return self._callback("failure")
+
+    @property
+    def stopped_callback(self):
+        return self._callback("stopped")
 
 
 @dataclass

@@ -65,6 +65,8 @@ class Prefetcher:
                 stderr=subprocess.DEVNULL,
                 preexec_fn=_lowest_priority,
             )
+            # waited for as soon as it ends: never left <defunct> until the next click
+            threading.Thread(target=self._proc.wait, name="reap-warm", daemon=True).start()
             self.started += 1
             return True
 

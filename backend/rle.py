@@ -107,18 +107,57 @@ def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
 
 
 def decode_mask(rle: list[int], height: int, width: int) -> np.ndarray:
-    """Decode Label Studio brush RLE back to a mask (with the SDK's slow reference decoder).
+    """Decode Label Studio brush RLE back to a mask, bounded by the image it belongs to.
 
     Arguments:
-      rle: the RLE as a list of ints in 0..255.
-      height, width: the image size in pixels.
+      rle: the RLE as a list of ints in 0..255 (from an annotation: untrusted).
+      height, width: the image size in pixels (the real image's, checked by the caller).
 
     Returns:
       (height, width) bool, True where the alpha byte is nonzero.
-    """
-    from label_studio_sdk.converter.brush import decode_rle  # the SDK's converter: tests only
 
-    data = decode_rle(rle)
-    if data.size != height * width * 4:
-        raise ValueError(f"RLE holds {data.size} bytes, expected {height}*{width}*4 = {height * width * 4}")
-    return data.reshape(height, width, 4)[:, :, 3] != 0
+    Raises:
+      ValueError for anything malformed: not bytes, a header whose byte count is not
+      height*width*4 (checked before anything is allocated), a run past that count, data that
+      ends early. Nothing larger than the image is ever allocated.
+    """
+    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise ValueError(f"brush RLE needs a positive image size, got {height!r} x {width!r}")
+    try:
+        data = bytes(rle)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"brush RLE is not a list of bytes (0..255): {e}") from None
+    expected = height * width * 4
+    bits = "".join(f"{b:08b}" for b in data)  # MSB first, as Label Studio writes it
+    total = len(bits)
+    pos = 0
+
+    def read(size: int) -> int:
+        nonlocal pos
+        if pos + size > total:
+            raise ValueError(f"brush RLE ends early (bit {pos} of {total}, {size} more needed)")
+        value = int(bits[pos : pos + size], 2)
+        pos += size
+        return value
+
+    num = read(32)
+    if num != expected:
+        raise ValueError(f"RLE holds {num} bytes, expected {height}*{width}*4 = {expected}")
+    word = read(5) + 1
+    if word > 8:
+        raise ValueError(f"brush RLE word size {word} is not a byte")
+    sizes = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, dtype=np.uint8)
+    i = 0
+    while i < num:
+        repeat = read(1)
+        j = i + 1 + read(sizes[read(2)])
+        if j > num:
+            raise ValueError(f"brush RLE run ends at byte {j}, past the image's {num}")
+        if repeat:
+            out[i:j] = read(word)
+        else:
+            for k in range(i, j):
+                out[k] = read(word)
+        i = j
+    return out.reshape(height, width, 4)[:, :, 3] != 0

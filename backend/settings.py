@@ -244,6 +244,13 @@ class Settings(BaseSettings):
         default=0.02,
         description="held-out mIoU gain a fine-tuned decoder needs before it is activated",
     )
+    max_trainings: int = _env(
+        "MAX_TRAININGS",
+        default=1,
+        ge=1,
+        le=64,
+        description="fine-tuning runs at once, across the server's workers and the `train` CLI sharing SAM2_FINETUNE_DIR (one run takes every CPU core); another START_TRAINING is answered 429 until one ends",
+    )
     # --- scale-out (Redis + RQ) ---------------------------------------------------------------------
     redis_url: str | None = _env(
         "REDIS_URL",

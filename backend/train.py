@@ -35,6 +35,7 @@ from backend.protocol import LabelConfig, latest_annotation, parse_label_config,
 from backend.rle import decode_mask
 from backend.runtime import Runtime
 from backend.settings import Settings
+from backend.trainlock import TrainingBusy, training_slot
 from sam2.decoders import DecoderVersions, model_version
 from sam2.finetune import Example, FinetuneConfig, finetune, split
 
@@ -44,31 +45,72 @@ MIN_PIXELS = 16  # smaller masks are slips of the brush, not objects
 FEW_MASKS = 20  # below this, say that the result is unlikely to generalise
 
 
-def annotation_masks(annotation: dict, config: LabelConfig) -> list[tuple[str, np.ndarray]]:
+def annotation_masks(
+    annotation: dict,
+    config: LabelConfig,
+    image_hw: tuple[int, int] | None = None,
+    skipped: Counter | None = None,
+    to_name: str | None = None,
+) -> list[tuple[str, np.ndarray]]:
     """(to_name, (H, W) bool mask) for every brush and polygon region of an annotation.
 
-    Sizes come from each region's original_width/height (the image as the labeler saw it)."""
+    Annotations are untrusted input. With `image_hw` (the real image's size) a region is decoded
+    only when its declared original_width/height equal it: a 3-point polygon declaring 40000 x
+    40000 pixels is skipped, never drawn. With `to_name`, regions of other images are skipped. A
+    region that cannot be read (a malformed RLE, bad points) is skipped; each skip is counted in
+    `skipped` by reason (the run's report). Never raises for a bad region."""
+    skipped = Counter() if skipped is None else skipped
     out = []
+    default_to = config.images()[0].name if config.images() else None
     for r in annotation.get("result") or []:
         if not isinstance(r, dict) or not isinstance(r.get("value"), dict):
             continue
+        kind, value = r.get("type"), r["value"]
+        if not (kind == "brushlabels" and value.get("format") == "rle") and not (
+            kind == "polygonlabels" and value.get("points")
+        ):
+            continue
+        target = r.get("to_name") or default_to
+        if not target:
+            continue
+        if to_name is not None and target != to_name:
+            skipped["a region of another image of the task"] += 1
+            continue
         w, h = r.get("original_width"), r.get("original_height")
         if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            skipped["a region without its image size (original_width/height)"] += 1
             continue
-        value = r["value"]
+        if image_hw is not None and (h, w) != tuple(image_hw):
+            skipped["a region's size differs from its image's"] += 1
+            continue
         try:
-            if r.get("type") == "brushlabels" and value.get("format") == "rle":
+            if kind == "brushlabels":
                 mask = decode_mask(value.get("rle") or [], h, w)
-            elif r.get("type") == "polygonlabels" and value.get("points"):
-                mask = polygon_mask(np.asarray(value["points"], np.float64), h, w)
             else:
-                continue
-        except (ValueError, TypeError):
-            continue  # a region this backend cannot read is not training data
-        to_name = r.get("to_name") or (config.images()[0].name if config.images() else None)
-        if mask.sum() >= MIN_PIXELS and to_name:
-            out.append((to_name, mask))
+                mask = polygon_mask(np.asarray(value["points"], np.float64), h, w)
+        except Exception as e:  # a region this backend cannot read is not training data
+            skipped[f"a {kind} region could not be read ({_reason(e)})"] += 1
+            continue
+        if mask.sum() >= MIN_PIXELS:
+            out.append((target, mask))
     return out
+
+
+def _reason(e: Exception) -> str:
+    """A short, one-line reason (no region data: it can be huge)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:120]}" if text else type(e).__name__
+
+
+def _first_image_region(annotation: dict, config: LabelConfig) -> str | None:
+    """The to_name of the annotation's first brush or polygon region (the image trained on)."""
+    default_to = config.images()[0].name if config.images() else None
+    for r in annotation.get("result") or []:
+        if isinstance(r, dict) and r.get("type") in ("brushlabels", "polygonlabels"):
+            target = r.get("to_name") or default_to
+            if isinstance(target, str) and target:
+                return target
+    return None
 
 
 def polygon_mask(points_pct: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -165,29 +207,40 @@ def collect_examples(api, project: int, segmenter, stop: threading.Event, tty: b
             if stop.is_set():
                 break
             bar.update(masks=len(examples))
-            task = api.task(brief["id"])
-            annotation = latest_annotation(task)
-            masks = annotation_masks(annotation, config) if annotation else []
-            if not masks:
-                skipped["no brush or polygon region"] += 1
-                continue
             try:
-                image = segmenter.media.load_image(task_data_url(task, config, masks[0][0]), task["id"])
-            except BackendError as e:
-                skipped[f"image not loaded: {e.message}"] += 1
+                found = _task_examples(api, brief["id"], config, segmenter, skipped)
+            except Exception as e:  # one task's failure is a line in the report, never the run's end
+                log.warning("task %r not used: %s", brief.get("id"), _reason(e))
+                skipped[f"task not read ({_reason(e)})"] += 1
                 continue
-            keep = [m for _, m in masks if m.shape == (image.height, image.width)]
-            if len(keep) < len(masks):
-                skipped["a region's size differs from its image's"] += len(masks) - len(keep)
-            if not keep:
-                continue
-            emb = segmenter.predictor.embedding(image.key, image.load)
-            features = [f.detach().float().cpu() for f in emb.features]
-            examples += [Example(features, m, f"task-{task['id']}") for m in keep]
-            tasks += 1
+            if found:
+                examples += found
+                tasks += 1
     finally:
         bar.close()
     return examples, tasks, skipped
+
+
+def _task_examples(api, task_id: int, config: LabelConfig, segmenter, skipped: Counter) -> list[Example]:
+    """The examples of one task: its image loaded first, then only the regions whose declared
+    size is the image's decoded (see `annotation_masks`)."""
+    task = api.task(task_id)
+    annotation = latest_annotation(task)
+    to_name = _first_image_region(annotation, config) if annotation else None
+    if to_name is None:
+        skipped["no brush or polygon region"] += 1
+        return []
+    try:
+        image = segmenter.media.load_image(task_data_url(task, config, to_name), task["id"])
+    except BackendError as e:
+        skipped[f"image not loaded: {e.message}"] += 1
+        return []
+    masks = annotation_masks(annotation, config, (image.height, image.width), skipped, to_name)
+    if not masks:
+        return []
+    emb = segmenter.predictor.embedding(image.key, image.load)
+    features = [f.detach().float().cpu() for f in emb.features]
+    return [Example(features, m, f"task-{task['id']}") for _, m in masks]
 
 
 def train_project(
@@ -306,13 +359,27 @@ def cmd_train(args) -> None:
         return
     if not settings.label_studio_url or not settings.label_studio_api_key:
         sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
+    slot = training_slot(versions.dir.parent, args.project, settings.max_trainings)
+    try:  # one run per project, MAX_TRAININGS at once: across processes (the server's too)
+        slot.__enter__()
+    except TrainingBusy as e:
+        sys.exit(f"train: {e.message}")
+    try:
+        report = _run(settings, args)
+    finally:
+        slot.__exit__(None, None, None)
+    print("\n".join(report.lines()), flush=True)
+    sys.exit(report.exit_code)
+
+
+def _run(settings: Settings, args) -> TrainReport:
     stop = stop_on_signals("step")
     runtime = Runtime(settings, load_in_background=False)
     runtime.load()
     try:
         segmenter = runtime.require(0)
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-        report = train_project(
+        return train_project(
             api, args.project, segmenter, settings, val_fraction=args.val_fraction, stop=stop
         )
     except BackendError as e:
@@ -323,8 +390,6 @@ def cmd_train(args) -> None:
         if type(e).__name__ == "ApiError":
             sys.exit(f"train: Label Studio: {describe(e)}")
         raise
-    print("\n".join(report.lines()), flush=True)
-    sys.exit(report.exit_code)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

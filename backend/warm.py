@@ -9,8 +9,10 @@ the same job for the next few tasks after a labeler's click (backend.prefetch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,12 +46,17 @@ def _api(settings: Settings):
 
 
 class UrlIndex:
-    """URL -> image content key, appended to a file in the store (lines are whole or ignored)."""
+    """URL -> image content key, appended to a file in the store (lines are whole or ignored).
+
+    The URLs are kept whole (two images may differ only in their query string), so a presigned
+    URL's token is in the file: it is readable by this user only (0600, an older file made so)."""
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / INDEX
         self.keys: dict[str, str] = {}
         if self.path.is_file():
+            with contextlib.suppress(OSError):  # not ours to change: it stays as it was
+                os.chmod(self.path, 0o600)
             for line in self.path.read_text(errors="replace").splitlines():
                 try:
                     url, key = json.loads(line)
@@ -61,7 +68,8 @@ class UrlIndex:
         if self.keys.get(url) == key:
             return
         self.keys[url] = key
-        with self.path.open("a") as f:  # one short append per line: atomic enough across processes
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a") as f:  # one short append per line: atomic enough across processes
             f.write(json.dumps([url, key]) + "\n")
 
 

@@ -21,6 +21,7 @@ Losing a worker loses nothing:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -36,7 +37,16 @@ from rq.serializers import JSONSerializer
 from backend import redisconn
 from backend.cli_options import add_label_studio_options, add_model_options
 from backend.errors import BackendError, BadRequest
-from backend.jobqueue import CHUNK_TIMEOUT_S, QUEUE_NAME, Chunk, JobQueue, QueueUnavailable, chunk_from_job
+from backend.jobqueue import (
+    CHUNK_TIMEOUT_S,
+    QUEUE_NAME,
+    Chunk,
+    JobQueue,
+    ProjectJob,
+    QueueUnavailable,
+    chunk_from_job,
+    refusal,
+)
 from backend.logs import setup_logging
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
@@ -177,13 +187,19 @@ def run_chunk(data: dict) -> dict:
 class ModelWorker(SimpleWorker):
     """RQ's SimpleWorker (jobs run in this process, so the model stays loaded) with a lease on
     the running job renewed by a heartbeat thread, abandoned jobs of dead workers requeued from
-    that thread too, per-worker job metrics in Redis, and SIGTERM stopping after the task."""
+    that thread too, per-worker job metrics in Redis, and SIGTERM stopping after the task.
+
+    Only this backend's own jobs run (`backend.jobqueue.refusal`): any other job (a function,
+    callback or dependency it never enqueues, written to Redis by someone else) is logged, marked
+    failed without retries and never imported or run."""
 
     def __init__(self, *args, runner: JobRunner, lease_s: float, **kwargs):
         self.runner = runner
         self.lease_s = lease_s
         tick = max(1, int(lease_s / 3))
-        super().__init__(*args, worker_ttl=15 + tick, maintenance_interval=tick, **kwargs)
+        super().__init__(
+            *args, worker_ttl=15 + tick, maintenance_interval=tick, job_class=ProjectJob, **kwargs
+        )
         self.push_exc_handler(_log_abandoned)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
@@ -191,6 +207,10 @@ class ModelWorker(SimpleWorker):
 
     def execute_job(self, job, queue):
         execution = self.prepare_execution(job)
+        why = refusal(job)
+        if why is not None:
+            self._refuse(job, queue, execution, why)
+            return
         done = threading.Event()
         beat = threading.Thread(target=self._renew, args=(job, execution, done), name="lease", daemon=True)
         beat.start()
@@ -205,6 +225,19 @@ class ModelWorker(SimpleWorker):
                 self.runner.queue.worker_finished_job(self.name, time.monotonic() - start, failed=not ok)
             except QueueUnavailable as e:
                 log.warning("%s", e.message)
+        self.set_state("idle")
+
+    def _refuse(self, job, queue, execution, why: str) -> None:
+        """Fail a job that is not this backend's, without running or importing anything of it."""
+        log.warning(
+            "refused job %r: %s; marked failed, not run (REDIS_URL is writable by someone else?)", job.id, why
+        )
+        job.retries_left = 0  # a refused job is never retried
+        self.handle_job_failure(
+            job, queue, exc_string=f"refused by the sam2 worker: {why}", execution=execution
+        )
+        with contextlib.suppress(QueueUnavailable):
+            self.runner.queue.worker_finished_job(self.name, 0.0, failed=True)
         self.set_state("idle")
 
     def _renew(self, job, execution, done: threading.Event) -> None:

@@ -3,7 +3,8 @@ scale-out tests and `bench.scale`.
 
 `RedisServer(workdir).start()` runs one in the foreground of a child process with no persistence
 and no config file; `stop()` ends it (a Redis outage mid-session), `start()` again brings it back
-on the same port; `url` is what REDIS_URL takes. `close()` stops it for good.
+on the same port; `url` is what REDIS_URL takes (with the password, when one is given: then
+Redis refuses clients without it). `close()` stops it for good.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from devkit.lsserver import free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: str | Path, port: int | None = None):
+    def __init__(self, workdir: str | Path, port: int | None = None, password: str | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "redis.log"
 
@@ -34,6 +37,8 @@ class RedisServer:
             )
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(self.workdir), "--protected-mode", "yes", "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -49,6 +54,10 @@ class RedisServer:
     def _answers(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

@@ -391,17 +391,22 @@ def finetune(
     ckpt = Path(checkpoint) if checkpoint else None
     fingerprint = _fingerprint(train, cfg, base.model_id)
     step, before, elapsed = 0, None, 0.0
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
-        if saved.get("fingerprint") == fingerprint:
+    saved = _load_checkpoint(ckpt, fingerprint) if ckpt is not None and ckpt.is_file() else None
+    if saved is not None:
+        try:
             with torch.no_grad():
                 for k, t in decoder_state(model).items():
                     t.copy_(saved["state"][k])
             opt.load_state_dict(saved["optimizer"])
-            step, before, elapsed = saved["step"], Scores(**saved["before"]), saved["seconds"]
+            step, before, elapsed = int(saved["step"]), Scores(**saved["before"]), float(saved["seconds"])
             log.info("resuming fine-tune at step %d of %d", step, steps)
-        else:
-            log.info("checkpoint %s is of another run (data or settings changed): starting over", ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # written by something else
+            log.warning("checkpoint %s does not fit this run (%s): starting over", ckpt, str(e)[:200])
+            model = with_decoder(base.model, init_state)
+            loaded = view_of(base, model)
+            params = [p for name in TRAINED for p in model._modules[name].parameters()]
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            step, before, elapsed = 0, None, 0.0
     if before is None:
         before = evaluate(loaded, val)
     start = time.monotonic() - elapsed
@@ -440,18 +445,42 @@ def finetune(
     return FinetuneResult(before, after, state, step, time.monotonic() - start, False, asdict(cfg))
 
 
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """An interrupted run's checkpoint if it is of this run (same data, settings and base), else
+    None. Loaded with `weights_only=True`: tensors, numbers, strings and containers only, so a
+    planted file (a pickle whose objects run code when loaded) is refused, never run."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything that is not plain data
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning(
+            "checkpoint %s refused, not loaded (not a plain checkpoint of this backend: %s): starting over",
+            path,
+            first[:200],
+        )
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        log.info("checkpoint %s is of another run (data or settings changed): starting over", path)
+        return None
+    return saved
+
+
 def _save_checkpoint(path: Path, model, opt, step, before: Scores, seconds: float, fingerprint: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "fingerprint": fingerprint,
-            "state": {k: v.detach() for k, v in decoder_state(model).items()},
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "before": asdict(before),
-            "seconds": seconds,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    # this run's own temporary file: a run of the same project elsewhere never shares it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{time.time_ns()}.tmp")
+    try:
+        torch.save(
+            {
+                "fingerprint": fingerprint,
+                "state": {k: v.detach() for k, v in decoder_state(model).items()},
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "before": asdict(before),
+                "seconds": seconds,
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

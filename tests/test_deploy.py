@@ -430,16 +430,31 @@ def test_compose_wires_label_studio_and_the_backend():
     # reached only on the compose network
     redis = services["redis"]
     assert redis["image"].split(":-")[-1].startswith("redis:") and "ports" not in redis
-    assert "redis-cli" in redis["healthcheck"]["test"]
+    check = " ".join(redis["healthcheck"]["test"])
+    # the healthcheck authenticates, with the password from the environment: never `-a PASSWORD`
+    # on redis-cli's command line (any process listing shows it)
+    assert "redis-cli" in check and "REDISCLI_AUTH" in check and "PONG" in check and " -a " not in check
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    # a password is required (from .env, no default): whoever writes to Redis queues work
+    cmd = redis["command"]
+    assert cmd[cmd.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
+    with_password = "${REDIS_URL:-redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}@redis:6379/0}"
     for backend in (cpu, gpu):
-        assert backend["environment"]["REDIS_URL"] == "${REDIS_URL:-redis://redis:6379/0}"
+        assert backend["environment"]["REDIS_URL"] == with_password
         assert backend["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert "REDIS_PASSWORD:-" not in (REPO / "docker-compose.yml").read_text()  # no fixed default
     # queued jobs survive a restart of Redis; only entries with a TTL are ever evicted
     assert "--appendonly" in redis["command"] and "volatile-ttl" in redis["command"]
     example = (REPO / "deploy/example.env").read_text()
-    for name in ("COMPOSE_PROFILES", "LABEL_STUDIO_TOKEN", "SAM2_BASIC_AUTH_PASS", "LABEL_STUDIO_PASSWORD"):
-        assert re.search(rf"^{name}=", example, re.M), name
-    assert re.search(r"^#REDIS_URL=redis://redis:6379/0$", example, re.M)
+    for name in (
+        "COMPOSE_PROFILES",
+        "LABEL_STUDIO_TOKEN",
+        "SAM2_BASIC_AUTH_PASS",
+        "LABEL_STUDIO_PASSWORD",
+        "REDIS_PASSWORD",
+    ):
+        assert re.search(rf"^{name}=$", example, re.M) or name in ("COMPOSE_PROFILES",), name
+    assert re.search(r"^#REDIS_URL=redis://:PASSWORD@redis:6379/0$", example, re.M)
 
 
 def test_compose_workers_share_the_image_the_store_and_redis():
@@ -450,9 +465,7 @@ def test_compose_workers_share_the_image_the_store_and_redis():
         assert worker["command"] == ["python", "-m", "backend", "worker"]
         assert worker["image"] == services["sam2"]["image"]
         env = worker["environment"]
-        assert (
-            "redis://redis:6379" in env["REDIS_URL"] and env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
-        )
+        assert "@redis:6379" in env["REDIS_URL"] and env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
         assert "sam2-models:/models" in worker["volumes"]  # the embedding store is shared
         assert env["EMBEDDING_STORE_DIR"].endswith("/models/embeddings}")
         assert "ports" not in worker and worker["healthcheck"] == {"disable": True}
@@ -510,9 +523,13 @@ def test_compose_config_parses_with_the_compose_cli(tmp_path):
     env_file.write_text(
         (REPO / "deploy/example.env").read_text()
         + "\nLABEL_STUDIO_PASSWORD=pw\nLABEL_STUDIO_TOKEN=0123456789abcdef0123456789abcdef01234567\n"
-        "SAM2_BASIC_AUTH_PASS=pw2\n"
+        "SAM2_BASIC_AUTH_PASS=pw2\nREDIS_PASSWORD=pw3\n"
     )
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "SAM2_", "COMPOSE_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LABEL_STUDIO", "SAM2_", "COMPOSE_", "REDIS_"))
+    }
     ok = subprocess.run(
         [*cli, "--env-file", str(env_file), "config"],
         cwd=REPO,
@@ -523,6 +540,7 @@ def test_compose_config_parses_with_the_compose_cli(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "http://label-studio:8080" in ok.stdout
+    assert "redis://:pw3@redis:6379/0" in ok.stdout and "--requirepass" in ok.stdout
     empty = tmp_path / "empty.env"
     empty.write_text("")
     missing = subprocess.run(

@@ -144,3 +144,38 @@ def test_decode_mask_checks_size():
 def test_rejects_non_2d():
     with pytest.raises(ValueError, match="2-D"):
         encode_mask(np.zeros((2, 3, 4), bool))
+
+
+# 16 bytes: a 1x1 image (4 bytes), then a literal run of 65536 bytes. The SDK's decoder writes
+# past its array (IndexError, which escaped the training run's `except ValueError`).
+MALFORMED_16 = [0, 0, 0, 4, 57, 27, 251, 255, 255, 255, 255, 255, 255, 255, 255, 255]
+
+
+def test_malformed_rle_is_a_value_error_never_an_index_error():
+    with pytest.raises(ValueError, match="past the image"):
+        decode_mask(MALFORMED_16, 1, 1)
+    truncated = encode_mask(np.ones((8, 8), bool))[:-3]
+    with pytest.raises(ValueError, match="ends early"):
+        decode_mask(truncated[:6], 8, 8)
+    for junk in ([256, 1], [-1], ["a"], None, [1.5]):
+        with pytest.raises(ValueError):
+            decode_mask(junk, 8, 8)
+
+
+def test_rle_output_is_bounded_by_the_declared_image_before_anything_is_allocated():
+    # a header claiming 4 GB for a 2x2 image: refused from the header alone
+    huge = [255, 255, 255, 252, 57, 27, 0, 0]
+    with pytest.raises(ValueError, match="expected 2\\*2\\*4"):
+        decode_mask(huge, 2, 2)
+    with pytest.raises(ValueError, match="positive image size"):
+        decode_mask(encode_mask(np.ones((2, 2), bool)), 0, 2)
+
+
+def test_decode_agrees_with_the_sdk_on_noisy_masks():
+    rng = np.random.default_rng(5)
+    for shape in ((1, 1), (7, 3), (31, 45)):
+        mask = rng.random(shape) < 0.5
+        rle = encode_mask(mask)
+        np.testing.assert_array_equal(
+            decode_mask(rle, *shape), decode_rle(rle).reshape(*shape, 4)[:, :, 3] != 0
+        )
