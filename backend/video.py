@@ -47,7 +47,7 @@ from typing import Any, Protocol
 from backend.errors import TaskError
 from backend.protocol import parse_label_config
 from backend.regions import box_to_rect_pct, latest, rect_to_box_px
-from sam2.frames import UnreadableVideo, VideoReader
+from sam2.frames import FramesTooLarge, UnreadableVideo, VideoReader
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackResult
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def predict_video_task(
     max_frames: int,
     lost_after: int = 5,
     model_version: str | None = None,
+    max_pixels: int | None = None,
 ) -> dict:
     """Track the task's video rectangles; one Label Studio results entry.
 
@@ -133,6 +134,7 @@ def predict_video_task(
         max_frames: frames to follow each object past its last keyframe and before its first.
         lost_after: consecutive frames without an object before it is given up.
         model_version: what the entry reports (default: the tracker's model id).
+        max_pixels: frames of more pixels are refused (MAX_IMAGE_MP), before they are decoded.
     Returns:
         `{"result": [videorectangle, ...], "score": float, "model_version": str,
         "message": str, "partial": bool}`; `message` says how many regions were tracked on how
@@ -151,7 +153,9 @@ def predict_video_task(
     if callable(video_path):
         video_path = video_path()
     try:
-        reader = VideoReader(video_path)
+        reader = VideoReader(video_path, max_pixels=max_pixels)
+    except FramesTooLarge as e:
+        raise VideoError(f"{e} (MAX_IMAGE_MP)", 413) from None
     except UnreadableVideo as e:
         raise VideoError(f"cannot read the video: {e}") from None
     with reader:
@@ -165,6 +169,8 @@ def predict_video_task(
                 deadline=started + deadline_s,
                 lost_after=lost_after,
             )
+        except FramesTooLarge as e:  # a frame larger than the stream declared
+            raise VideoError(f"{e} (MAX_IMAGE_MP)", 413) from None
         except UnreadableVideo as e:  # a prompted frame that does not decode
             raise VideoError(f"cannot read the video: {e}") from None
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]
