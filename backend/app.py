@@ -389,7 +389,7 @@ def _task_worker(
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline, project)
         # no objects: an empty entry
-        return segmenter.interactive(task, config, objects, project=project, deadline=deadline)
+        return segmenter.interactive(task, config, objects, project=project_id(project), deadline=deadline)
 
     return work, False
 

@@ -9,6 +9,7 @@ the image size is known. It knows nothing about torch.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -330,7 +331,7 @@ class PromptMemory:
             return found[0]
 
     def put(self, key: tuple, item: Remembered) -> None:
-        size = entry_bytes(item)
+        size = entry_bytes(item) + sum(sys.getsizeof(part) for part in key)  # ids come from requests
         with self._lock:
             if key in self._items:
                 self._drop(key)

@@ -116,7 +116,7 @@ class ImageSegmenter:
             ) from None
 
     def _memory_key(self, task: dict, obj: ObjectRequest, project) -> tuple:
-        return (None if project is None else str(project), task.get("id"), obj.to_name, obj.label)
+        return (project, task.get("id"), obj.to_name, obj.label)
 
     def _prompt(self, task: dict, obj: ObjectRequest, image: ImageFile, project=None):
         w, h = image.width, image.height

@@ -284,15 +284,16 @@ class ImagePredictor:
     ) -> list[MaskPrediction]:
         """One mask per prompt, in order. Prompts of the same shape are decoded together, in
         batches of at most `decode_batch` (the same masks as one call: each prompt's decoding is
-        independent of the others in its batch). `deadline` (time.monotonic()): checked before
-        each batch; past it, DeadlineExceeded and no result."""
+        independent of the others in its batch). `deadline` (time.monotonic()): checked between
+        batches (the first always runs: a started task decodes at least one batch); past it,
+        DeadlineExceeded and no result."""
         if not prompts:
             return []
         emb = self.embedding(image_key, image)
         done = 0
 
         def check() -> None:
-            if deadline is not None and time.monotonic() > deadline:
+            if done and deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded(done, len(prompts))
 
         out: list[MaskPrediction | None] = [None] * len(prompts)
