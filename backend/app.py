@@ -423,6 +423,7 @@ def _video_task(
             max_frames=settings.video_max_frames,
             model_version=runtime.model_version,
             max_pixels=int(settings.max_image_mp * 1e6),
+            max_regions=settings.max_regions_per_task,
         )
     if entry.pop("partial") and queue is not None:
         run = queue.start_run(

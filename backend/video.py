@@ -119,6 +119,7 @@ def predict_video_task(
     lost_after: int = 5,
     model_version: str | None = None,
     max_pixels: int | None = None,
+    max_regions: int | None = None,
 ) -> dict:
     """Track the task's video rectangles; one Label Studio results entry.
 
@@ -135,6 +136,7 @@ def predict_video_task(
         lost_after: consecutive frames without an object before it is given up.
         model_version: what the entry reports (default: the tracker's model id).
         max_pixels: frames of more pixels are refused (MAX_IMAGE_MP), before they are decoded.
+        max_regions: more regions to track is a VideoError (MAX_REGIONS_PER_TASK).
     Returns:
         `{"result": [videorectangle, ...], "score": float, "model_version": str,
         "message": str, "partial": bool}`; `message` says how many regions were tracked on how
@@ -150,6 +152,10 @@ def predict_video_task(
     data = task.get("data")
     config = parse_video_config(label_config_xml, data if isinstance(data, dict) else {})
     regions = regions_to_track(task, context_regions, config)
+    if max_regions is not None and len(regions) > max_regions:
+        raise VideoError(
+            f"the task has {len(regions)} video regions, over the limit of {max_regions} (MAX_REGIONS_PER_TASK)"
+        )
     if callable(video_path):
         video_path = video_path()
     try:

@@ -6,6 +6,7 @@ the /setup cache and label config size, and the prefetcher's memory of task ids.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,20 @@ def test_a_video_request_with_too_many_regions_is_a_400_naming_the_setting(app_f
     assert resp.status_code == 400 and "MAX_REGIONS_PER_TASK" in resp.get_json()["error"]
 
 
+def test_a_video_task_with_too_many_regions_to_track_is_refused_naming_the_setting(small_video):
+    from backend.video import VideoError, predict_video_task
+    from tests.test_video import CONFIG, FakeTracker, region
+
+    regions = [region(f"r{i}", {"frame": 1, "x": 1, "y": 1, "width": 5, "height": 5}) for i in range(4)]
+    task = {"id": 1, "data": {"video": "v.mp4"}, "annotations": [{"id": 1, "result": regions}]}
+    tracker = FakeTracker()
+    with pytest.raises(VideoError, match="MAX_REGIONS_PER_TASK"):  # Retrieve: the latest annotation
+        predict_video_task(
+            task, None, CONFIG, small_video, tracker, deadline_s=30, max_frames=5, max_regions=3
+        )
+    assert tracker.calls == []
+
+
 # --- boxes decoded in bounded batches, the deadline checked between them ------------------------
 
 
@@ -101,6 +116,35 @@ def test_boxes_are_decoded_in_bounded_batches_with_the_masks_of_one_batch(tiny_m
     for a, b in zip(got, one_call, strict=True):
         assert np.array_equal(a.mask, b.mask)
         assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_a_click_is_decoded_between_two_batches_of_a_large_request(tiny_model):
+    # The model lock is taken per batch: while a 20-box request sits between two batches, a
+    # labeler's click on another image is decoded (no waiting for the other 17 boxes).
+    pred = ImagePredictor(tiny_model, decode_batch=3)
+    boxes_image, click_image = noise_image(64, 96), noise_image(64, 96, seed=1)
+    pred.embedding("boxes", boxes_image)
+    pred.embedding("click", click_image)
+    paused, clicked = threading.Event(), threading.Event()
+    progress = []
+
+    def between_batches(part, seconds):
+        if part == "decoder" and threading.current_thread() is big:
+            progress.append(pred.decoder_calls)
+            if len(progress) == 1:
+                paused.set()
+                assert clicked.wait(60)
+
+    pred.on_timing = between_batches
+    big = threading.Thread(target=lambda: progress.append(pred.predict("boxes", boxes_image, _boxes(20))))
+    big.start()
+    assert paused.wait(60)
+    click = Prompt(np.array([[40.0, 30.0]], np.float32), np.array([1]))
+    (mask,) = pred.predict("click", click_image, [click])  # the lock is free between batches
+    clicked.set()
+    big.join(60)
+    assert mask.mask.shape == (64, 96)
+    assert progress[0] == 1 and len(progress[-1]) == 20  # clicked after the first of 7 batches
 
 
 class _Clock:
