@@ -1,8 +1,8 @@
 """The engine: boxes to masks or automatic masks for one task, with its options.
 
-Boxes mode is `ImageSegmenter.boxes_to_masks` (one encoder pass per image, every box of the image
-in one batched decoder call); auto mode is `sam2.auto.AutoMaskGenerator` on the same predictor
-and media client. The output format (brush RLE or polygons) follows the label config, or the
+Boxes mode is `ImageSegmenter.boxes_to_masks` (one encoder pass per image, the boxes of the image
+in decoder calls of DECODE_BATCH); auto mode is `sam2.auto.AutoMaskGenerator` on the same
+predictor and media client. The output format (brush RLE or polygons) follows the label config, or the
 `output` option.
 """
 
@@ -134,8 +134,8 @@ class Preannotator:
     """Boxes to masks or automatic masks for one task at a time.
 
     `segmenter` is the backend's ImageSegmenter: boxes mode is its `boxes_to_masks` (one encoder
-    pass, every box of the image in one batched decoder call); auto mode uses its predictor and
-    media client. Raises TaskError for what is wrong with one task, BadRequest for what is wrong
+    pass, the boxes of the image in decoder calls of DECODE_BATCH); auto mode uses its predictor
+    and media client. Raises TaskError for what is wrong with one task, BadRequest for what is wrong
     with the label config or the options (every task would fail).
     """
 
