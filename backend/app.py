@@ -17,8 +17,11 @@ import contextlib
 import hmac
 import json
 import logging
+import sys
+import threading
 import time
 from base64 import b64decode
+from collections import OrderedDict
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -78,7 +81,8 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     metrics = Metrics()
     runtime = Runtime(settings, metrics, loaded_model)
     app.extensions["sam2"] = runtime
-    schemas: dict[str, str] = {}  # project id -> label config from /setup
+    schemas = SchemaCache(int(settings.setup_cache_mb * (1 << 20)))  # project id -> label config from /setup
+    app.extensions["sam2.schemas"] = schemas
 
     @app.before_request
     def _auth():
@@ -180,9 +184,10 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         schema = body.get("schema")
         project = str(body.get("project", "")).split(".")[0]
         if isinstance(schema, str) and schema:
+            _check_config_size(schema, settings)
             parse_label_config(schema)  # a broken config is reported now, not at the first click
             if project:
-                schemas[project] = schema
+                schemas.put(project, schema)
         if runtime.project_segmenters is not None:  # a fine-tuned project has its own version
             return jsonify(model_version=runtime.project_segmenters.get(project_id(project)).model_version)
         return jsonify(model_version=runtime.model_version)
@@ -213,11 +218,22 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         tasks = body.get("tasks")
         project = str(body.get("project", "")).split(".")[0]
         xml = body.get("label_config") or schemas.get(project)
+        if isinstance(xml, str):
+            _check_config_size(xml, settings)
         config = parse_label_config(xml)
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         context = params.get("context") if params.get("context") is not None else body.get("context")
         # Video regions are read by backend.video; image regions become SAM2 prompts here.
-        objects = [] if config.videos() else parse_context(context, config)
+        objects = (
+            []
+            if config.videos()
+            else parse_context(
+                context,
+                config,
+                max_regions=settings.max_regions_per_task,
+                max_points=settings.max_points_per_task,
+            )
+        )
         segmenter = runtime.segmenter_for(project_id(project))
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
@@ -265,6 +281,57 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         return jsonify(results=results, model_version=segmenter.model_version)
 
     return app
+
+
+class SchemaCache:
+    """The label configs /setup was sent, per project: an LRU bounded by bytes (SETUP_CACHE_MB),
+    so a stream of /setup calls for made-up projects never grows the process. Thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def get(self, project: str) -> str | None:
+        with self._lock:
+            xml = self._items.get(project)
+            if xml is not None:
+                self._items.move_to_end(project)
+            return xml
+
+    def put(self, project: str, xml: str) -> None:
+        size = _entry_size(project, xml)
+        with self._lock:
+            old = self._items.pop(project, None)
+            if old is not None:
+                self.bytes -= _entry_size(project, old)
+            if size > self.max_bytes:
+                return
+            self._items[project] = xml
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                key, dropped = self._items.popitem(last=False)
+                self.bytes -= _entry_size(key, dropped)
+
+
+def _entry_size(project: str, xml: str) -> int:
+    return sys.getsizeof(project) + sys.getsizeof(xml) + 100  # and a share for the dict entry
+
+
+def _check_config_size(xml: str, settings: Settings) -> None:
+    limit = settings.max_label_config_kb << 10
+    size = len(xml) if len(xml) > limit else len(xml.encode("utf-8", "replace"))  # UTF-8 bytes
+    if size > limit:
+        raise BackendError(
+            f"the label config is {size >> 10} KB or more, over the limit of "
+            f"{settings.max_label_config_kb} KB (MAX_LABEL_CONFIG_KB)",
+            413,
+        )
 
 
 def _count_list(value) -> int:
@@ -326,7 +393,8 @@ def _task_worker(
     def work(task: dict) -> dict[str, Any]:
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline, project)
-        return segmenter.interactive(task, config, objects)  # no objects: an empty entry
+        # no objects: an empty entry
+        return segmenter.interactive(task, config, objects, project=project_id(project), deadline=deadline)
 
     return work, False
 
@@ -335,6 +403,11 @@ def _video_task(
     runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project
 ) -> dict | list:
     regions = context.get("result") if isinstance(context, dict) else None
+    if isinstance(regions, list) and len(regions) > settings.max_regions_per_task:
+        raise BadRequest(
+            f"the task has {len(regions)} regions, over the limit of {settings.max_regions_per_task} "
+            "(MAX_REGIONS_PER_TASK)"
+        )
     if regions is not None:  # interactive: shown, not stored; every request gets its answer
         return _track_video(runtime, settings, task, config, xml, regions, deadline, project)
     # Label Studio 1.23.2 asks twice at once for a task it reloads: track it once, or it stores
@@ -372,6 +445,8 @@ def _track_video(
             deadline_s=max(1.0, deadline - time.monotonic()),
             max_frames=settings.video_max_frames,
             model_version=runtime.model_version,
+            max_pixels=int(settings.max_image_mp * 1e6),
+            max_regions=settings.max_regions_per_task,
         )
     if entry.pop("partial") and queue is not None:
         run = queue.start_run(

@@ -49,13 +49,15 @@ class ProjectSegmenters:
             made = self._made.get(project)
             if made is None or made[0] != version:
                 base = self.base.predictor
-                predictor = ImagePredictor(loaded, base.cache, base.store)  # same keys: embeddings stay valid
+                # same keys: embeddings stay valid
+                predictor = ImagePredictor(loaded, base.cache, base.store, decode_batch=base.decode_batch)
                 predictor.on_timing = base.on_timing
                 segmenter = ImageSegmenter(
                     predictor,
                     self.base.media,
                     model_version(self.base.model_version, project, version),
                     self.base.memory,
+                    self.base.max_regions,
                 )
                 made = self._made[project] = (version, segmenter)
             return made[1]

@@ -9,6 +9,7 @@ the image size is known. It knows nothing about torch.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -158,12 +159,22 @@ def _region_label(region: dict, control: Control | None) -> str | None:
     return control.labels[0] if control and control.labels else None
 
 
-def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
+# Defaults of MAX_REGIONS_PER_TASK and MAX_POINTS_PER_TASK (backend.settings) for callers that
+# pass none: nothing parses an unbounded number of regions.
+MAX_REGIONS = 500
+MAX_POINTS = 200
+
+
+def parse_context(
+    context: Any, config: LabelConfig, *, max_regions: int = MAX_REGIONS, max_points: int = MAX_POINTS
+) -> list[ObjectRequest]:
     """Context regions -> one ObjectRequest per object.
 
     Keypoints of one (image, label) form one object (LS sends all of them on each click);
     each rectangle is one object. `is_positive` absent means positive (LS omits it for plain
-    clicks; Alt-click sends false). Unknown region types are a BadRequest.
+    clicks; Alt-click sends false). Unknown region types are a BadRequest, and so are more than
+    `max_regions` rectangles (MAX_REGIONS_PER_TASK) or `max_points` keypoints
+    (MAX_POINTS_PER_TASK): refused as soon as the count passes, before any decoding work.
     """
     if context is None:
         return []
@@ -174,9 +185,15 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
         return []
     if not isinstance(regions, list):
         raise BadRequest("context.result must be a list of regions")
+    if len(regions) > max_regions + max_points:
+        raise BadRequest(
+            f"the task has {len(regions)} regions, over the limits of {max_regions} regions "
+            f"(MAX_REGIONS_PER_TASK) and {max_points} keypoints (MAX_POINTS_PER_TASK) together"
+        )
     controls = {c.name: c for c in config.controls}
     points: OrderedDict[tuple[str, str | None], ObjectRequest] = OrderedDict()
     objects: list[ObjectRequest] = []
+    n_points = 0
     for i, region in enumerate(regions):
         if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
             raise BadRequest(f"context.result[{i}] must be a region object with a 'value' object")
@@ -192,6 +209,9 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
             raise BadRequest(f"context.result[{i}] has no to_name")
         label = _region_label(region, control)
         if rtype == "keypointlabels":
+            n_points += 1
+            if n_points > max_points:
+                raise BadRequest(_too_many(n_points, "keypoints", max_points, "MAX_POINTS_PER_TASK"))
             xy = (
                 _num(value.get("x"), f"context.result[{i}].value.x"),
                 _num(value.get("y"), f"context.result[{i}].value.y"),
@@ -204,7 +224,11 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
                 )
             obj.points_pct = np.vstack([obj.points_pct, [xy]])
             obj.point_labels = np.append(obj.point_labels, 1 if positive else 0)
+            if len(objects) + len(points) > max_regions:
+                raise BadRequest(_too_many(len(objects) + len(points), "regions", max_regions))
         elif rtype == "rectanglelabels":
+            if len(objects) + len(points) >= max_regions:
+                raise BadRequest(_too_many(len(objects) + len(points) + 1, "regions", max_regions))
             rect = tuple(
                 _num(value.get(k), f"context.result[{i}].value.{k}") for k in ("x", "y", "width", "height")
             )
@@ -224,6 +248,10 @@ def parse_context(context: Any, config: LabelConfig) -> list[ObjectRequest]:
     return objects + list(points.values())
 
 
+def _too_many(count: int, what: str, limit: int, setting: str = "MAX_REGIONS_PER_TASK") -> str:
+    return f"the task has {count} {what} or more, over the limit of {limit} ({setting})"
+
+
 def latest_annotation(task: dict, use: str = "annotation") -> dict | None:
     """The task's most recently updated annotation (or prediction, `use="prediction"`) that was
     not cancelled, or None."""
@@ -234,9 +262,12 @@ def latest_annotation(task: dict, use: str = "annotation") -> dict | None:
     return latest(items)
 
 
-def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annotation") -> list[ObjectRequest]:
+def rectangles_of_annotation(
+    task: dict, config: LabelConfig, use: str = "annotation", max_regions: int = MAX_REGIONS
+) -> list[ObjectRequest]:
     """Rectangles of the task's latest annotation (or latest prediction, `use="prediction"`),
-    for "boxes to masks" pre-annotation. Cancelled annotations are skipped."""
+    for "boxes to masks" pre-annotation. Cancelled annotations are skipped. More than
+    `max_regions` rectangles (MAX_REGIONS_PER_TASK) is a TaskError: that task only."""
     newest = latest_annotation(task, use)
     if newest is None:
         return []
@@ -245,7 +276,14 @@ def rectangles_of_annotation(task: dict, config: LabelConfig, use: str = "annota
     ]
     if not rects:
         return []
-    return [r for r in parse_context({"result": rects}, config) if r.rect_pct is not None]
+    if len(rects) > max_regions:
+        raise TaskError(
+            f"task {str(task.get('id'))[:40]!r}: its latest {use} has {len(rects)} rectangles, over the "
+            f"limit of {max_regions} (MAX_REGIONS_PER_TASK)"
+        )
+    return [
+        r for r in parse_context({"result": rects}, config, max_regions=max_regions) if r.rect_pct is not None
+    ]
 
 
 # --- short-lived memory of the last box and mask per object ----------------------------------
@@ -261,35 +299,65 @@ class Remembered:
 
 
 class PromptMemory:
-    """Per (task, image, label): the last box and the last mask logits, for a few minutes.
+    """Per (project, task, image, label): the last box and the last mask logits, for a few minutes.
 
     Label Studio never sends a box and clicks together (the context holds only regions of one
     smart tool), so "draw a box, then click to fix it" needs the backend to remember the box.
-    Bounded in entries and time; thread-safe.
+    Bounded in bytes (PROMPT_MEMORY_MB; the logits are most of an entry) and in entries, the
+    least recently written dropped first; entries older than `ttl_s` are dropped on every write,
+    not only when read, so memory a burst of clicks took is given back. Thread-safe.
     """
 
-    def __init__(self, ttl_s: float = 300.0, max_entries: int = 10_000):
+    def __init__(self, ttl_s: float = 300.0, max_entries: int = 10_000, max_bytes: int = 256 << 20):
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._items: OrderedDict[tuple, Remembered] = OrderedDict()
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._items: OrderedDict[tuple, tuple[Remembered, int]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
     def get(self, key: tuple) -> Remembered | None:
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
+            found = self._items.get(key)
+            if found is None:
                 return None
-            if time.monotonic() - item.at > self.ttl_s:
-                del self._items[key]
+            if time.monotonic() - found[0].at > self.ttl_s:
+                self._drop(key)
                 return None
-            return item
+            return found[0]
 
     def put(self, key: tuple, item: Remembered) -> None:
+        size = entry_bytes(item) + sum(sys.getsizeof(part) for part in key)  # ids come from requests
         with self._lock:
-            self._items[key] = item
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+            if key in self._items:
+                self._drop(key)
+            now = time.monotonic()
+            while self._items:  # oldest first (written in time order): drop what has expired
+                oldest, (first, _) = next(iter(self._items.items()))
+                if now - first.at <= self.ttl_s:
+                    break
+                self._drop(oldest)
+            if size > self.max_bytes or self.ttl_s <= 0:
+                return  # would evict everything and still not fit
+            self._items[key] = (item, size)
+            self.bytes += size
+            while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
+                self._drop(next(iter(self._items)))
+
+    def _drop(self, key: tuple) -> None:
+        _, size = self._items.pop(key)
+        self.bytes -= size
+
+
+def entry_bytes(item: Remembered) -> int:
+    """What an entry holds, roughly: its logits' bytes and a fixed share for the rest."""
+    logits = item.logits
+    nbytes = getattr(logits, "nbytes", 0) if logits is not None else 0
+    return int(nbytes) + 256 + 64 * len(item.points)
 
 
 def points_key(obj: ObjectRequest) -> frozenset:

@@ -41,7 +41,7 @@ _MAX_DIMS = 4
 
 
 def redis_key(key: tuple) -> str:
-    """`sam2:prompt:` + sha256 of the memory key (task id, image, label): fixed length, and no
+    """`sam2:prompt:` + sha256 of the memory key (project, task id, image, label): fixed length, and no
     task field ever becomes part of a Redis command's structure."""
     text = json.dumps(list(key), default=str, separators=(",", ":"))
     return PREFIX + hashlib.sha256(text.encode()).hexdigest()
@@ -110,10 +110,12 @@ class RedisPromptMemory:
     """`PromptMemory` shared by every process that reaches the same Redis, with this process's
     own memory as the fallback while Redis is unreachable. Thread-safe."""
 
-    def __init__(self, url: str, ttl_s: float = 300.0, *, retry_s: float = RETRY_S):
+    def __init__(
+        self, url: str, ttl_s: float = 300.0, *, retry_s: float = RETRY_S, max_bytes: int = 256 << 20
+    ):
         self.ttl_s = ttl_s
         self.retry_s = retry_s
-        self.local = PromptMemory(ttl_s)
+        self.local = PromptMemory(ttl_s, max_bytes=max_bytes)
         self.where = redisconn.describe(url)  # never the password
         self._password = url_password(url)  # only to keep it out of error text
         self._client = redisconn.connect(url, socket_timeout_s=TIMEOUT_S)

@@ -81,10 +81,11 @@ class Runtime:
         )
         # the box a labeler drew, for the clicks that follow: shared by every worker and replica
         # through Redis when there is one, else this process's own
+        memory_bytes = int(settings.prompt_memory_mb * (1 << 20))
         self.memory: PromptMemory | RedisPromptMemory = (
-            RedisPromptMemory(settings.redis_url, settings.prompt_memory_s)
+            RedisPromptMemory(settings.redis_url, settings.prompt_memory_s, max_bytes=memory_bytes)
             if settings.redis_url
-            else PromptMemory(settings.prompt_memory_s)
+            else PromptMemory(settings.prompt_memory_s, max_bytes=memory_bytes)
         )
         if settings.redis_url:  # queue depth, jobs and per-worker counts, read from Redis at scrape time
             self.metrics.watch_fleet(self.job_queue().snapshot)
@@ -127,10 +128,12 @@ class Runtime:
         chosen = "prefetch_tasks" in self.settings.model_fields_set or loaded.device.type == "cpu"
         if store is not None and self.settings.prefetch_tasks > 0 and chosen:
             self.prefetcher = Prefetcher(self.settings, loaded.source)
-        predictor = ImagePredictor(loaded, cache, store)
+        predictor = ImagePredictor(loaded, cache, store, decode_batch=self.settings.decode_batch)
         predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
         self.metrics.watch_cache(cache)
-        self.segmenter = ImageSegmenter(predictor, self.media, self.model_version, self.memory)
+        self.segmenter = ImageSegmenter(
+            predictor, self.media, self.model_version, self.memory, self.settings.max_regions_per_task
+        )
         self.project_segmenters = ProjectSegmenters(self.segmenter, self.settings)
         if loaded.device.type == "cuda":
             self.metrics.watch(lambda: memory_gauges(loaded.device))

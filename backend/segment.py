@@ -15,6 +15,7 @@ import numpy as np
 from backend.errors import BackendError, BadRequest, TaskError
 from backend.media import ImageFile, MediaClient
 from backend.protocol import (
+    MAX_REGIONS,
     LabelConfig,
     ObjectRequest,
     PromptMemory,
@@ -24,7 +25,7 @@ from backend.protocol import (
     task_data_url,
 )
 from backend.regions import mask_result, rect_to_box_px, task_entry
-from sam2.image import Prompt
+from sam2.image import DeadlineExceeded, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +33,67 @@ log = logging.getLogger(__name__)
 class ImageSegmenter:
     """Turns Label Studio image tasks + regions into brush/polygon results."""
 
-    def __init__(self, predictor, media: MediaClient, model_version: str, memory: PromptMemory | None = None):
+    def __init__(
+        self,
+        predictor,
+        media: MediaClient,
+        model_version: str,
+        memory: PromptMemory | None = None,
+        max_regions: int = MAX_REGIONS,
+    ):
         self.predictor = predictor  # sam2.image.ImagePredictor
         self.media = media
         self.model_version = model_version
         self.memory = memory or PromptMemory()
+        self.max_regions = max_regions  # MAX_REGIONS_PER_TASK: rectangles of an annotation
 
     # --- entry points ----------------------------------------------------------------------
 
-    def interactive(self, task: dict, config: LabelConfig, objects: list[ObjectRequest]) -> dict:
-        """Masks for the regions a labeler just made (smart keypoints / rectangles)."""
+    def interactive(
+        self,
+        task: dict,
+        config: LabelConfig,
+        objects: list[ObjectRequest],
+        *,
+        project: int | str | None = None,
+        deadline: float | None = None,
+    ) -> dict:
+        """Masks for the regions a labeler just made (smart keypoints / rectangles). `project`
+        is part of what the prompt memory remembers them under (a box drawn in one project never
+        shapes a click in another); `deadline` (time.monotonic()) is checked between decoder
+        batches: past it, the task gets the deadline's error (TaskError)."""
         if not objects:
             return task_entry([], self.model_version)
         to_name = objects[0].to_name
         image = self._image(task, config, to_name)
-        prompts = [self._prompt(task, obj, image) for obj in objects]
-        preds = self.predictor.predict(image.key, image.load, prompts)
+        prompts = [self._prompt(task, obj, image, project) for obj in objects]
+        preds = self._predict(image, prompts, deadline)
         result = []
         for obj, pred in zip(objects, preds, strict=True):
-            self._remember(task, obj, pred)
+            self._remember(task, obj, pred, project)
             control = config.output_control(obj.to_name, obj.label)
             result += mask_result(pred.mask, obj.label, control, pred.score)
         return task_entry(result, self.model_version)
 
-    def boxes_to_masks(self, task: dict, config: LabelConfig, use: str = "annotation", **mask_kw) -> dict:
-        """One mask per rectangle of the task's latest annotation (or prediction), all boxes of
-        the image decoded in one batched decoder call after one encoder pass. `mask_kw` goes to
-        `mask_result` (e.g. `tolerance_px` for polygon output)."""
-        objects = rectangles_of_annotation(task, config, use)
+    def boxes_to_masks(
+        self,
+        task: dict,
+        config: LabelConfig,
+        use: str = "annotation",
+        *,
+        deadline: float | None = None,
+        **mask_kw,
+    ) -> dict:
+        """One mask per rectangle of the task's latest annotation (or prediction), the boxes of
+        the image decoded in batches of DECODE_BATCH after one encoder pass. `mask_kw` goes to
+        `mask_result` (e.g. `tolerance_px` for polygon output). `deadline`: as for `interactive`
+        (TaskDeadline, a TaskError, when it passes between batches)."""
+        objects = rectangles_of_annotation(task, config, use, self.max_regions)
         if not objects:
             return task_entry([], self.model_version)
         image = self._image(task, config, objects[0].to_name)
         prompts = [Prompt(box_xyxy=o.box_px(image.width, image.height)) for o in objects]
-        preds = self.predictor.predict(image.key, image.load, prompts)
+        preds = self._predict(image, prompts, deadline)
         result = []
         for obj, pred in zip(objects, preds, strict=True):
             control = config.output_control(obj.to_name, obj.label)
@@ -77,14 +106,23 @@ class ImageSegmenter:
         url = task_data_url(task, config, to_name)
         return self.media.load_image(url, task.get("id"))
 
-    def _memory_key(self, task: dict, obj: ObjectRequest) -> tuple:
-        return (task.get("id"), obj.to_name, obj.label)
+    def _predict(self, image: ImageFile, prompts: list[Prompt], deadline: float | None):
+        try:
+            return self.predictor.predict(image.key, image.load, prompts, deadline=deadline)
+        except DeadlineExceeded as e:
+            raise TaskDeadline(
+                f"the request ran out of time (PREDICT_DEADLINE_S) after {e.done} of {e.total} "
+                "regions of this task"
+            ) from None
 
-    def _prompt(self, task: dict, obj: ObjectRequest, image: ImageFile):
+    def _memory_key(self, task: dict, obj: ObjectRequest, project) -> tuple:
+        return (project, task.get("id"), obj.to_name, obj.label)
+
+    def _prompt(self, task: dict, obj: ObjectRequest, image: ImageFile, project=None):
         w, h = image.width, image.height
         if obj.rect_pct is not None:
             return Prompt(box_xyxy=obj.box_px(w, h))
-        remembered = self.memory.get(self._memory_key(task, obj))
+        remembered = self.memory.get(self._memory_key(task, obj, project))
         box = None
         logits = None
         if remembered is not None:
@@ -101,8 +139,8 @@ class ImageSegmenter:
             mask_logits=logits,
         )
 
-    def _remember(self, task: dict, obj: ObjectRequest, pred) -> None:
-        key = self._memory_key(task, obj)
+    def _remember(self, task: dict, obj: ObjectRequest, pred, project=None) -> None:
+        key = self._memory_key(task, obj, project)
         if obj.rect_pct is not None:
             self.memory.put(
                 key,
@@ -120,6 +158,11 @@ class ImageSegmenter:
                 time.monotonic(),
             ),
         )
+
+
+class TaskDeadline(TaskError):
+    """PREDICT_DEADLINE_S passed between two decoder batches of one task: the task is answered
+    like one not started before the deadline (an error entry for a click; Retrieve hands it off)."""
 
 
 def answer_each(

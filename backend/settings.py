@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         ge=0,
         description="how long a drawn box is remembered for following clicks",
     )
+    prompt_memory_mb: float = _env(
+        "PROMPT_MEMORY_MB",
+        default=256.0,
+        gt=0,
+        description="bound on the boxes and masks remembered for following clicks (about 0.26 MB per object at 1024 px, whatever the image size); the oldest go first, and entries older than `PROMPT_MEMORY_S` are dropped on every write",
+    )
     # --- requests and media -----------------------------------------------------------------------
     max_image_mp: float = _env(
         "MAX_IMAGE_MP",
@@ -152,6 +158,36 @@ class Settings(BaseSettings):
         description="`/predict` requests a worker admits (running + waiting); the next gets **503 with `Retry-After`** at once instead of waiting past Label Studio's 100 s. Keep it below `THREADS`",
     )
     max_body_mb: int = _env("MAX_BODY_MB", default=64, gt=0, description="request body cap (413)")
+    max_regions_per_task: int = _env(
+        "MAX_REGIONS_PER_TASK",
+        default=500,
+        ge=1,
+        description='regions (boxes, keypoint objects, video rectangles) one task may prompt; more is a 400 for a click, an error entry for a task of "Retrieve predictions"',
+    )
+    max_points_per_task: int = _env(
+        "MAX_POINTS_PER_TASK",
+        default=200,
+        ge=1,
+        description="keypoints (clicks) one task may carry; more is a 400 (their decoding cost grows with their square)",
+    )
+    decode_batch: int = _env(
+        "DECODE_BATCH",
+        default=8,
+        ge=1,
+        description="boxes decoded per decoder call: memory stays flat whatever the box count (bench.memory), the model lock is released between batches (a click waits at most one batch) and `PREDICT_DEADLINE_S` is checked between them",
+    )
+    max_label_config_kb: int = _env(
+        "MAX_LABEL_CONFIG_KB",
+        default=1024,
+        ge=1,
+        description="largest label config `/setup` and `/predict` accept (413 above)",
+    )
+    setup_cache_mb: float = _env(
+        "SETUP_CACHE_MB",
+        default=32.0,
+        gt=0,
+        description="label configs `/setup` remembers per project, least recently used dropped first",
+    )
     video_max_frames: int = _env(
         "VIDEO_MAX_FRAMES", default=300, ge=1, description="frames tracked each way from the prompted frames"
     )

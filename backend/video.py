@@ -47,7 +47,7 @@ from typing import Any, Protocol
 from backend.errors import TaskError
 from backend.protocol import parse_label_config
 from backend.regions import box_to_rect_pct, latest, rect_to_box_px
-from sam2.frames import UnreadableVideo, VideoReader
+from sam2.frames import FramesTooLarge, UnreadableVideo, VideoReader
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackResult
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def predict_video_task(
     max_frames: int,
     lost_after: int = 5,
     model_version: str | None = None,
+    max_pixels: int | None = None,
+    max_regions: int | None = None,
 ) -> dict:
     """Track the task's video rectangles; one Label Studio results entry.
 
@@ -133,6 +135,8 @@ def predict_video_task(
         max_frames: frames to follow each object past its last keyframe and before its first.
         lost_after: consecutive frames without an object before it is given up.
         model_version: what the entry reports (default: the tracker's model id).
+        max_pixels: frames of more pixels are refused (MAX_IMAGE_MP), before they are decoded.
+        max_regions: more regions to track is a VideoError (MAX_REGIONS_PER_TASK).
     Returns:
         `{"result": [videorectangle, ...], "score": float, "model_version": str,
         "message": str, "partial": bool}`; `message` says how many regions were tracked on how
@@ -148,10 +152,16 @@ def predict_video_task(
     data = task.get("data")
     config = parse_video_config(label_config_xml, data if isinstance(data, dict) else {})
     regions = regions_to_track(task, context_regions, config)
+    if max_regions is not None and len(regions) > max_regions:
+        raise VideoError(
+            f"the task has {len(regions)} video regions, over the limit of {max_regions} (MAX_REGIONS_PER_TASK)"
+        )
     if callable(video_path):
         video_path = video_path()
     try:
-        reader = VideoReader(video_path)
+        reader = VideoReader(video_path, max_pixels=max_pixels)
+    except FramesTooLarge as e:
+        raise VideoError(f"{e} (MAX_IMAGE_MP)", 413) from None
     except UnreadableVideo as e:
         raise VideoError(f"cannot read the video: {e}") from None
     with reader:
@@ -165,6 +175,8 @@ def predict_video_task(
                 deadline=started + deadline_s,
                 lost_after=lost_after,
             )
+        except FramesTooLarge as e:  # a frame larger than the stream declared
+            raise VideoError(f"{e} (MAX_IMAGE_MP)", 413) from None
         except UnreadableVideo as e:  # a prompted frame that does not decode
             raise VideoError(f"cannot read the video: {e}") from None
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]

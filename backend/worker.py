@@ -137,6 +137,8 @@ class JobRunner:
                     deadline_s=CHUNK_TIMEOUT_S,
                     max_frames=runtime.settings.video_max_frames,
                     model_version=version,
+                    max_pixels=int(runtime.settings.max_image_mp * 1e6),
+                    max_regions=runtime.settings.max_regions_per_task,
                 )
             if not entry["result"]:
                 return "skipped"

@@ -1,12 +1,22 @@
-"""Peak memory of boxes to masks: 1 box vs 100 boxes on a 12 MP image, each in a fresh process.
+"""Peak memory of boxes to masks, each run in a fresh process.
 
-    python -m bench.memory                   # this checkout
+    python -m bench.memory                   # 1 vs 100 boxes on a 12 MP image, this checkout
     python -m bench.memory --before ../main  # and another checkout side by side (e.g. before a change)
+    python -m bench.memory --boxes           # 1, 50, 200 boxes with the real-size hiera-tiny model
+    python -m bench.memory --boxes --decode-batch 1000   # the same, every box in one decoder call
 
-Each run is a child process that loads the shape-trained tiny SAM2 (devkit/sam2-shapes),
-decodes one 4000x3000 JPEG and turns N rectangles into brush masks through
+Each run is a child process that turns N rectangles into brush masks through
 ImageSegmenter.boxes_to_masks, the path of "Retrieve predictions" and the CLI. Peak RSS is the
-child's ru_maxrss. Target: 100 boxes within 1.5x of one box.
+child's ru_maxrss.
+
+Default mode: the shape-trained tiny SAM2 (devkit/sam2-shapes) on one 4000x3000 JPEG. Target:
+100 boxes within 1.5x of one box.
+
+`--boxes` (issue 23, "Boxes"): a randomly initialised SAM2.1 hiera-tiny of the released size
+(1024 px input, so the decoder's activations per box are the real model's) on a 1024x1024 JPEG,
+boxes decoded DECODE_BATCH at a time (`--decode-batch`, default the setting's default). Target:
+peak RSS flat in the box count (200 boxes within 1.5x of one box); before batching, every box
+of a request was decoded in one call at about 35 MB a box.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +38,7 @@ CONFIG = """<View>
 W, H = 4000, 3000
 
 
-def child(n_boxes: int) -> None:
+def child(n_boxes: int, real: bool = False, decode_batch: int | None = None) -> None:
     import base64
     import resource
 
@@ -38,35 +49,58 @@ def child(n_boxes: int) -> None:
     from backend.segment import ImageSegmenter
     from bench.common import photo
     from sam2.image import ImagePredictor
-    from sam2.models import load_image_model
+    from sam2.models import load_image_model, random_model, real_config
 
     torch.set_num_threads(2)
-    loaded = load_image_model(str(REPO / "devkit" / "sam2-shapes"), "cpu")
-    uri = "data:image/jpeg;base64," + base64.b64encode(photo(W, H, 0)).decode()
+    if real:
+        torch.manual_seed(0)
+        loaded = random_model(real_config(), "image")
+        w, h = 1024, 1024
+    else:
+        loaded = load_image_model(str(REPO / "devkit" / "sam2-shapes"), "cpu")
+        w, h = W, H
+    uri = "data:image/jpeg;base64," + base64.b64encode(photo(w, h, 0)).decode()
     boxes = []
     for i in range(n_boxes):
-        x, y = (i % 10) * 9 + 1, (i // 10) * 9 + 1
+        x, y = (i % 10) * 9 + 1, (i // 10 % 10) * 9 + 1
         boxes.append(
             {
                 "type": "rectanglelabels",
                 "from_name": "box",
                 "to_name": "image",
-                "original_width": W,
-                "original_height": H,
+                "original_width": w,
+                "original_height": h,
                 "value": {"x": x, "y": y, "width": 12, "height": 12, "rectanglelabels": ["object"]},
             }
         )
     task = {"id": 1, "data": {"image": uri}, "annotations": [{"id": 1, "result": boxes}]}
-    segmenter = ImageSegmenter(ImagePredictor(loaded), MediaClient(LabelStudioAuth(None, None)), "bench")
+    kw = {} if decode_batch is None else {"decode_batch": decode_batch}
+    predictor = ImagePredictor(loaded, **kw)
+    segmenter = ImageSegmenter(
+        predictor, MediaClient(LabelStudioAuth(None, None)), "bench", max_regions=10_000
+    )
+    start = time.perf_counter()
     entry = segmenter.boxes_to_masks(task, parse_label_config(CONFIG))
+    took = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"boxes": n_boxes, "regions": len(entry["result"]), "peak_rss_mb": round(peak_mb)}))
+    print(
+        json.dumps(
+            {
+                "boxes": n_boxes,
+                "regions": len(entry["result"]),
+                "peak_rss_mb": round(peak_mb),
+                "decoder_calls": predictor.decoder_calls,
+                "decode_batch": getattr(predictor, "decode_batch", None),
+                "seconds": round(took, 2),
+            }
+        )
+    )
 
 
-def measure(tree: Path, n_boxes: int) -> dict:
+def measure(tree: Path, n_boxes: int, extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "2"}
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(n_boxes)],
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(n_boxes), *extra],
         cwd=tree,
         env=env,
         capture_output=True,
@@ -82,12 +116,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--child", type=int, default=0)
     p.add_argument("--before", type=Path, default=None, help="another checkout to measure side by side")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
+    p.add_argument("--out", default=None)
+    p.add_argument("--boxes", action="store_true", help="1, 50, 200 boxes, real-size hiera-tiny (random)")
+    p.add_argument("--decode-batch", type=int, default=None, help="boxes per decoder call (DECODE_BATCH)")
+    p.add_argument("--counts", default="1,50,200", help="--boxes: box counts, comma-separated")
+    p.add_argument("--real", action="store_true", help=argparse.SUPPRESS)  # the child of --boxes
     args = p.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.real, args.decode_batch)
+        return
+    if args.boxes:
+        boxes_mode(args)
         return
     from bench.common import report
+
+    args.out = args.out or str(REPO / "bench" / "results" / "memory.json")
 
     trees = {"this checkout": REPO} | ({"before": args.before.resolve()} if args.before else {})
     runs = {name: {n: measure(tree, n) for n in (1, 100)} for name, tree in trees.items()}
@@ -107,6 +150,39 @@ def main() -> None:
         "load": os.getloadavg(),
     }
     report(result, rows, args.out)
+
+
+def boxes_mode(args) -> None:
+    from backend.settings import Settings
+    from bench.common import machine, report
+
+    batch = args.decode_batch or Settings.model_fields["decode_batch"].default
+    extra = ("--real", "--decode-batch", str(batch))
+    runs = {n: measure(REPO, n, extra) for n in (int(c) for c in args.counts.split(","))}
+    one = runs[1]["peak_rss_mb"]
+    rows = [
+        (
+            f"{n} box{'es' if n > 1 else ''}",
+            f"{r['peak_rss_mb']} MB",
+            f"{r['peak_rss_mb'] / one:.2f}x one box; {r['decoder_calls']} decoder call(s), {r['seconds']} s",
+        )
+        for n, r in runs.items()
+    ]
+    cpu, load = machine()
+    result = {
+        "model": "sam2.1 hiera-tiny, real size, random weights (1024 px input)",
+        "image": "1024x1024 JPEG",
+        "torch_threads": 2,
+        "decode_batch": batch,
+        "runs": {str(n): r for n, r in runs.items()},
+        "target": "peak RSS flat in the box count (200 boxes within 1.5x of one box)",
+        "cpu": cpu,
+        "load": load,
+    }
+    out = args.out or str(REPO / "bench" / "results" / f"memory-boxes-batch{batch}.json")
+    report(result, rows, out)
+    print(f"DECODE_BATCH={batch}; CPU: {cpu}; load average after the runs: {load}")
+    print(json.dumps(result))
 
 
 def _cpu() -> str:

@@ -45,6 +45,12 @@ class UnreadableVideo(ValueError):
     """The file is missing, not a video, or holds no decodable video frame."""
 
 
+class FramesTooLarge(UnreadableVideo):
+    """The video's frames have more pixels than the reader was allowed (`max_pixels`): refused
+    before any frame of that size is decoded when the stream declares its size, else at the
+    first such frame."""
+
+
 class FrameSource(Protocol):
     """What the tracker needs from a video: its size and its frames by 0-based index."""
 
@@ -65,9 +71,14 @@ class FrameSource(Protocol):
 class VideoReader:
     """One video file opened for reading. Not thread-safe; close it (or use `with`)."""
 
-    def __init__(self, path: str | os.PathLike, *, chunk_bytes: int = 128 << 20):
+    def __init__(
+        self, path: str | os.PathLike, *, chunk_bytes: int = 128 << 20, max_pixels: int | None = None
+    ):
+        """`max_pixels`: frames of more pixels raise FramesTooLarge (decompression bombs: a few
+        MB of video can declare 16000 x 16000 frames)."""
         self.path = str(path)
         self.chunk_bytes = int(chunk_bytes)
+        self.max_pixels = max_pixels
         self._content_key: str | None = None
         if not os.path.isfile(self.path):
             raise UnreadableVideo(f"video file {self.path} does not exist")
@@ -81,6 +92,8 @@ class VideoReader:
             if not self._container.streams.video:
                 raise UnreadableVideo("the file has no video stream")
             self._stream = self._container.streams.video[0]
+            context = self._stream.codec_context
+            self._check_size(int(context.width or 0), int(context.height or 0))  # before decoding
             self._build_index()
             first = self._first_frame()
         except UnreadableVideo:
@@ -215,10 +228,18 @@ class VideoReader:
             self._container = av.open(self.path, mode="r")
             self._stream = self._container.streams.video[0]
 
+    def _check_size(self, width: int, height: int) -> None:
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise FramesTooLarge(
+                f"the video's frames are {width}x{height} = {width * height / 1e6:.0f} MP, over the "
+                f"{self.max_pixels / 1e6:g} MP limit"
+            )
+
     def _decode(self, start: int, stop: int) -> Iterator[tuple[int, av.VideoFrame]]:
         """Decoded frames with start <= index < stop, in presentation order."""
         index = -1
         for frame in self._frames_from(start):
+            self._check_size(frame.width, frame.height)  # a stream may change size mid-way
             index = self._index_of(frame, index)
             if index >= stop:
                 return

@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 PAD_LABEL = -10  # transformers' "ignore this point" label, used to batch prompts of unequal length
 
 
+class DeadlineExceeded(TimeoutError):
+    """`ImagePredictor.predict` stopped between two decoder batches: its deadline had passed.
+    `done` of `total` prompts were decoded (and are dropped: the caller answers or hands off the
+    whole request item)."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"deadline passed after {done} of {total} prompts")
+        self.done = done
+        self.total = total
+
+
 @dataclass(frozen=True)
 class Prompt:
     """What the user asked for one object.
@@ -173,12 +184,16 @@ class ImagePredictor:
         cache: EmbeddingCache | None = None,
         store=None,
         fast_decoder: bool = True,
+        decode_batch: int = 8,
     ):
         self.loaded = loaded
         self.cache = cache if cache is not None else EmbeddingCache()
         self.store = store  # optional persistent second level: .get(key) / .put(key, ImageEmbedding)
         # False: decode through transformers' Sam2Model.forward (the reference the fast path equals)
         self.fast_decoder = fast_decoder
+        # prompts per decoder call: the decoder's activations (about 35 MB a prompt at 1024 px)
+        # never grow with the prompt count, and the model lock is released between batches
+        self.decode_batch = max(1, int(decode_batch))
         self.encoder_calls = 0
         self.decoder_calls = 0
         self.on_timing: Callable[[str, float], None] | None = None
@@ -260,12 +275,27 @@ class ImagePredictor:
         return ctx
 
     def predict(
-        self, image_key: str, image: np.ndarray | ImageLoader, prompts: list[Prompt]
+        self,
+        image_key: str,
+        image: np.ndarray | ImageLoader,
+        prompts: list[Prompt],
+        *,
+        deadline: float | None = None,
     ) -> list[MaskPrediction]:
-        """One mask per prompt, in order. Prompts of the same shape are decoded in one batch."""
+        """One mask per prompt, in order. Prompts of the same shape are decoded together, in
+        batches of at most `decode_batch` (the same masks as one call: each prompt's decoding is
+        independent of the others in its batch). `deadline` (time.monotonic()): checked between
+        batches (the first always runs: a started task decodes at least one batch); past it,
+        DeadlineExceeded and no result."""
         if not prompts:
             return []
         emb = self.embedding(image_key, image)
+        done = 0
+
+        def check() -> None:
+            if done and deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(done, len(prompts))
+
         out: list[MaskPrediction | None] = [None] * len(prompts)
         # Group prompts that can share a decoder call: same kind (box or not), same multimask,
         # mask input or not. Points of unequal count are padded with the ignore label.
@@ -273,13 +303,14 @@ class ImagePredictor:
         for i, p in enumerate(prompts):
             groups.setdefault((p.box_xyxy is not None, p.multimask, p.mask_logits is not None), []).append(i)
         for (_, _, with_mask), idx in groups.items():
-            chunk = [prompts[i] for i in idx]
-            if with_mask:  # dense prompts differ per object: decode one at a time
-                results = [r for p in chunk for r in self._decode(emb, [p])]
-            else:
-                results = self._decode(emb, chunk)
-            for i, r in zip(idx, results, strict=True):
-                out[i] = r
+            step = 1 if with_mask else self.decode_batch  # dense prompts differ per object: one at a time
+            for at in range(0, len(idx), step):
+                check()
+                batch = idx[at : at + step]
+                results = self._decode(emb, [prompts[i] for i in batch])
+                for i, r in zip(batch, results, strict=True):
+                    out[i] = r
+                done += len(batch)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()

@@ -118,9 +118,9 @@ def test_box_then_clicks_combines_the_remembered_box_and_refines(app_factory, me
     predictor = app.extensions["sam2"].segmenter.predictor
     original = predictor.predict
 
-    def spy(key, image, prompts):
+    def spy(key, image, prompts, **kw):
         seen.append(prompts)
-        return original(key, image, prompts)
+        return original(key, image, prompts, **kw)
 
     predictor.predict = spy
     url = media_server.add_image("a.png", noise_image(50, 100))

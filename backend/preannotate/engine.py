@@ -1,8 +1,8 @@
 """The engine: boxes to masks or automatic masks for one task, with its options.
 
-Boxes mode is `ImageSegmenter.boxes_to_masks` (one encoder pass per image, every box of the image
-in one batched decoder call); auto mode is `sam2.auto.AutoMaskGenerator` on the same predictor
-and media client. The output format (brush RLE or polygons) follows the label config, or the
+Boxes mode is `ImageSegmenter.boxes_to_masks` (one encoder pass per image, the boxes of the image
+in decoder calls of DECODE_BATCH); auto mode is `sam2.auto.AutoMaskGenerator` on the same
+predictor and media client. The output format (brush RLE or polygons) follows the label config, or the
 `output` option.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from backend.errors import BadRequest, TaskError
-from backend.protocol import LabelConfig, ObjectRequest, rectangles_of_annotation, task_data_url
+from backend.protocol import MAX_REGIONS, LabelConfig, ObjectRequest, rectangles_of_annotation, task_data_url
 from backend.regions import OUTPUT_TAGS, mask_result, task_entry
 from sam2.auto import AutoMaskConfig, AutoMaskGenerator
 
@@ -134,8 +134,8 @@ class Preannotator:
     """Boxes to masks or automatic masks for one task at a time.
 
     `segmenter` is the backend's ImageSegmenter: boxes mode is its `boxes_to_masks` (one encoder
-    pass, every box of the image in one batched decoder call); auto mode uses its predictor and
-    media client. Raises TaskError for what is wrong with one task, BadRequest for what is wrong
+    pass, the boxes of the image in decoder calls of DECODE_BATCH); auto mode uses its predictor
+    and media client. Raises TaskError for what is wrong with one task, BadRequest for what is wrong
     with the label config or the options (every task would fail).
     """
 
@@ -175,7 +175,9 @@ class Preannotator:
             return Plan(None, f"no {o.roi_label!r} rectangle in the latest {o.boxes_from}")
         return Plan(to_name, rois=rois)
 
-    def predict(self, task: dict, config: LabelConfig) -> Outcome:
+    def predict(self, task: dict, config: LabelConfig, deadline: float | None = None) -> Outcome:
+        """`deadline` (time.monotonic()): boxes mode checks it between decoder batches and raises
+        backend.segment.TaskDeadline past it."""
         view = output_view(config, self.options.output)
         plan = self.plan(task, view)
         if plan.to_name is None:
@@ -183,13 +185,17 @@ class Preannotator:
         if self.options.mode == "boxes":
             tolerance = self.options.polygon_tolerance_px
             return Outcome(
-                self.segmenter.boxes_to_masks(task, view, self.options.boxes_from, tolerance_px=tolerance)
+                self.segmenter.boxes_to_masks(
+                    task, view, self.options.boxes_from, deadline=deadline, tolerance_px=tolerance
+                )
             )
         return Outcome(self._auto(task, view, plan))
 
     def _rectangles(self, task: dict, config: LabelConfig) -> list[ObjectRequest]:
         try:
-            return rectangles_of_annotation(task, config, self.options.boxes_from)
+            return rectangles_of_annotation(
+                task, config, self.options.boxes_from, getattr(self.segmenter, "max_regions", MAX_REGIONS)
+            )
         except BadRequest as e:  # one task's broken region must not sink the others
             raise TaskError(f"task {task.get('id')}: {e.message}") from None
 

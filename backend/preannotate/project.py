@@ -239,7 +239,9 @@ def run_project(
     model_version = model_version or segmenter.model_version
     config = parse_label_config(api.label_config(project_id))
     media = _PrefetchedMedia(segmenter.media)
-    engine = Preannotator(ImageSegmenter(segmenter.predictor, media, model_version), options)
+    engine = Preannotator(
+        ImageSegmenter(segmenter.predictor, media, model_version, max_regions=segmenter.max_regions), options
+    )
     config = engine.check(config)
 
     summary, todo = select_tasks(api, project_id, selection, options)

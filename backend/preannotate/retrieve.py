@@ -22,6 +22,7 @@ from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError
 from backend.preannotate.project import duration
 from backend.protocol import LabelConfig
 from backend.regions import task_entry
+from backend.segment import TaskDeadline
 
 log = logging.getLogger("backend.preannotate")
 
@@ -78,25 +79,32 @@ def retrieve_worker(
         else:
             too_long = time.monotonic() + 1.25 * estimate > deadline
         if handing_off or (job is not None and job.busy) or too_long:
-            if not handing_off:
-                handing_off = True
-                if job is not None:
-                    log.info("retrieve: handing the rest of this request to the background job")
-                else:
-                    log.warning(
-                        "retrieve: the deadline is near and no background job is available "
-                        "(BACKGROUND_JOB=false or no LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY): the rest "
-                        "of this request stays unpredicted; retrieve again (Label Studio sends only "
-                        "tasks without a prediction) or run `python -m backend preannotate`"
-                    )
-            if job is not None and isinstance(task_id, int):
-                job.submit(task, config, engine.options, segmenter)
-            return []
+            return hand_off(task)
         start = time.monotonic()
         try:
-            return engine.predict(task, config).entry or task_entry([], engine.model_version)
+            return engine.predict(task, config, deadline).entry or task_entry([], engine.model_version)
+        except TaskDeadline:  # cut between two decoder batches: as if not started in time
+            return hand_off(task)
         finally:
             runtime.task_times.record(mode, time.monotonic() - start)
+
+    def hand_off(task: dict) -> list:
+        nonlocal handing_off
+        task_id = task.get("id")
+        if not handing_off:
+            handing_off = True
+            if job is not None:
+                log.info("retrieve: handing the rest of this request to the background job")
+            else:
+                log.warning(
+                    "retrieve: the deadline is near and no background job is available "
+                    "(BACKGROUND_JOB=false or no LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY): the rest "
+                    "of this request stays unpredicted; retrieve again (Label Studio sends only "
+                    "tasks without a prediction) or run `python -m backend preannotate`"
+                )
+        if job is not None and isinstance(task_id, int):
+            job.submit(task, config, engine.options, segmenter)
+        return []
 
     work.finish = job.finish if isinstance(job, QueuedHandoff) else lambda: None
     return work
