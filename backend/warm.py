@@ -29,6 +29,7 @@ from backend.preannotate.lsapi import LabelStudioAPI
 from backend.protocol import LabelConfig, parse_label_config
 from backend.runtime import Runtime
 from backend.settings import Settings
+from sam2.models import encoder_precision
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,21 @@ class WarmSummary:
     skipped: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    model: str = ""  # the model id and encoder precision the store's entries are keyed by
+    precision: str = ""
 
     def line(self) -> str:
         return (
             f"encoded {self.encoded}, already stored {self.skipped}, failed {len(self.failed)} "
             f"in {self.seconds:.1f} s"
+        )
+
+    def keyed_by(self) -> str:
+        """What the entries are stored under: a run in another precision (CPU_PRECISION, another
+        CPU or a GPU) or of another model finds none of them and encodes again."""
+        return (
+            f"stored as model {self.model}, encoder precision {self.precision} "
+            "(another model or precision, e.g. CPU_PRECISION, keeps entries of its own)"
         )
 
 
@@ -121,12 +132,12 @@ def warm_project(
             todo.append((task["id"], url))
         if limit and len(todo) >= limit:
             break
-    summary = WarmSummary()
+    summary = WarmSummary(model=predictor.loaded.model_id, precision=encoder_precision(predictor.loaded))
     start = time.perf_counter()
 
     def stored(url: str) -> bool:
         key = index.keys.get(url)
-        return key is not None and f"{predictor.loaded.model_id}:{key}" in store
+        return key is not None and predictor.is_stored(key, store)
 
     def fetch(item):
         task_id, url = item
@@ -160,7 +171,7 @@ def encode_into_store(predictor, store, index: UrlIndex, url: str, image) -> boo
     """Encode a downloaded image into the store unless it is there already; True if encoded now.
     The index remembers its URL, so the next run skips even the download."""
     index.add(url, image.key)
-    if predictor.is_cached(image.key) or f"{predictor.loaded.model_id}:{image.key}" in store:
+    if predictor.is_stored(image.key, store):  # under this model's and precision's key
         return False
     predictor.embedding(image.key, image.load)
     predictor.cache.clear()  # the store holds it; don't grow this process
@@ -186,6 +197,7 @@ def cmd_warm(args) -> None:
         settings, args.project, after_task=args.after_task, limit=args.limit, progress=not args.quiet
     )
     print(summary.line())
+    print(summary.keyed_by())
     for task_id, reason in summary.failed.items():
         print(f"  task {task_id}: {reason}")
 

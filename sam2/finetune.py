@@ -120,9 +120,17 @@ def decoder_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def view_of(base: LoadedModel, model: torch.nn.Module) -> LoadedModel:
     """`base` with another decoder: same model_id (embeddings cached for the base stay valid, as
-    the encoder is the same), same device and the same lock (one model at a time per process)."""
+    the encoder is the same, in the same precision: sam2.models.store_key), same device and the
+    same lock (one model at a time per process)."""
     return LoadedModel(
-        model, base.source, base.model_id, base.device, base.image_size, base.autocast, base.lock
+        model,
+        base.source,
+        base.model_id,
+        base.device,
+        base.image_size,
+        base.autocast,
+        base.lock,
+        cpu_encoder_autocast=base.cpu_encoder_autocast,
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sam2.decoder import DecoderContext, decode, threads_for, weights_version
-from sam2.models import LoadedModel
+from sam2.models import LoadedModel, store_key
 from sam2.transforms import preprocess, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,19 @@ class ImagePredictor:
     # --- embeddings -------------------------------------------------------------------------
 
     def _key(self, image_key: str) -> str:
-        # embeddings of a bf16 encoder differ slightly from fp32 ones: never mix them in the store
-        precision = ":bf16" if self.loaded.cpu_encoder_autocast is not None else ""
-        return f"{self.loaded.model_id}{precision}:{image_key}"
+        # model, precision and image (sam2.models.store_key): a bf16 encoder's embeddings differ
+        # slightly from fp32 ones, so the two never stand in for each other
+        return store_key(self.loaded, image_key)
 
     def is_cached(self, image_key: str) -> bool:
         return self._key(image_key) in self.cache
+
+    def is_stored(self, image_key: str, store=None) -> bool:
+        """Is the image's embedding, as this predictor computes it, in its cache or in `store`
+        (default: its own)? `warm` and the queue's warm jobs skip such images."""
+        key = self._key(image_key)
+        store = self.store if store is None else store
+        return key in self.cache or (store is not None and key in store)
 
     def embedding(self, image_key: str, image: np.ndarray | ImageLoader) -> ImageEmbedding:
         """The embedding of an image: from the cache, the store, or the encoder (in that order).

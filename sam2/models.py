@@ -155,6 +155,37 @@ class LoadedModel:
         return "fp32"
 
 
+def encoder_precision(loaded: LoadedModel) -> str:
+    """How `loaded` computes image features, as store keys and `warm` name it: `fp32` (a CPU
+    without autocast), `bf16` (a CPU's bf16 encoder, CPU_PRECISION), `cuda-bf16` / `cuda-fp16`
+    (a GPU's autocast; the device is named because a GPU's features differ from a CPU's)."""
+    if loaded.autocast is not None:
+        return f"{loaded.device.type}-{_short_dtype(loaded.autocast)}"
+    if loaded.cpu_encoder_autocast is not None:
+        return _short_dtype(loaded.cpu_encoder_autocast)
+    return "fp32"
+
+
+def _short_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
+
+
+def store_key(loaded: LoadedModel, name: str) -> str:
+    """The embedding store's (and cache's) key for what `loaded` computes for `name`: an image's
+    content key, or a video's frame (sam2/video.py). The one place such keys are made: the
+    predictor, `warm`, the queue's warm jobs, video frame features and fine-tuned decoders (which
+    share their base's encoder) all read and write through it.
+
+    Model id, then the encoder's precision (`encoder_precision`), so features computed in one
+    precision never stand in for another's: `model:name` for fp32 (the keys stores have always
+    had), `model:bf16:name` for a CPU's bf16 encoder, `model:cuda-bf16:name` on a GPU.
+    """
+    precision = encoder_precision(loaded)
+    return f"{loaded.model_id}:{name}" if precision == "fp32" else f"{loaded.model_id}:{precision}:{name}"
+
+
 def _model_id(source: str) -> str:
     path = Path(source)
     if path.is_dir():

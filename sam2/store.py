@@ -3,7 +3,8 @@
 One file per entry, written atomically (temporary file + rename), so every gunicorn worker and
 the `warm` job can share one directory and entries survive restarts. Two kinds of entry share the
 directory, its size bound and its eviction:
-- image embeddings (`get`/`put`), keyed by model id + image content hash, fp16 on disk;
+- image embeddings (`get`/`put`), keyed by model, encoder precision and image content hash
+  (sam2.models.store_key), fp16 on disk;
 - any list of tensors (`get_tensors`/`put_tensors`), kept in their own dtype, bit for bit: the
   video tracker's per-frame image features (sam2/video.py), keyed by model, precision, video
   content and frame index.

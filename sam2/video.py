@@ -70,7 +70,7 @@ from transformers import Sam2VideoInferenceSession
 
 from sam2 import hf_internals as hf
 from sam2.frames import FrameSource, UnreadableVideo
-from sam2.models import LoadedModel
+from sam2.models import LoadedModel, store_key
 from sam2.store import EmbeddingStore
 from sam2.tracks import Box, ObjectPrompt, ObjectTrack, TrackProgress, TrackResult
 from sam2.transforms import mask_box, preprocess, to_model_coords, upscale_logits
@@ -653,15 +653,15 @@ class _Session:
 class _StoredFrames:
     """One video's per-frame image features in the embedding store.
 
-    Key: model id, the precision they were computed in (device and dtype: a GPU's bf16 features
-    never stand in for a CPU's fp32 ones), the video's content key and the frame index.
+    Key (sam2.models.store_key, as images): model id, the precision they were computed in (a
+    GPU's bf16 features never stand in for a CPU's fp32 ones), then this format, the video's
+    content key and the frame index.
     """
 
     FORMAT = "video-features-v1"  # bump when what is stored, or how frames are preprocessed, changes
 
     def __init__(self, store: EmbeddingStore, loaded: LoadedModel, content_key: str):
-        dtype = str(loaded.autocast or torch.float32).removeprefix("torch.")
-        self.prefix = f"{loaded.model_id}:{self.FORMAT}:{loaded.device.type}-{dtype}:{content_key}:"
+        self.prefix = store_key(loaded, f"{self.FORMAT}:{content_key}:")
         self.store = store
         vision = loaded.model.config.vision_config
         self.tokens = [int(h) * int(w) for h, w in vision.backbone_feature_sizes]  # per level

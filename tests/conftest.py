@@ -16,6 +16,14 @@ torch.set_num_threads(2)
 # The embedding store is on by default (under the user's cache directory). Tests share no store
 # and never write to the home directory: those about the store give it a directory of their own.
 os.environ["EMBEDDING_STORE_DIR"] = "off"
+# The encoder's precision is an input like any other: CPU_PRECISION=auto picks bf16 on a CPU with
+# native bf16 (AVX-512 BF16, AMX) and fp32 elsewhere, so a test must not leave it to the machine.
+# Every test runs under the `cpu_precision` fixture's value (fp32 unless asked), set in the
+# environment for the test and the processes it starts; `@pytest.mark.cpu_precision("fp32",
+# "bf16")` runs a test (or a module, as `pytestmark`) once per value. bf16 autocast runs on any
+# x86 CPU: natively where the CPU has it, emulated (slower) elsewhere.
+os.environ["CPU_PRECISION"] = "fp32"
+BOTH_PRECISIONS = pytest.mark.cpu_precision("fp32", "bf16")
 
 IMAGE_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -33,11 +41,40 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_test_model(tmp_path_factory.mktemp("tiny-sam2"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "cpu_precision(*values): run the test once with CPU_PRECISION forced to each value "
+        "(fp32, bf16; default fp32): the cpu_precision fixture, tiny_model's precision",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("cpu_precision")
+    if marker is not None and "cpu_precision" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_precision", list(marker.args), indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir):
+def cpu_precision(request) -> str:
+    """The CPU_PRECISION this test runs under: fp32, or each value of its cpu_precision mark."""
+    return getattr(request, "param", "fp32")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_precision_env(cpu_precision, monkeypatch):
+    """CPU_PRECISION in the environment: for Settings, load_image_model and spawned processes."""
+    monkeypatch.setenv("CPU_PRECISION", cpu_precision)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir, cpu_precision):
+    """The tiny model, its encoder in the test's CPU_PRECISION (forced, whatever the CPU)."""
     from sam2.models import load_image_model
 
-    return load_image_model(str(tiny_model_dir), "cpu")
+    loaded = load_image_model(str(tiny_model_dir), "cpu", cpu_precision)
+    assert (loaded.cpu_encoder_autocast is not None) == (cpu_precision == "bf16")
+    return loaded
 
 
 @pytest.fixture(autouse=True)

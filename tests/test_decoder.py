@@ -12,14 +12,17 @@ import torch
 
 from sam2.image import ImagePredictor, Prompt
 from sam2.models import random_model, real_config
+from tests.conftest import BOTH_PRECISIONS
 
 H, W = 480, 640
+# The decoder runs in fp32 either way; what it decodes comes from an fp32 or a bf16 encoder.
+pytestmark = BOTH_PRECISIONS
 
 
 @pytest.fixture(scope="module")
-def real_size():
+def real_size(cpu_precision):
     torch.manual_seed(0)
-    loaded = random_model(real_config(), "image")
+    loaded = random_model(real_config(), "image", cpu_precision)
     fast = ImagePredictor(loaded)
     reference = ImagePredictor(loaded, cache=fast.cache, fast_decoder=False)
     rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
@@ -148,6 +151,7 @@ def _agreement(fp32: ImagePredictor, bf16: ImagePredictor, key, rgb, prompts) ->
 
 
 @pytest.mark.slow  # a bf16 encode of 1024 px: seconds with native bf16, 2-4x more without it
+@pytest.mark.cpu_precision("fp32")  # real_size's predictor is the fp32 reference
 def test_bf16_encoder_masks_agree_with_fp32_on_a_real_size_model(real_size):
     """Forced bf16 (this CPU may lack native bf16, where `auto` would keep fp32): the masks agree."""
     import copy
@@ -162,6 +166,7 @@ def test_bf16_encoder_masks_agree_with_fp32_on_a_real_size_model(real_size):
     assert pred.encoder_calls == 1 and min(ious) >= 0.98, ious
 
 
+@pytest.mark.cpu_precision("fp32")  # it loads both precisions itself
 def test_bf16_encoder_masks_agree_with_fp32_on_the_trained_fixture():
     from devkit.scenes import box_of, interior_point, make_scene
     from sam2.models import load_image_model

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from sam2.image import EmbeddingCache, ImageEmbedding, ImagePredictor, Prompt
-from tests.conftest import noise_image
+from tests.conftest import BOTH_PRECISIONS, noise_image
+
+pytestmark = BOTH_PRECISIONS  # the encoder's precision changes the embeddings every test decodes
 
 
 def click(x, y, positive=True):
@@ -106,7 +108,13 @@ def test_batched_decoding_equals_one_by_one(tiny_model):
     batched = pred.predict("k", img, prompts)
     for p, b in zip(prompts, batched, strict=True):
         (single,) = pred.predict("k", img, [p])
-        assert np.array_equal(single.mask, b.mask)
+        # Equal up to float rounding, not bit for bit: a batch sums in another order. Logits
+        # within 0.1 % of their range (seen: 0.02 %). The tiny random model's logits are all near
+        # 0 (|logit| < 4e-3), so rounding flips a pixel now and then (seen: 2 of 6144 under a bf16
+        # encoder, none in fp32): at most 0.1 % of the pixels may differ.
+        scale = float(single.low_res_logits.abs().max())
+        torch.testing.assert_close(single.low_res_logits, b.low_res_logits, atol=1e-3 * scale, rtol=0)
+        assert (single.mask != b.mask).mean() <= 0.001
         assert single.score == pytest.approx(b.score, abs=1e-5)
 
 

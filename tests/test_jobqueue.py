@@ -14,7 +14,7 @@ import pytest
 from backend.jobqueue import JobQueue, QueueUnavailable
 from devkit.lsserver import REPO_ROOT, free_port
 from devkit.media_server import MediaServer
-from tests.conftest import noise_image, predict_body, rect_px
+from tests.conftest import BOTH_PRECISIONS, noise_image, predict_body, rect_px
 
 
 def start(queue: JobQueue, ids, project=7):
@@ -146,7 +146,7 @@ def test_metrics_show_queue_depth_and_jobs_per_worker_read_from_redis(app_factor
     assert resp.status_code == 200 and "sam2_queue_up 0.0" in resp.get_data(as_text=True)
 
 
-VIDEO_FRAMES, VIDEO_FPS = 60, 24  # ~0.1 s a frame here: a track of 5-6 s, far beyond 1 s
+VIDEO_FRAMES, VIDEO_FPS = 12, 24  # the deadline is made to cut the track by a stalled frame
 VIDEO_CONFIG = f"""<View>
   <Labels name="videoLabels" toName="video"><Label value="Car"/></Labels>
   <Video name="video" value="$video" frameRate="{VIDEO_FPS}"/>
@@ -154,9 +154,11 @@ VIDEO_CONFIG = f"""<View>
 </View>"""
 
 
+# CPU_PRECISION's default (fp32) only: the video tracker's encoder is fp32 on CPU either way
 def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     redis_server, media_server, tmp_path, caplog
 ):
+    import sam2.frames
     from backend.app import create_app
     from backend.cli import FIXTURE
     from backend.jobqueue import chunk_from_job
@@ -186,12 +188,25 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
         "value": {"framesCount": VIDEO_FRAMES, "sequence": [keyframe], "labels": ["Car"]},
     }
     task = {"id": 5, "data": {"video": url}, "annotations": [{"id": 1, "result": [region]}]}
-    # the trained fixture tracks the shape at about 10 frames a second on 2 CPU cores: 60 frames
-    # take far longer than the 1 s a request with a 0.5 s deadline leaves it, on any machine
-    settings = Settings.from_env(redis_url=redis_server.url, predict_deadline_s=0.5)
+    # During the request the video's first decoded frame stalls longer than the whole request's
+    # deadline (a slow disk or network), so the deadline cuts the track on any machine, however
+    # fast its CPU. The deadline itself leaves ample time to start tracking.
+    deadline_s = 2.0
+    settings = Settings.from_env(redis_url=redis_server.url, predict_deadline_s=deadline_s)
     app = create_app(settings, loaded_model=load_image_model(str(FIXTURE), "cpu"))
     runtime = app.extensions["sam2"]
-    body = app.test_client().post("/predict", json=predict_body([task], None, VIDEO_CONFIG)).get_json()
+    rgb, decoded = sam2.frames.VideoReader._rgb, []
+
+    def stalling_rgb(self, frame):
+        decoded.append(frame)
+        if len(decoded) == 1:
+            time.sleep(deadline_s + 1.0)
+        return rgb(self, frame)
+
+    with pytest.MonkeyPatch.context() as stalled:
+        stalled.setattr(sam2.frames.VideoReader, "_rgb", stalling_rgb)
+        body = app.test_client().post("/predict", json=predict_body([task], None, VIDEO_CONFIG)).get_json()
+    assert 0 < len(decoded) < VIDEO_FRAMES  # the request stopped tracking after the stall
     assert body["results"] == [[]]  # no partial track for Label Studio to store
     queue = runtime.job_queue()
     [run] = queue.runs(1)
@@ -210,9 +225,14 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     assert queue.status(run.id).counts == {"done": 1} and not queue.holds(5)
 
 
-def test_warm_jobs_encode_into_the_shared_store_once(app_factory, redis_server, media_server, tmp_path):
+@BOTH_PRECISIONS
+def test_warm_jobs_encode_into_the_shared_store_once(
+    app_factory, redis_server, media_server, tmp_path, cpu_precision
+):
     from backend.jobqueue import chunk_from_job
     from backend.worker import JobRunner
+    from sam2.image import ImagePredictor
+    from sam2.models import encoder_precision, load_image_model
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import FakeLabelStudio
 
@@ -235,7 +255,10 @@ def test_warm_jobs_encode_into_the_shared_store_once(app_factory, redis_server, 
         )
         [job] = [j for j in queue.queue.jobs if chunk_from_job(j.args[0]).run == run.id]
         assert runner.run(chunk_from_job(job.args[0])) == expected
-    model_id = runtime.image_model.model_id
-    for i, url in enumerate(urls):  # what the server's first click on these images will find
-        assert f"{model_id}:{runtime.media.load_image(url, i + 1).key}" in runtime.store
     assert runtime.segmenter.predictor.cache.bytes == 0  # the worker does not keep them in memory
+    # a server on that store, in the same precision, finds them without its encoder
+    server = ImagePredictor(load_image_model(runtime.image_model.source, "cpu"), store=runtime.store)
+    for i, url in enumerate(urls):
+        image = runtime.media.load_image(url, i + 1)
+        server.embedding(image.key, image.load)
+    assert server.encoder_calls == 0 and encoder_precision(server.loaded) == cpu_precision

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from sam2.image import EmbeddingCache, ImagePredictor, Prompt
+from sam2.models import store_key
 from sam2.store import EmbeddingStore
-from tests.conftest import noise_image
+from tests.conftest import BOTH_PRECISIONS, noise_image
+
+pytestmark = BOTH_PRECISIONS  # the store's keys name the encoder's precision: both are exercised
 
 
 def click(x, y):
@@ -99,7 +102,8 @@ def test_entries_written_before_dtypes_were_recorded_still_read(tmp_path):
 def test_corrupt_entry_is_detected_and_re_encoded(tiny_model, tmp_path, damage):
     img = noise_image(30, 30)
     ImagePredictor(tiny_model, store=EmbeddingStore(tmp_path)).embedding("img", img)
-    path = EmbeddingStore(tmp_path).path(f"{tiny_model.model_id}:img")
+    path = EmbeddingStore(tmp_path).path(store_key(tiny_model, "img"))
+    assert path.is_file()
     data = path.read_bytes()
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -116,7 +120,7 @@ def test_corrupt_entry_is_detected_and_re_encoded(tiny_model, tmp_path, damage):
     (m,) = server.predict("img", img, click(10, 10))
     assert m.mask.shape == (30, 30)
     assert server.encoder_calls == 1 and server.store.corrupt == 1
-    assert EmbeddingStore(tmp_path).get(f"{tiny_model.model_id}:img") is not None  # re-stored, whole
+    assert EmbeddingStore(tmp_path).get(store_key(tiny_model, "img")) is not None  # re-stored, whole
 
 
 def test_disk_full_does_not_fail_the_click(tiny_model, tmp_path, monkeypatch):

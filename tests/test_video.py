@@ -29,6 +29,7 @@ from sam2.models import random_model, tiny_config
 from sam2.store import EmbeddingStore
 from sam2.tracks import ObjectPrompt, ObjectTrack, TrackResult
 from sam2.video import VideoTracker
+from tests.conftest import BOTH_PRECISIONS
 
 W, H, N, FPS = 96, 64, 40, 24
 RED = Shape((230, 20, 20), (8, 10, 28, 30), (1.0, 0.5))
@@ -821,6 +822,7 @@ def test_frame_features_stay_within_the_store_bound(trained_loaded, one_thread, 
     assert retrack.tracks[0].boxes == first.tracks[0].boxes and store.bytes <= store.max_bytes
 
 
+@BOTH_PRECISIONS  # the server's image encoder in either precision; video frames are fp32 on CPU
 def test_a_video_task_tracked_again_after_a_correction_runs_no_encoder(
     app_factory, media_server, video_path, tmp_path, one_thread
 ):

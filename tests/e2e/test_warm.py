@@ -13,6 +13,7 @@ import requests
 
 from devkit import lsserver
 from devkit.sample_media import keypoint, make_scene
+from tests.conftest import BOTH_PRECISIONS
 from tests.e2e.regions import IMAGE_CONFIG, brush_masks
 
 pytestmark = pytest.mark.e2e
@@ -49,12 +50,15 @@ def _metric(backend_url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_warm_encodes_every_image_once_and_resumes(label_studio, warm_project, backend_model_dir, tmp_path):
+@BOTH_PRECISIONS  # CPU_PRECISION for warm and the server: bf16 is what `auto` picks on many CPUs
+def test_warm_encodes_every_image_once_and_resumes(
+    label_studio, warm_project, backend_model_dir, tmp_path, cpu_precision
+):
     project, tasks = warm_project
     store = tmp_path / "store"
-    assert "encoded 4, already stored 0, failed 0" in _warm(
-        label_studio, project.id, store, backend_model_dir
-    )
+    first = _warm(label_studio, project.id, store, backend_model_dir)
+    assert "encoded 4, already stored 0, failed 0" in first
+    assert f"encoder precision {cpu_precision}" in first  # why another precision encodes again
     assert len(list(store.rglob("*.emb"))) == 4
     again = _warm(label_studio, project.id, store, backend_model_dir)
     assert "encoded 0, already stored 4, failed 0" in again
