@@ -71,7 +71,6 @@ def test_enqueue_with_redis_down_fails_at_once_with_a_message_that_hides_the_pas
 def test_cli_status_with_redis_down_says_so_and_exits(tmp_path):
     port = free_port()  # nothing listens there
     env = {"REDIS_URL": f"redis://:pw-xyz@127.0.0.1:{port}/0", "PATH": "/usr/bin:/bin"}
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "backend", "preannotate", "--project", "3", "--status"],
         env=env,
@@ -83,7 +82,6 @@ def test_cli_status_with_redis_down_says_so_and_exits(tmp_path):
     assert done.returncode == 1
     assert "preannotate: cannot read the runs: Redis at redis://127.0.0.1" in done.stderr, done.stderr
     assert "pw-xyz" not in done.stderr + done.stdout
-    assert time.monotonic() - started < 30  # the interpreter's start-up; the Redis part is 1 s
 
 
 @pytest.fixture
