@@ -6,7 +6,9 @@ its own model_version, or the base segmenter. `TrainingLauncher` answers Label S
 START_TRAINING webhook (the "Start Training" button, or every Nth annotation when the project's
 "start training on annotation submission" is set) by running `python -m backend train` for that
 project in the background, at low CPU priority, one run per project at a time; the server picks
-the new version up on its next look (FINETUNE_REFRESH_S).
+the new version up on its next look (FINETUNE_REFRESH_S). It answers with the run's job id and,
+when the run ends, logs what it decided (`backend.trainruns.summary`: held-out scores, the version
+and where it was written, or why it failed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from backend.errors import BadRequest
 from backend.segment import ImageSegmenter
 from backend.settings import Settings
+from backend.trainruns import read_runs, summary
 from sam2.decoders import DecoderVersions, ProjectDecoders, model_version
 from sam2.image import ImagePredictor
 
@@ -117,14 +120,43 @@ class TrainingLauncher:
                     preexec_fn=_low_priority,
                 )
             self._running[project] = proc
+        threading.Thread(
+            target=self._report, args=(project, proc, versions.dir, log_path), daemon=True
+        ).start()
         log.info(
             "project %s: fine-tuning started in the background (pid %d, log %s)", project, proc.pid, log_path
         )
         return {"status": "training", "job": f"train-{project}-{proc.pid}"}
 
+    def _report(self, project: int, proc: subprocess.Popen, project_dir: Path, log_path: Path) -> None:
+        """Wait for a run to end, then log what it decided (WARNING when it failed)."""
+        code = proc.wait()
+        run = next((r for r in read_runs(project_dir) if r.get("pid") == proc.pid), None)
+        if run is not None and run.get("state") != "running":
+            failed = run.get("state") != "finished"
+            log.log(
+                logging.WARNING if failed else logging.INFO, "%s (log %s)", summary(project, run), log_path
+            )
+            return
+        log.warning(
+            "project %s: fine-tuning ended with exit code %s before it recorded a result: %s (log %s)",
+            project,
+            code,
+            _last_line(log_path) or "no output",
+            log_path,
+        )
+
     def wait(self, project: int, timeout_s: float | None = None) -> int | None:
         proc = self._running.get(project)
         return None if proc is None else proc.wait(timeout_s)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
 
 
 def _low_priority() -> None:
