@@ -118,3 +118,32 @@ def test_every_command_that_loads_the_model_takes_the_names_make_run_takes(name,
     monkeypatch.setenv("SAM2_MODEL", "test")
     args = build_parser(only=name).parse_args(argv[:-2])
     assert Settings.from_env(model=args.model).model == str(served)
+
+
+@pytest.mark.parametrize("queue", [False, True])
+def test_warm_says_a_label_studio_error_in_one_line_and_fails(httpserver, tmp_path, queue):
+    # it printed a traceback ending in `LabelStudioAPIError: reading project 1: HTTP 401`
+    import subprocess
+    import sys
+
+    httpserver.expect_request(re.compile(".*")).respond_with_json({"detail": "Invalid token."}, status=401)
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LABEL_STUDIO_API_KEY": "s3cret-token",
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # --queue reads the project before it needs Redis
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend", "warm", "--project", "1", "--store", str(tmp_path / "store")]
+        + ["--url", httpserver.url_for("/").rstrip("/")]
+        + (["--queue"] if queue else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "s3cret-token" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "warm: reading project 1: HTTP 401: Invalid token."
