@@ -66,3 +66,61 @@ def test_a_worker_waits_out_redis_reports_it_once_and_stops_cleanly_while_it_is_
     assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
     assert "its entry there expires by itself" in text
     assert "s3cret-pass" not in text
+
+
+def test_a_chunk_stopped_part_way_is_logged_as_handed_back_not_as_job_ok(
+    app_factory, redis_server, caplog, monkeypatch
+):
+    # Ctrl-C mid-chunk: RQ logged "Job OK" for a chunk whose rest the worker had handed back
+    import logging
+    import signal as signals
+
+    from rq.serializers import JSONSerializer
+
+    from backend import redisconn, worker
+    from backend.jobqueue import QUEUE_NAME
+    from tests.conftest import IMAGE_CONFIG
+    from tests.test_preannotate import FakeLabelStudio
+
+    app = app_factory(redis_url=redis_server.url, store_dir="off")
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    queue = runtime.job_queue()
+    ls = FakeLabelStudio(tasks=[{"id": i, "data": {"image": "http://127.0.0.1:9/a.png"}} for i in (1, 2, 3)])
+    run = queue.start_run(
+        [1, 2, 3], project=1, label_config=IMAGE_CONFIG, options={}, model_version="v", source="preannotate"
+    )
+    runner = worker.JobRunner(runtime, ls, queue)
+    monkeypatch.setattr(worker, "_runner", runner)
+    rq_worker = worker.ModelWorker(
+        [QUEUE_NAME],
+        name="test-worker",
+        connection=redisconn.connect(redis_server.url, socket_timeout_s=None),
+        serializer=JSONSerializer,
+        runner=runner,
+        lease_s=3,
+        outage=worker.RedisOutage(queue.where),
+    )
+    fetch = ls.task
+
+    def task_then_ctrl_c(task_id):  # the signal arrives while the first task runs
+        runner.stopping.set()
+        rq_worker._stop_requested = True
+        return fetch(task_id)
+
+    ls.task = task_then_ctrl_c
+    handlers = {s: signals.getsignal(s) for s in (signals.SIGINT, signals.SIGTERM)}
+    try:
+        with caplog.at_level(logging.INFO):
+            rq_worker.work(burst=True, logging_level="INFO")
+    finally:
+        for s, h in handlers.items():
+            signals.signal(s, h)
+    lines = [r.getMessage() for r in caplog.records]
+    [stopped] = [line for line in lines if "stopped part way" in line]
+    job_id = stopped.split()[1]
+    assert "1 task(s) done, the other 2 handed back to the queue" in stopped
+    assert not [line for line in lines if "Job OK" in line or "Successfully completed" in line], lines
+    assert queue.status(run.id).counts.get("skipped", 0) + queue.status(run.id).counts.get("failed", 0) == 1
+    assert queue.status(run.id).jobs == {"finished": 1, "queued": 1}  # the rest waits for the next worker
+    assert queue.queue.fetch_job(job_id).return_value()["handed back"] == 2
