@@ -47,7 +47,7 @@ from backend.jobqueue import CHUNK_TIMEOUT_S, QUEUE_NAME, Chunk, JobQueue, Queue
 from backend.logs import setup_logging
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
-from backend.preannotate.retrieve import predict_and_write
+from backend.preannotate.retrieve import predict_and_write_why
 from backend.protocol import parse_label_config, task_data_url
 from backend.runtime import Runtime
 from backend.settings import Settings
@@ -155,10 +155,10 @@ class JobRunner:
         except BadRequest as e:  # every task would fail the same way: say it once
             log.warning("run %s: %s", chunk.run, e.message)
             for task_id in chunk.task_ids:
-                self.queue.record(chunk.run, task_id, "failed")
+                self.queue.record(chunk.run, task_id, "failed", e.message)
             return {"failed": len(chunk.task_ids)}
         version = chunk.model_version or engine.model_version
-        return self._each(chunk, lambda task: predict_and_write(self.api, engine, task, config, version))
+        return self._each(chunk, lambda task: predict_and_write_why(self.api, engine, task, config, version))
 
     def _each(self, chunk: Chunk, predict) -> dict:
         """`predict(task)` -> outcome for each task of the chunk, fetched from Label Studio, until
@@ -176,14 +176,17 @@ class JobRunner:
                 self.handed_back = (i, len(rest))
                 counts["handed back"] = len(rest)  # the job's result says so too
                 break
+            why = None
             try:
                 task = self.api.task(task_id)
             except LabelStudioAPIError as e:
                 log.warning("task %s: %s", task_id, e)
-                outcome = "failed"
+                outcome, why = "failed", str(e)
             else:
                 outcome = predict(task)
-            self.queue.record(chunk.run, task_id, outcome)
+                if isinstance(outcome, tuple):  # (outcome, why it was skipped or failed)
+                    outcome, why = outcome
+            self.queue.record(chunk.run, task_id, outcome, why)
             self.queue.release(task_id)
             counts[outcome] += 1
         return dict(counts)

@@ -294,21 +294,40 @@ def predict_and_write(
     """Predict one task and write its prediction as `model_version` unless it already has one
     (checked before predicting and again before writing); the outcome: "done", "skipped" or
     "failed" (logged with the reason). The background job and the queue's workers share it."""
+    return predict_and_write_why(api, engine, task, config, model_version, task_times)[0]
+
+
+def predict_and_write_why(
+    api: LabelStudioAPI,
+    engine: Preannotator,
+    task: dict,
+    config: LabelConfig,
+    model_version: str,
+    task_times: TaskTimes | None = None,
+) -> tuple[str, str | None]:
+    """`predict_and_write`, with why a task was skipped or failed, in the in-process run's words
+    (`no mask found`, `already has a prediction of V`, ...): a queued run reports them."""
     task_id = task["id"]
+    already = f"already has a prediction of {model_version}"
     try:
         if model_version in api.prediction_versions(task_id):
-            return "skipped"
+            return "skipped", already
         start = time.monotonic()
         outcome = engine.predict(task, config)
         if task_times is not None:
             task_times.record(engine.options.mode, time.monotonic() - start)
         if outcome.entry is None or not outcome.entry["result"]:
-            return "skipped"  # never store an empty prediction: it would hide the task
-        return "done" if api.create_prediction(task_id, outcome.entry, model_version) else "skipped"
+            # never store an empty prediction: it would hide the task
+            return "skipped", outcome.skip or "no mask found"
+        if api.create_prediction(task_id, outcome.entry, model_version):
+            return "done", None
+        return "skipped", already
     except BackendError as e:
         log.warning("background job: task %s failed: %s", task_id, e.message)
+        return "failed", e.message
     except LabelStudioAPIError as e:
         log.warning("background job: task %s failed: %s", task_id, e)
-    except Exception:
+        return "failed", str(e)
+    except Exception as e:
         log.exception("background job: task %s failed", task_id)
-    return "failed"
+        return "failed", f"internal error ({type(e).__name__}): see the worker's log"
