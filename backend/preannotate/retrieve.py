@@ -63,6 +63,7 @@ def retrieve_worker(
         job = runtime.background_job()
     mode = engine.options.mode
     checked = handing_off = False
+    skipped: Counter = Counter()  # why tasks got no prediction (the app logs them once per request)
 
     def work(task: dict):
         nonlocal checked, handing_off
@@ -94,10 +95,17 @@ def retrieve_worker(
             return []
         start = time.monotonic()
         try:
-            return engine.predict(task, config).entry or task_entry([], engine.model_version)
+            outcome = engine.predict(task, config)
         finally:
             runtime.task_times.record(mode, time.monotonic() - start)
+        if outcome.entry is None or not outcome.entry["result"]:
+            why = outcome.skip or "no mask found"
+            log.info("retrieve: no prediction for task %s: %s", task_id, why)
+            skipped[why] += 1
+            return task_entry([], engine.model_version)
+        return outcome.entry
 
+    work.skipped = skipped
     work.finish = job.finish if isinstance(job, QueuedHandoff) else lambda: None
     return work
 
