@@ -263,6 +263,17 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             # [] answers a task handed to the background job (Label Studio stores nothing for it)
             outcome = "handed_off" if entry == [] else "error" if entry.get("error") else "ok"
             metrics.tasks.labels(outcome).inc()
+        skipped = getattr(work, "skipped", None)
+        if not asked and skipped:
+            # Label Studio says "Retrieved N predictions" even when it stored none: say why here. A
+            # task opened (one task, no context) with nothing to predict is no news.
+            log.log(
+                logging.WARNING if len(results) > 1 else logging.INFO,
+                "retrieve: %d of %d task(s) got no prediction (%s); Label Studio stores nothing for them",
+                sum(skipped.values()),
+                len(results),
+                ", ".join(f"{n} {why}" for why, n in skipped.most_common()),
+            )
         if not asked:
             # Without regions in the context (a task opened, "Retrieve predictions") Label Studio
             # stores every entry as a prediction of this model version and never asks again for

@@ -1,35 +1,45 @@
-"""`python -m backend serve|make-test-model|convert|preannotate|warm`.
+"""`python -m backend serve|make-test-model|convert|preannotate|warm|train|worker`.
 
-`build_parser` adds serve, make-test-model and convert, then every command in `COMMANDS` (a
-function that adds its parser, from the module whose code it runs).
+`build_parser` adds serve, make-test-model and convert, then every command in `COMMANDS` (the
+module whose code it runs, whose `add_parser` adds its parser). Those modules load torch, so
+`main` imports only the one the command line names: `--help` and `serve --help` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from werkzeug.serving import run_simple
-
-from backend import train, warm, worker
-from backend.app import create_app
 from backend.cli_options import add_model_options
 from backend.logs import setup_logging
-from backend.preannotate import cli as preannotate_cli
+from backend.settings import TEST_MODEL_FIXTURE as FIXTURE
 from backend.settings import Settings, SettingsError
-from sam2.convert import convert_checkpoint
-from sam2.models import set_cpu_threads, write_test_model
 
-# The tiny SAM2 trained on synthetic shapes: part of the source checkout's development kit, not of
-# the Docker image (which holds only backend/ and sam2/).
-FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
-
-# subcommands registered beside serve, make-test-model and convert (each adds its parser)
-COMMANDS = (preannotate_cli.add_parser, warm.add_parser, train.add_parser, worker.add_parser)
+# subcommands registered beside serve, make-test-model and convert: name -> (the module whose
+# `add_parser` adds its parser, the line `python -m backend --help` shows without importing it)
+COMMANDS = {
+    "preannotate": (
+        "backend.preannotate.cli",
+        "pre-annotate a whole Label Studio project (writes predictions only; resumable)",
+    ),
+    "warm": (
+        "backend.warm",
+        "pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)",
+    ),
+    "train": (
+        "backend.train",
+        "fine-tune the mask decoder on a project's corrected masks (activated only if it improves)",
+    ),
+    "worker": (
+        "backend.worker",
+        "process queued work (REDIS_URL): Retrieve overflow, `preannotate --queue`",
+    ),
+}
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -48,6 +58,11 @@ def exposure_warning(host: str, port: int, settings) -> str | None:
 
 
 def cmd_serve(args) -> None:
+    from werkzeug.serving import run_simple
+
+    from backend.app import create_app
+    from sam2.models import set_cpu_threads
+
     settings = Settings.from_env(model=args.model, device=args.device)
     setup_logging(settings.log_level)
     warning = exposure_warning(args.host, args.port, settings)
@@ -62,6 +77,8 @@ def cmd_serve(args) -> None:
 
 
 def cmd_make_test_model(args) -> None:
+    from sam2.models import write_test_model
+
     out = Path(args.dir)
     if args.trained:
         if not (FIXTURE / "config.json").is_file():
@@ -81,11 +98,20 @@ def cmd_make_test_model(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    from sam2.convert import convert_checkpoint
+
     out = convert_checkpoint(Path(args.checkpoint), Path(args.dir), config=args.config)
     print(f"converted {args.checkpoint} -> {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: list[str] | None) -> str | None:
+    """The command a command line names (None: none, or only top-level options)."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the modules of the other `COMMANDS` are not imported
+    (their subcommands are listed in `--help`, without their options)."""
     p = argparse.ArgumentParser(
         prog="python -m backend",
         description="Label Studio ML backend for SAM2: serve it, pre-annotate or pre-encode projects, "
@@ -147,13 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(fn=cmd_convert)
 
-    for add in COMMANDS:  # commands that live with their code
-        add(sub)
+    for name, (module, summary) in COMMANDS.items():  # commands that live with their code
+        if only is None or only == name:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser(only=requested_command(argv) or "").parse_args(argv)
     try:
         args.fn(args)
     except SettingsError as e:

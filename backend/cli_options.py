@@ -9,8 +9,9 @@ import signal
 import threading
 
 MODEL_HELP = (
-    "short name (sam2.1-tiny), hub id, HF directory or Meta .pt "
-    "(default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny)"
+    "short name (sam2.1-tiny), hub id, HF directory, Meta .pt, or `test` (the tiny model "
+    "`make run MODEL=test` serves); pass the model the server serves "
+    "(default: SAM2_MODEL, else facebook/sam2.1-hiera-tiny, as `serve`)"
 )
 DEVICE_HELP = "auto | cpu | cuda | mps (default: DEVICE, else auto)"
 

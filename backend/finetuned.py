@@ -8,7 +8,9 @@ START_TRAINING webhook (the "Start Training" button, or every Nth annotation whe
 project in the background, at low CPU priority, one run per project at a time and at most
 MAX_TRAININGS at once (`backend.trainlock`: file locks, so across gunicorn workers and the CLI),
 each child reaped when it ends, its log (train.log) readable by this user only; the server picks
-the new version up on its next look (FINETUNE_REFRESH_S).
+the new version up on its next look (FINETUNE_REFRESH_S). It answers with the run's job id and,
+when the run ends, logs what it decided (`backend.trainruns.summary`: held-out scores, the version
+and where it was written, or why it failed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from backend.errors import BadRequest
 from backend.segment import ImageSegmenter
 from backend.settings import Settings
 from backend.trainlock import TrainingBusy, check_free
+from backend.trainruns import read_runs, summary
 from sam2.decoders import DecoderVersions, ProjectDecoders, model_version
 from sam2.image import ImagePredictor
 
@@ -143,11 +146,31 @@ class TrainingLauncher:
             finally:
                 os.close(out)
             self._running[project] = proc
-            reap_when_done(proc, f"train-{project}")
+        threading.Thread(  # waits for the child: never left <defunct>
+            target=self._report, args=(project, proc, versions.dir, log_path), daemon=True
+        ).start()
         log.info(
             "project %s: fine-tuning started in the background (pid %d, log %s)", project, proc.pid, log_path
         )
         return {"status": "training", "job": f"train-{project}-{proc.pid}"}
+
+    def _report(self, project: int, proc: subprocess.Popen, project_dir: Path, log_path: Path) -> None:
+        """Wait for a run to end, then log what it decided (WARNING when it failed)."""
+        code = proc.wait()
+        run = next((r for r in read_runs(project_dir) if r.get("pid") == proc.pid), None)
+        if run is not None and run.get("state") != "running":
+            failed = run.get("state") != "finished"
+            log.log(
+                logging.WARNING if failed else logging.INFO, "%s (log %s)", summary(project, run), log_path
+            )
+            return
+        log.warning(
+            "project %s: fine-tuning ended with exit code %s before it recorded a result: %s (log %s)",
+            project,
+            code,
+            _last_line(log_path) or "no output",
+            log_path,
+        )
 
     def wait(self, project: int, timeout_s: float | None = None) -> int | None:
         proc = self._running.get(project)
@@ -162,11 +185,12 @@ def private_append(path: Path) -> int:
     return fd
 
 
-def reap_when_done(proc: subprocess.Popen, name: str) -> threading.Thread:
-    """Wait for `proc` in a daemon thread, so that it never stays <defunct> after it ends."""
-    waiter = threading.Thread(target=proc.wait, name=f"reap-{name}", daemon=True)
-    waiter.start()
-    return waiter
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
 
 
 def _low_priority() -> None:

@@ -10,6 +10,7 @@ retried after its worker died writes only what the dead worker had not. Redis ho
     sam2:run:ID          hash: project, mode, model_version, total, created, source, cancelled
     sam2:run:ID:tasks    hash: task id -> its outcome (done | skipped | failed)
     sam2:run:ID:counts   hash: outcome -> tasks
+    sam2:run:ID:why      hash: task id -> why it was skipped or failed
     sam2:run:ID:jobs     list: the run's RQ job ids
     sam2:runs:PROJECT    list: the project's run ids, oldest first
     sam2:held:TASK       while a Retrieve hand-off of the task waits (a later Retrieve skips it)
@@ -156,6 +157,7 @@ class RunStatus:
     mode: str = ""
     model_version: str = ""
     cancelled: bool = False
+    why: dict[str, dict[str, int]] = field(default_factory=dict)  # skipped|failed -> reason -> tasks
 
     @property
     def finished(self) -> int:
@@ -172,9 +174,20 @@ class RunStatus:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created)) if self.created else "?"
         return (
             f"run {self.id} ({self.source}, {self.mode}, {when}{', cancelled' if self.cancelled else ''}): "
-            f"{self.finished}/{self.total} tasks: {c.get('done', 0)} predicted, {c.get('skipped', 0)} "
-            f"skipped, {c.get('failed', 0)} failed; jobs: {jobs}"
+            f"{self.finished}/{self.total} tasks: {c.get('done', 0)} predicted, "
+            f"{self.outcome('skipped')}, {self.outcome('failed')}; jobs: {jobs}"
         )
+
+    def outcome(self, outcome: str) -> str:
+        """`4 skipped (no mask found)`, `3 failed (2 image not loaded: ..., 1 ...)`: as the
+        in-process run says it."""
+        n = self.counts.get(outcome, 0)
+        reasons = sorted(self.why.get(outcome, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        if not n or not reasons:
+            return f"{n} {outcome}"
+        if len(reasons) == 1 and reasons[0][1] == n:
+            return f"{n} {outcome} ({reasons[0][0]})"
+        return f"{n} {outcome} (" + ", ".join(f"{k} {why}" for why, k in reasons) + ")"
 
 
 class JobQueue:
@@ -272,10 +285,16 @@ class JobQueue:
 
     # --- what workers report -------------------------------------------------------------------
 
-    def record(self, run: str, task_id: int, outcome: str) -> None:
-        """The outcome of one task of `run` (done, skipped or failed); a retry overwrites it."""
+    def record(self, run: str, task_id: int, outcome: str, why: str | None = None) -> None:
+        """The outcome of one task of `run` (done, skipped or failed) and why it was skipped or
+        failed; a retry overwrites it."""
         with self.reaching("cannot record progress"):
             self._record(keys=[_tasks_key(run), _counts_key(run)], args=[int(task_id), outcome, RUN_TTL_S])
+            if why and outcome != "done":
+                pipe = self.redis.pipeline()
+                pipe.hset(_why_key(run), int(task_id), why[:300])
+                pipe.expire(_why_key(run), RUN_TTL_S)
+                pipe.execute()
 
     def cancelled(self, run: str) -> bool:
         with self.reaching("cannot read the run"):
@@ -323,6 +342,14 @@ class JobQueue:
             if not meta:
                 return None
             counts = {k.decode(): int(v) for k, v in self.redis.hgetall(_counts_key(run)).items()}
+            why: dict[str, dict[str, int]] = {}
+            reasons = self.redis.hgetall(_why_key(run))
+            if reasons:
+                for task, outcome in self.redis.hgetall(_tasks_key(run)).items():
+                    reason = reasons.get(task)
+                    if reason is not None and outcome.decode() in ("skipped", "failed"):
+                        per = why.setdefault(outcome.decode(), {})
+                        per[reason.decode()] = per.get(reason.decode(), 0) + 1
             job_ids = [j.decode() for j in self.redis.lrange(_jobs_key(run), 0, -1)]
             jobs: dict[str, int] = {}
             for job in Job.fetch_many(job_ids, connection=self.redis, serializer=JSONSerializer):
@@ -340,6 +367,7 @@ class JobQueue:
             source=meta.get("source", ""),
             mode=meta.get("mode", ""),
             model_version=meta.get("model_version", ""),
+            why=why,
             cancelled=meta.get("cancelled") == "1",
         )
 
@@ -406,6 +434,10 @@ def _run_key(run: str) -> str:
 
 def _tasks_key(run: str) -> str:
     return f"{PREFIX}run:{run}:tasks"
+
+
+def _why_key(run: str) -> str:
+    return f"{PREFIX}run:{run}:why"
 
 
 def _counts_key(run: str) -> str:

@@ -39,6 +39,27 @@ def default_store_dir() -> str:
     return str(Path(cache) / "label-studio-sam2" / "embeddings")
 
 
+# The tiny SAM2 trained on synthetic shapes: part of the source checkout's development kit, not of
+# the Docker image (which holds only backend/ and sam2/).
+TEST_MODEL_FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
+# where `make run MODEL=test` copies it (tools/demo.py: RUN_DIR/test-model) and serves it from
+DEMO_TEST_MODEL = Path(__file__).resolve().parent.parent / ".run" / "test-model"
+
+
+def test_model_dir() -> str:
+    """What the model name `test` means: the demo's copy of the tiny trained SAM2 when `make run
+    MODEL=test` wrote one (so `train`, `warm`, ... find the model the demo serves, same identity),
+    else the development kit's own copy."""
+    if (DEMO_TEST_MODEL / "config.json").is_file():
+        return str(DEMO_TEST_MODEL)
+    if (TEST_MODEL_FIXTURE / "config.json").is_file():
+        return str(TEST_MODEL_FIXTURE)
+    raise ValueError(
+        "`test` is the tiny SAM2 of a source checkout's devkit/ (not in the Docker image): run from a "
+        "checkout, or write one with `python -m backend make-test-model DIR --trained` and pass DIR"
+    )
+
+
 class SettingsError(ValueError):
     """A setting the server must not start with (invalid, out of range, or leaving it open by
     mistake); the message names the variable and says what to change."""
@@ -58,7 +79,7 @@ class Settings(BaseSettings):
     model: str = _env(
         "SAM2_MODEL",
         default="facebook/sam2.1-hiera-tiny",
-        description="short name (`tiny`, `sam2.1-small`, `sam2-base-plus`, `sam2.1-large`, ...), a hub id, a local directory saved with `save_pretrained`, or a Meta `.pt` checkpoint (converted once, next to it, or under `SAM2_CONVERTED_DIR` when its folder is read-only)",
+        description="short name (`tiny`, `sam2.1-small`, `sam2-base-plus`, `sam2.1-large`, ...), a hub id, a local directory saved with `save_pretrained`, or a Meta `.pt` checkpoint (converted once, next to it, or under `SAM2_CONVERTED_DIR` when its folder is read-only), or `test`: the tiny SAM2 trained on synthetic shapes that `make run MODEL=test` serves (`.run/test-model` once the demo wrote it, else `devkit/sam2-shapes`; a source checkout only)",
     )
     device: str = _env(
         "DEVICE",
@@ -382,6 +403,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value):
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model", mode="after")
+    @classmethod
+    def _test_model(cls, value):
+        return test_model_dir() if value.strip().lower() == "test" else value
 
     @field_validator("label_studio_url", mode="after")
     @classmethod

@@ -36,6 +36,7 @@ from backend.rle import decode_mask
 from backend.runtime import Runtime
 from backend.settings import Settings
 from backend.trainlock import TrainingBusy, training_slot
+from backend.trainruns import end_run, read_runs, runs_table, start_run, versions_table
 from sam2.decoders import DecoderVersions, model_version
 from sam2.finetune import Example, FinetuneConfig, finetune, split
 
@@ -169,6 +170,8 @@ class TrainReport:
     version: str | None = None
     activated: bool = False
     model_version: str | None = None
+    path: str | None = None  # where the version was written
+    min_gain: float | None = None
     interrupted: bool = False
 
     @property
@@ -192,7 +195,29 @@ class TrainReport:
             out.append(f"activated {self.version}: this project's model_version is now {self.model_version}")
         else:
             out.append(f"kept {self.version} but not activated: it does not improve held-out mIoU enough")
+        out.append(f"  written to {self.path}")
         return out
+
+    def outcome(self) -> dict:
+        """What `backend.trainruns` records of a run that ended."""
+        r = self.result
+        metrics = None
+        if r is not None:
+            metrics = {
+                "before": {"click_miou": r.before.click, "box_miou": r.before.box},
+                "after": {"click_miou": r.after.click, "box_miou": r.after.box},
+            }
+        return {
+            "tasks": self.tasks,
+            "examples": self.examples,
+            "skipped": dict(self.skipped),
+            "metrics": metrics,
+            "version": self.version,
+            "activated": self.activated,
+            "model_version": self.model_version,
+            "path": self.path,
+            "min_gain": self.min_gain,
+        }
 
 
 def collect_examples(api, project: int, segmenter, stop: threading.Event, tty: bool | None = None):
@@ -302,6 +327,7 @@ def train_project(
         report.interrupted = True
         return report
     report.activated = result.improved(cfg.min_gain)
+    report.min_gain = cfg.min_gain
     metrics = {
         "before": {"click_miou": result.before.click, "box_miou": result.before.box},
         "after": {"click_miou": result.after.click, "box_miou": result.after.box},
@@ -320,6 +346,7 @@ def train_project(
             "config": result.config,
         },
     )
+    report.path = str(versions.dir / report.version)
     if report.activated:
         versions.activate(report.version)
         report.model_version = model_version(segmenter.model_version, project, report.version)
@@ -347,15 +374,8 @@ def cmd_train(args) -> None:
             f"project {args.project} now uses {previous or 'the base model'} (servers pick it up within a minute)"
         )
         return
-    if args.list:
-        active = versions.active()
-        for v in versions.versions():
-            m = versions.manifest(v)
-            after = m.get("metrics", {}).get("after", {})
-            print(
-                f"{v}{' (active)' if v == active else ''}: {m.get('date')}, {m.get('examples')}, "
-                f"1-click {after.get('click_miou', float('nan')):.3f}, box {after.get('box_miou', float('nan')):.3f}"
-            )
+    if args.list or args.status:
+        print_runs(versions, args.project, runs=args.status, listing=args.list)
         return
     if not settings.label_studio_url or not settings.label_studio_api_key:
         sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
@@ -365,31 +385,70 @@ def cmd_train(args) -> None:
     except TrainingBusy as e:
         sys.exit(f"train: {e.message}")
     try:
-        report = _run(settings, args)
+        _run(settings, args, versions)
     finally:
         slot.__exit__(None, None, None)
+
+
+def _run(settings: Settings, args, versions: DecoderVersions) -> None:
+    """One run, recorded in runs.json from its start to its end (`train --status`, the server's
+    report); prints the run's report and exits with its code."""
+    stop = stop_on_signals("step")
+    run = start_run(versions.dir, settings.model)
+    error = None
+    try:
+        runtime = Runtime(settings, load_in_background=False)
+        runtime.load()
+        segmenter = runtime.require(0)
+        api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+        report = train_project(
+            api, args.project, segmenter, settings, val_fraction=args.val_fraction, stop=stop
+        )
+    except BackendError as e:
+        error = f"train: {e.message}"
+    except LabelStudioAPIError as e:
+        error = f"train: {e}"
+    except BaseException as e:
+        if type(e).__name__ == "ApiError":
+            error = f"train: Label Studio: {describe(e)}"
+        else:
+            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            end_run(
+                versions.dir,
+                run,
+                "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                error=reason,
+            )
+            raise
+    if error is not None:
+        end_run(versions.dir, run, "failed", error=error.removeprefix("train: "))
+        sys.exit(error)
+    state = "interrupted" if report.interrupted else "finished"
+    end_run(versions.dir, run, state, **report.outcome())
     print("\n".join(report.lines()), flush=True)
     sys.exit(report.exit_code)
 
 
-def _run(settings: Settings, args) -> TrainReport:
-    stop = stop_on_signals("step")
-    runtime = Runtime(settings, load_in_background=False)
-    runtime.load()
-    try:
-        segmenter = runtime.require(0)
-        api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-        return train_project(
-            api, args.project, segmenter, settings, val_fraction=args.val_fraction, stop=stop
+def print_runs(versions: DecoderVersions, project: int, *, runs: bool, listing: bool) -> None:
+    """`train --status`: the running and the last runs; `--list`: the versions and their scores."""
+    if runs:
+        recorded = read_runs(versions.dir)
+        print(f"project {project}: fine-tuning runs ({versions.dir})")
+        print(
+            runs_table(recorded)
+            if recorded
+            else "  none yet: `train --project N` or Start Training in Label Studio"
         )
-    except BackendError as e:
-        sys.exit(f"train: {e.message}")
-    except LabelStudioAPIError as e:
-        sys.exit(f"train: {e}")
-    except Exception as e:
-        if type(e).__name__ == "ApiError":
-            sys.exit(f"train: Label Studio: {describe(e)}")
-        raise
+    if listing:
+        if runs:
+            print()
+        names = versions.versions()
+        active = versions.active()
+        print(f"project {project}: versions ({versions.dir}); served: {active or 'the base model'}")
+        if names:
+            print(versions_table(names, {v: versions.manifest(v) for v in names}, active))
+        else:
+            print("  none yet")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -430,5 +489,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--list", action="store_true", help="list the project's versions and their scores (default: off)"
+    )
+    t.add_argument(
+        "--status",
+        action="store_true",
+        help="show the project's running and last fine-tuning runs: started, scores, outcome (default: off)",
     )
     t.set_defaults(fn=cmd_train)

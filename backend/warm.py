@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,15 +22,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from backend.cli_options import add_label_studio_options, add_model_options
-from backend.errors import BackendError
+from backend.errors import BackendError, BadRequest
 from backend.jobqueue import JobQueue, QueueUnavailable
 from backend.logs import setup_logging
 from backend.preannotate import queued
-from backend.preannotate.lsapi import LabelStudioAPI
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
 from backend.protocol import LabelConfig, parse_label_config
 from backend.runtime import Runtime
 from backend.settings import Settings
 from sam2.models import encoder_precision
+from sam2.releases import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +193,20 @@ def cmd_warm(args) -> None:
         label_studio_api_key=args.api_key,
     )
     setup_logging("WARNING" if args.quiet else settings.log_level)
-    if args.queue:
-        return _queue_warm(settings, args)
-    summary = warm_project(
-        settings, args.project, after_task=args.after_task, limit=args.limit, progress=not args.quiet
-    )
+    try:
+        if args.queue:
+            return _queue_warm(settings, args)
+        summary = warm_project(
+            settings, args.project, after_task=args.after_task, limit=args.limit, progress=not args.quiet
+        )
+    except (LabelStudioAPIError, ModelUnavailable) as e:  # one line, as the other commands say it
+        sys.exit(f"warm: {e}")
+    except BadRequest as e:
+        sys.exit(f"warm: project {args.project}: {e.message}")
+    except Exception as e:
+        if type(e).__name__ == "ApiError" or "httpx" in type(e).__module__:  # the SDK, before a call
+            sys.exit(f"warm: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
+        raise
     print(summary.line())
     print(summary.keyed_by())
     for task_id, reason in summary.failed.items():

@@ -16,7 +16,13 @@ Losing a worker loses nothing:
   worker had written.
 - SIGTERM (or Ctrl-C): the current task is finished and written, the rest of the chunk goes
   back to the front of the queue, and the worker exits. A second signal stops at once (the lease
-  then brings the chunk back).
+  then brings the chunk back). The log says how much of the chunk was done and how much handed
+  back (not RQ's "Job OK").
+
+Redis going away does not stop a worker: it waits with back-off (RQ's, 1 s doubling to 60 s),
+logs the outage once when it starts, again at growing intervals while it lasts and once when it
+ends (`RedisOutage`), and SIGTERM during an outage exits cleanly (the worker's entry in Redis
+expires by itself).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 
+import redis
 from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
@@ -50,7 +57,7 @@ from backend.jobqueue import (
 from backend.logs import setup_logging
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
-from backend.preannotate.retrieve import predict_and_write
+from backend.preannotate.retrieve import predict_and_write_why
 from backend.protocol import parse_label_config, task_data_url
 from backend.runtime import Runtime
 from backend.settings import Settings
@@ -60,6 +67,76 @@ from sam2.models import load_image_model, set_cpu_threads
 from sam2.releases import ModelUnavailable
 
 log = logging.getLogger("backend.worker")
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class RedisOutage:
+    """One Redis outage, as a worker reports it: a WARNING when it starts, again after 1, 2, 4, ...
+    minutes (at most every `max_every_s`) while it lasts, and a line when Redis answers again;
+    `backoff()` gives the next wait of a retry loop (2 s doubling to 60 s)."""
+
+    def __init__(self, where: str, first_s: float = 2.0, max_s: float = 60.0, max_every_s: float = 600.0):
+        self.where, self.first_s, self.max_s, self.max_every_s = where, first_s, max_s, max_every_s
+        self._lock = threading.Lock()
+        self.since: float | None = None
+        self._wait = first_s
+        self._every = 60.0
+        self._next_log = 0.0
+
+    def failed(self, error: BaseException | str) -> None:
+        why = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:200]}"
+        with self._lock:
+            now = time.monotonic()
+            if self.since is None:
+                self.since, self._next_log, self._every = now, now + 60.0, 60.0
+                log.warning(
+                    "Redis at %s cannot be reached (%s): waiting for it, retrying with back-off up to "
+                    "every %.0f s; queued work stays queued",
+                    self.where,
+                    why,
+                    self.max_s,
+                )
+            elif now >= self._next_log:
+                self._every = min(self._every * 2, self.max_every_s)
+                self._next_log = now + self._every
+                log.warning(
+                    "Redis at %s still cannot be reached after %.0f s (%s)", self.where, now - self.since, why
+                )
+
+    def backoff(self) -> float:
+        with self._lock:
+            wait, self._wait = self._wait, min(self._wait * 2, self.max_s)
+            return wait
+
+    def recovered(self) -> None:
+        with self._lock:
+            if self.since is None:
+                return
+            down, self.since, self._wait = time.monotonic() - self.since, None, self.first_s
+        log.warning("Redis at %s answers again (unreachable for %.0f s)", self.where, down)
+
+
+class _RQLog(logging.Filter):
+    """RQ's own lines that would mislead: an ERROR per failed Redis try (the outage reports those),
+    and "Job OK" for a chunk the worker cut short (the worker says what it did instead)."""
+
+    def __init__(self, outage: RedisOutage, runner: JobRunner):
+        super().__init__()
+        self.outage, self.runner = outage, runner
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if "could not connect to Redis" in text:
+            args = record.args if isinstance(record.args, tuple) else ()
+            self.outage.failed(
+                args[1] if len(args) > 1 and isinstance(args[1], BaseException) else "no answer"
+            )
+            return False
+        # RQ logs these inside the job's execution: while a chunk that stopped part way runs
+        if self.runner.current_job and self.runner.handed_back is not None:
+            return not ("Successfully completed" in text or "Job OK" in record.getMessage())
+        return True
 
 
 class JobRunner:
@@ -71,6 +148,8 @@ class JobRunner:
         self.api = api
         self.queue = queue
         self.stopping = threading.Event()
+        self.current_job: str | None = None  # the RQ job id of the chunk running
+        self.handed_back: tuple[int, int] | None = None  # (done, handed back) when it stopped part way
         self._index: UrlIndex | None = None  # the store's URL index, for warm jobs
 
     def run(self, chunk: Chunk) -> dict:
@@ -86,10 +165,10 @@ class JobRunner:
         except BadRequest as e:  # every task would fail the same way: say it once
             log.warning("run %s: %s", chunk.run, e.message)
             for task_id in chunk.task_ids:
-                self.queue.record(chunk.run, task_id, "failed")
+                self.queue.record(chunk.run, task_id, "failed", e.message)
             return {"failed": len(chunk.task_ids)}
         version = chunk.model_version or engine.model_version
-        return self._each(chunk, lambda task: predict_and_write(self.api, engine, task, config, version))
+        return self._each(chunk, lambda task: predict_and_write_why(self.api, engine, task, config, version))
 
     def _each(self, chunk: Chunk, predict) -> dict:
         """`predict(task)` -> outcome for each task of the chunk, fetched from Label Studio, until
@@ -104,16 +183,20 @@ class JobRunner:
             if self.stopping.is_set():
                 rest = chunk.task_ids[i:]
                 self.queue.enqueue([replace(chunk, task_ids=rest)], at_front=True)
-                log.info("stopping: %d task(s) of this chunk handed back to the queue", len(rest))
+                self.handed_back = (i, len(rest))
+                counts["handed back"] = len(rest)  # the job's result says so too
                 break
+            why = None
             try:
                 task = self.api.task(task_id)
             except LabelStudioAPIError as e:
                 log.warning("task %s: %s", task_id, e)
-                outcome = "failed"
+                outcome, why = "failed", str(e)
             else:
                 outcome = predict(task)
-            self.queue.record(chunk.run, task_id, outcome)
+                if isinstance(outcome, tuple):  # (outcome, why it was skipped or failed)
+                    outcome, why = outcome
+            self.queue.record(chunk.run, task_id, outcome, why)
             self.queue.release(task_id)
             counts[outcome] += 1
         return dict(counts)
@@ -195,14 +278,65 @@ class ModelWorker(SimpleWorker):
     callback or dependency it never enqueues, written to Redis by someone else) is logged, marked
     failed without retries and never imported or run."""
 
-    def __init__(self, *args, runner: JobRunner, lease_s: float, **kwargs):
+    def __init__(self, *args, runner: JobRunner, lease_s: float, outage: RedisOutage, **kwargs):
         self.runner = runner
         self.lease_s = lease_s
+        self.outage = outage
         tick = max(1, int(lease_s / 3))
         super().__init__(
             *args, worker_ttl=15 + tick, maintenance_interval=tick, job_class=ProjectJob, **kwargs
         )
         self.push_exc_handler(_log_abandoned)
+        self._filter = _RQLog(outage, runner)
+        self.log.addFilter(self._filter)
+
+    # --- Redis away: wait for it, say so once, never a traceback ------------------------------------
+    def heartbeat(self, *args, **kwargs):
+        try:
+            super().heartbeat(*args, **kwargs)
+        except REDIS_DOWN as e:
+            self.outage.failed(e)  # the next Redis call (the dequeue) waits with RQ's back-off
+        else:
+            self.outage.recovered()
+
+    def set_state(self, state, pipeline=None):
+        try:
+            super().set_state(state, pipeline)
+        except REDIS_DOWN as e:
+            self._state = state
+            self.outage.failed(e)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_DOWN as e:
+            self.outage.failed(e)
+
+    def run_maintenance_tasks(self):
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_DOWN as e:
+            self.outage.failed(e)
+
+    def _pubsub_exception_handler(self, exc, pubsub, pubsub_thread) -> None:
+        # RQ's logs an ERROR and retries every 2 s, for as long as Redis is away
+        if isinstance(exc, redis.exceptions.ConnectionError):
+            self.outage.failed(exc)
+            time.sleep(self.outage.backoff())
+            return
+        super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+
+    def teardown(self):
+        try:
+            super().teardown()
+        except REDIS_DOWN:
+            log.warning(
+                "worker %s stopped while Redis at %s cannot be reached: its entry there expires by itself",
+                self.name,
+                self.outage.where,
+            )
+            if self.pubsub_thread is not None:
+                self.pubsub_thread.stop()
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return int(self.lease_s)
@@ -218,11 +352,21 @@ class ModelWorker(SimpleWorker):
         beat.start()
         start = time.monotonic()
         ok = False
+        self.runner.current_job, self.runner.handed_back = job.id, None
         try:
             ok = self.perform_job(job, queue, execution)
         finally:
             done.set()
             beat.join()
+            if self.runner.handed_back is not None:
+                did, rest = self.runner.handed_back
+                log.warning(
+                    "job %s stopped part way: %d task(s) done, the other %d handed back to the queue",
+                    job.id,
+                    did,
+                    rest,
+                )
+            self.runner.current_job = None
             try:
                 self.runner.queue.worker_finished_job(self.name, time.monotonic() - start, failed=not ok)
             except QueueUnavailable as e:
@@ -307,6 +451,7 @@ def cmd_worker(args) -> None:
         serializer=JSONSerializer,
         runner=_runner,
         lease_s=settings.job_lease_s,
+        outage=RedisOutage(queue.where),
     )
     log.info(
         "worker %s: model %s on %s, queue %r at %s, job lease %.0f s",

@@ -72,3 +72,78 @@ def test_warm_takes_the_label_studio_url_and_key_like_preannotate():
             [name, "--project", "3", "--url", "http://ls:8080", "--api-key", "k"]
         )
         assert (args.url, args.api_key) == ("http://ls:8080", "k")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
+def test_help_answers_without_importing_torch(argv):
+    # `--help` took 6-9 s when every command's module (and torch with it) was imported up front
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "backend", *argv],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "usage: python -m backend" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "backend" in imported  # -X importtime did report
+    assert not {"torch", "transformers", "label_studio_sdk"} & imported
+
+
+def test_the_top_level_help_lists_each_command_as_its_own_help_says():
+    from backend.cli import COMMANDS
+
+    full = _subcommands()
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, (_, summary) in COMMANDS.items():
+        assert name in full and helps[name] == summary
+
+
+@pytest.mark.parametrize("name", ["serve", "train", "warm", "preannotate", "worker"])
+def test_every_command_that_loads_the_model_takes_the_names_make_run_takes(name, monkeypatch):
+    # `make run MODEL=test` serves the tiny trained SAM2; `train --model test` was refused
+    from backend.settings import DEMO_TEST_MODEL, TEST_MODEL_FIXTURE
+
+    argv = [name] + ([] if name in ("serve", "worker") else ["--project", "1"]) + ["--model", "test"]
+    args = build_parser(only=name).parse_args(argv)
+    settings = Settings.from_env(model=args.model)
+    served = DEMO_TEST_MODEL if (DEMO_TEST_MODEL / "config.json").is_file() else TEST_MODEL_FIXTURE
+    assert settings.model == str(served) and (Path(settings.model) / "config.json").is_file()
+    # with nothing given, every command loads what the server loads: SAM2_MODEL
+    monkeypatch.setenv("SAM2_MODEL", "test")
+    args = build_parser(only=name).parse_args(argv[:-2])
+    assert Settings.from_env(model=args.model).model == str(served)
+
+
+@pytest.mark.parametrize("queue", [False, True])
+def test_warm_says_a_label_studio_error_in_one_line_and_fails(httpserver, tmp_path, queue):
+    # it printed a traceback ending in `LabelStudioAPIError: reading project 1: HTTP 401`
+    import subprocess
+    import sys
+
+    httpserver.expect_request(re.compile(".*")).respond_with_json({"detail": "Invalid token."}, status=401)
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LABEL_STUDIO_API_KEY": "s3cret-token",
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # --queue reads the project before it needs Redis
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend", "warm", "--project", "1", "--store", str(tmp_path / "store")]
+        + ["--url", httpserver.url_for("/").rstrip("/")]
+        + (["--queue"] if queue else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "s3cret-token" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "warm: reading project 1: HTTP 401: Invalid token."

@@ -260,3 +260,43 @@ def test_warm_jobs_encode_into_the_shared_store_once(
         image = runtime.media.load_image(url, i + 1)
         server.embedding(image.key, image.load)
     assert server.encoder_calls == 0 and encoder_precision(server.loaded) == cpu_precision
+
+
+def test_a_queued_run_reports_why_tasks_were_skipped_or_failed_as_the_in_process_run(
+    app_factory, redis_server, media_server
+):
+    # `--status` and the `--queue` summary said "4 skipped" without the in-process run's reasons
+    from backend.jobqueue import chunk_from_job
+    from backend.preannotate.queued import report
+    from backend.worker import JobRunner
+    from tests.conftest import IMAGE_CONFIG
+    from tests.test_preannotate import MODEL_VERSION, FakeLabelStudio, project
+
+    tasks = [t for t in project(media_server) if t["id"] != 20]  # the CLI queues annotated tasks only
+    ls = FakeLabelStudio(tasks=tasks)
+    app = app_factory(redis_url=redis_server.url)
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    queue = runtime.job_queue()
+    run = queue.start_run(
+        [t["id"] for t in tasks],
+        project=1,
+        label_config=IMAGE_CONFIG,
+        options={"mode": "boxes"},
+        model_version=MODEL_VERSION,
+        source="preannotate",
+    )
+    [job] = queue.queue.jobs
+    JobRunner(runtime, ls, queue).run(chunk_from_job(job.args[0]))
+    status = queue.status(run.id)
+    # the words of the in-process run (test_preannotate: ..._with_reasons_and_a_rerun_does_nothing)
+    assert status.why["skipped"][f"already has a prediction of {MODEL_VERSION}"] == 1
+    assert status.why["skipped"]["no rectangle in the latest annotation"] == 1
+    assert status.why["failed"] == {f"HTTP 404 fetching {media_server.url}/missing.png": 1}
+    line = status.line()
+    assert f"1 failed (HTTP 404 fetching {media_server.url}/missing.png)" in line
+    assert "no rectangle in the latest annotation" in line
+    summary = report(status, 3.0, skipped_before=1)
+    assert "  skipped 1: no rectangle in the latest annotation" in summary.splitlines()
+    assert "  skipped 1: no annotation" in summary.splitlines()
+    assert f"  failed 1: HTTP 404 fetching {media_server.url}/missing.png" in summary.splitlines()

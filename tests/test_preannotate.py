@@ -609,3 +609,22 @@ def test_options_reject_unknown_values():
         PreannotateOptions(mode="everything")
     with pytest.raises(ValueError, match="output"):
         PreannotateOptions(output="svg")
+
+
+def test_retrieve_with_nothing_to_predict_says_why_at_warning(app_factory, media_server, caplog):
+    # it logged `0 result region(s)` at INFO: nothing told the user why no prediction came
+    url = media_server.add_image("a.png", noise_image(60, 80))
+    brush_only = {"type": "brushlabels", "from_name": "tag", "to_name": "image", "value": {"rle": [0]}}
+    tasks = [
+        annotated_task(1, url, [brush_only]),  # nothing to predict: no rectangle
+        annotated_task(2, media_server.url + "/missing.png", [rect_px((1, 1, 9, 9), 80, 60, "object")]),
+    ]
+    client = app_factory(retrieve_mode="boxes", background_job=False).test_client()
+    with caplog.at_level(logging.INFO):
+        body = client.post("/predict", json=predict_body(tasks, None)).get_json()
+    assert body["results"] == [[], []]  # Label Studio stores nothing: a later Retrieve tries again
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("task 2" in w and "HTTP 404" in w for w in warnings), warnings
+    assert any(
+        "1 of 2 task(s) got no prediction (1 no rectangle in the latest annotation)" in w for w in warnings
+    ), warnings

@@ -96,3 +96,116 @@ def test_start_training_webhook_needs_label_studio_and_a_project(app_factory):
     resp = client.post("/webhook", json={"action": "START_TRAINING", "project": {"title": "x"}})
     assert resp.status_code == 400 and "project" in resp.get_json()["error"]
     assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).status_code == 200
+
+
+def _label_studio_refusing(httpserver):
+    """A Label Studio that refuses the token: every API call answers 401."""
+    import re
+
+    httpserver.expect_request(re.compile(".*")).respond_with_json({"detail": "Invalid token."}, status=401)
+    return httpserver.url_for("/").rstrip("/")
+
+
+def test_start_training_answers_a_job_id_and_the_server_logs_how_the_run_ended(
+    app_factory, httpserver, tmp_path, caplog
+):
+    import logging
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    url = _label_studio_refusing(httpserver)
+    app = app_factory(label_studio_url=url, label_studio_api_key="s3cret-token", finetune_dir=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="backend.train"):
+        resp = app.test_client().post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
+        assert resp.status_code == 200
+        job = resp.get_json()["job"]
+        assert job.startswith("train-4-")  # Label Studio keeps it as the backend's training job
+        assert app.extensions["sam2"]._trainer.wait(4, 300) not in (None, 0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "fine-tuning failed" not in caplog.text:
+            time.sleep(0.2)
+    [ended] = [r for r in caplog.records if "fine-tuning failed" in r.getMessage()]
+    assert ended.levelname == "WARNING"
+    assert "project 4" in ended.getMessage() and "HTTP 401" in ended.getMessage()
+    assert "s3cret-token" not in caplog.text
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "backend", "train", "--project", "4", "--status", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split()[:3] == ["state", "started", "(UTC)"]  # a table, not a Python dict
+    assert lines[2].startswith("failed") and "HTTP 401" in lines[2] and job.rsplit("-", 1)[1] in lines[2]
+    assert "{" not in proc.stdout
+
+
+def test_train_status_and_list_show_the_running_and_the_last_runs_as_tables(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from backend.trainruns import end_run, start_run
+
+    versions = DecoderVersions(tmp_path, 7)
+    state = {"w": torch.zeros(2)}
+    manifest = {
+        "base_model": "sam2-shapes-abc",
+        "examples": {"train": 24, "val": 6, "tasks": 30},
+        "metrics": {
+            "before": {"click_miou": 0.27, "box_miou": 0.5},
+            "after": {"click_miou": 0.97, "box_miou": 0.9},
+        },
+    }
+    versions.activate(versions.save(state, manifest))
+    finished = start_run(versions.dir, "test")
+    end_run(
+        versions.dir,
+        finished,
+        "finished",
+        metrics=manifest["metrics"],
+        version="v0001",
+        activated=True,
+        model_version="sam2-shapes-abc-p7-v0001",
+        path=str(versions.dir / "v0001"),
+    )
+    running = start_run(versions.dir, "test")  # this test's own process: alive
+    assert running["pid"] == os.getpid()
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backend",
+            "train",
+            "--project",
+            "7",
+            "--status",
+            "--list",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "{'" not in out and '{"' not in out  # no Python dict
+    runs = out.split("\n\n")[0].splitlines()
+    assert runs[2].startswith("running") and f"pid {os.getpid()}" in runs[2]
+    assert runs[3].startswith("finished") and "0.270 -> 0.970" in runs[3] and "activated v0001" in runs[3]
+    assert str(versions.dir / "v0001") in runs[3]
+    table = out.split("\n\n")[1].splitlines()
+    assert "served: v0001" in table[0]
+    assert table[1].split()[:2] == ["version", "active"]
+    assert table[2].split()[:2] == ["v0001", "yes"] and "24/6" in table[2] and "0.500 -> 0.900" in table[2]

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -94,12 +95,18 @@ def report(status: RunStatus, seconds: float, skipped_before: int) -> str:
         f"{c.get('done', 0)} predicted, {c.get('skipped', 0) + skipped_before} skipped, {c.get('failed', 0)} failed"
     ]
     if status.finished < status.total:
+        jobs = ", ".join(f"{n} {s}" for s, n in sorted(status.jobs.items())) or "none"
         lines.append(
             f"  {status.total - status.finished} task(s) not processed: "
-            + ("the run was cancelled" if status.cancelled else f"jobs {status.jobs}")
+            + ("the run was cancelled" if status.cancelled else f"jobs: {jobs}")
         )
+    skipped = Counter(status.why.get("skipped", {}))
     if skipped_before:
-        lines.append(f"  skipped {skipped_before}: no annotation")
+        skipped["no annotation"] += skipped_before
+    for reason, n in skipped.most_common():  # as the in-process run says them
+        lines.append(f"  skipped {n}: {reason}")
+    for reason, n in Counter(status.why.get("failed", {})).most_common():
+        lines.append(f"  failed {n}: {reason}")
     return "\n".join(lines)
 
 

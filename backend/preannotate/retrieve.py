@@ -64,6 +64,7 @@ def retrieve_worker(
         job = runtime.background_job()
     mode = engine.options.mode
     checked = handing_off = False
+    skipped: Counter = Counter()  # why tasks got no prediction (the app logs them once per request)
 
     def work(task: dict):
         nonlocal checked, handing_off
@@ -82,11 +83,17 @@ def retrieve_worker(
             return hand_off(task)
         start = time.monotonic()
         try:
-            return engine.predict(task, config, deadline).entry or task_entry([], engine.model_version)
+            outcome = engine.predict(task, config, deadline)
         except TaskDeadline:  # cut between two decoder batches: as if not started in time
             return hand_off(task)
         finally:
             runtime.task_times.record(mode, time.monotonic() - start)
+        if outcome.entry is None or not outcome.entry["result"]:
+            why = outcome.skip or "no mask found"
+            log.info("retrieve: no prediction for task %s: %s", task_id, why)
+            skipped[why] += 1
+            return task_entry([], engine.model_version)
+        return outcome.entry
 
     def hand_off(task: dict) -> list:
         nonlocal handing_off
@@ -106,6 +113,7 @@ def retrieve_worker(
             job.submit(task, config, engine.options, segmenter)
         return []
 
+    work.skipped = skipped
     work.finish = job.finish if isinstance(job, QueuedHandoff) else lambda: None
     return work
 
@@ -302,21 +310,40 @@ def predict_and_write(
     """Predict one task and write its prediction as `model_version` unless it already has one
     (checked before predicting and again before writing); the outcome: "done", "skipped" or
     "failed" (logged with the reason). The background job and the queue's workers share it."""
+    return predict_and_write_why(api, engine, task, config, model_version, task_times)[0]
+
+
+def predict_and_write_why(
+    api: LabelStudioAPI,
+    engine: Preannotator,
+    task: dict,
+    config: LabelConfig,
+    model_version: str,
+    task_times: TaskTimes | None = None,
+) -> tuple[str, str | None]:
+    """`predict_and_write`, with why a task was skipped or failed, in the in-process run's words
+    (`no mask found`, `already has a prediction of V`, ...): a queued run reports them."""
     task_id = task["id"]
+    already = f"already has a prediction of {model_version}"
     try:
         if model_version in api.prediction_versions(task_id):
-            return "skipped"
+            return "skipped", already
         start = time.monotonic()
         outcome = engine.predict(task, config)
         if task_times is not None:
             task_times.record(engine.options.mode, time.monotonic() - start)
         if outcome.entry is None or not outcome.entry["result"]:
-            return "skipped"  # never store an empty prediction: it would hide the task
-        return "done" if api.create_prediction(task_id, outcome.entry, model_version) else "skipped"
+            # never store an empty prediction: it would hide the task
+            return "skipped", outcome.skip or "no mask found"
+        if api.create_prediction(task_id, outcome.entry, model_version):
+            return "done", None
+        return "skipped", already
     except BackendError as e:
         log.warning("background job: task %s failed: %s", task_id, e.message)
+        return "failed", e.message
     except LabelStudioAPIError as e:
         log.warning("background job: task %s failed: %s", task_id, e)
-    except Exception:
+        return "failed", str(e)
+    except Exception as e:
         log.exception("background job: task %s failed", task_id)
-    return "failed"
+        return "failed", f"internal error ({type(e).__name__}): see the worker's log"

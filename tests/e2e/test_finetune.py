@@ -159,6 +159,35 @@ def test_start_training_in_label_studio_activates_a_better_decoder_for_this_proj
     assert label_studio.token not in log
     new_version = f"{base_version}-p{project.id}-{versions.active()}"
 
+    # the server says how the run ended, and `train --status` shows it
+    backend_log = root.parent / "finetune-backend.log"
+    deadline = time.monotonic() + 60
+    while "fine-tuning finished" not in backend_log.read_text() and time.monotonic() < deadline:
+        time.sleep(1)
+    [ended] = [line for line in backend_log.read_text().splitlines() if "fine-tuning finished" in line]
+    assert f"project {project.id}: " in ended and f"activated {versions.active()}" in ended, ended
+    assert "held-out 1-click mIoU" in ended and f"written to {versions.dir / versions.active()}" in ended
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backend",
+            "train",
+            "--project",
+            str(project.id),
+            "--status",
+            "--dir",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=lsserver.REPO_ROOT,
+    )
+    assert status.returncode == 0, status.stderr
+    [run] = [line for line in status.stdout.splitlines() if line.startswith("finished")]
+    assert f"activated {versions.active()}" in run and "->" in run, status.stdout
+
     deadline = time.monotonic() + 60  # a running server picks it up within a minute
     while True:
         task, mask = held_out[-1]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,6 +180,8 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
         stop(first)
     log = first_log.read_text()
     assert "stopping after the current task" in log and "handed back to the queue" in log, log[-3000:]
+    [cut] = re.findall(r"job (\S+) stopped part way", log)
+    assert not [line for line in log.splitlines() if "Job OK" in line and cut in line], log[-3000:]
     after_sigterm = lsserver.prediction_counts(ls, project.id)
     assert all(n <= 1 for n in after_sigterm.values()) and sum(after_sigterm.values()) < len(task_ids)
 
