@@ -393,6 +393,13 @@ def _compose() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
 
 
+def test_compose_names_the_backend_s_host_in_allowed_hosts():
+    """Label Studio reaches the backend as http://sam2:9090: that Host is answered without basic
+    auth too (tests/test_security_server.py checks the rule itself)."""
+    env = _compose()["x-sam2"]["environment"]
+    assert "sam2" in env["ALLOWED_HOSTS"].split(":-", 1)[1].rstrip("}").split(",")
+
+
 def test_compose_wires_label_studio_and_the_backend():
     compose = _compose()
     services = compose["services"]
