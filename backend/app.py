@@ -363,15 +363,7 @@ def _parse_float(text: str) -> float:
 
 
 def _task_worker(
-    runtime: Runtime,
-    segmenter,
-    settings: Settings,
-    config,
-    xml,
-    context,
-    objects,
-    deadline,
-    project: int | None,
+    runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline, project
 ):
     """What /predict does for one task, chosen by the label config and the context, and whether
     it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""

@@ -5,9 +5,10 @@ model loads once, before the first job, and stays loaded: jobs run in this proce
 `SimpleWorker`, no fork per job). A job is a chunk of task ids (`backend.jobqueue.Chunk`) of a
 project. The worker reads the project's label config and each task from Label Studio with its own
 token, and a task that is not the project's is not predicted (`lsapi.project_task`; whoever
-queued the job may have had only a request's word for the ids). Each task is predicted and written through the Label Studio API with the check-before-write of
-`predict_and_write` (a video task is tracked to the end; a warm job encodes the image into the
-shared embedding store instead), and its outcome is counted in Redis.
+queued the job may have had only a request's word for the ids). Each task is predicted and
+written through the Label Studio API with the check-before-write of `predict_and_write` (a video
+task is tracked to the end; a warm job encodes the image into the shared embedding store
+instead), and its outcome is counted in Redis.
 
 Losing a worker loses nothing:
 - SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
