@@ -11,13 +11,12 @@ prediction; project A's gets one predicted from what Label Studio holds (its "ob
 from __future__ import annotations
 
 import base64
-import re
 
 import pytest
 import requests
 
 from devkit import lsserver
-from devkit.media_server import MediaServer, encode_image
+from devkit.media_server import MediaServer
 from devkit.sample_media import make_scene, rectangle
 from tests.conftest import noise_image
 from tests.e2e.test_queue import CONFIG, make_project, wait_for
@@ -25,11 +24,12 @@ from tests.e2e.test_queue import CONFIG, make_project, wait_for
 pytestmark = pytest.mark.e2e
 
 HACKED_CONFIG = CONFIG.replace('<Label value="object"/>', '<Label value="object"/><Label value="HACKED"/>')
-FINISHED = re.compile(r"background job: \d+ done, \d+ skipped, \d+ failed, 0 pending")
 
 
 def test_an_anonymous_retrieve_cannot_write_into_another_project(label_studio, backend_model_dir, tmp_path):
     ls = label_studio
+    for folder in ("media", "slow"):
+        (tmp_path / folder).mkdir()
     fast = MediaServer(tmp_path / "media").serve_files()
     slow = MediaServer(tmp_path / "slow", delay_s=3.0).serve_files()  # past the 1 s deadline
     backend = None
@@ -48,8 +48,8 @@ def test_an_anonymous_retrieve_cannot_write_into_another_project(label_studio, b
             },
         )
         trickle = slow.add_image("trickle.png", noise_image(48, 64))
-        sent = "data:image/png;base64," + base64.b64encode(encode_image(noise_image(48, 64, seed=3))).decode()
-        scene = make_scene(tmp_path / "scene.png", seed=0)
+        scene = make_scene(tmp_path / "scene.png", seed=7)  # a shape the model segments
+        sent = "data:image/png;base64," + base64.b64encode(scene.path.read_bytes()).decode()
         hacked = [rectangle(scene, label="HACKED")]
         body = {
             "tasks": [
@@ -64,8 +64,12 @@ def test_an_anonymous_retrieve_cannot_write_into_another_project(label_studio, b
         resp = requests.post(f"{backend.url}/predict", json=body, timeout=60)
         assert resp.status_code == 200, resp.text[:300]
         assert resp.json()["results"][1:] == [[], []]  # handed to the background job
+        # the job takes the tasks in order: the victim first, then project A's own
         wait_for(
-            "the background job finished", lambda: FINISHED.search(backend.log()), 120, [backend.log_path]
+            "the background job wrote task A",
+            lambda: lsserver.predictions(ls, second),
+            120,
+            [backend.log_path],
         )
         assert lsserver.predictions(ls, victim) == [], backend.log()[-2000:]
         [prediction] = lsserver.predictions(ls, second)
