@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import sys
@@ -34,7 +35,7 @@ from backend.finetuned import project_id
 from backend.media import request_deadline
 from backend.metrics import Metrics
 from backend.preannotate.retrieve import retrieve_worker
-from backend.protocol import parse_context, parse_label_config, task_data_url
+from backend.protocol import check_task_ids, parse_context, parse_label_config, task_data_url
 from backend.runtime import Runtime
 from backend.segment import answer_each
 from backend.settings import Settings
@@ -71,6 +72,61 @@ def _check_basic_auth(settings: Settings) -> Response | None:
     return resp
 
 
+# What a browser may send cross-site without a CORS preflight is refused on these: they take JSON
+# only, and without basic auth only requests addressed to this server's own names.
+_JSON_ONLY = ("/predict", "/setup", "/webhook")
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def _host_name(header: str) -> str:
+    """The host name of a `Host` header, without its port, lower-case, no trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1 : header.find("]")] if "]" in header else header[1:]
+    else:
+        name, _, port = header.rpartition(":")
+        if not name or not port.isdigit():
+            name = header
+    return name.removesuffix(".")
+
+
+def _own_host(header: str, allowed: tuple[str, ...]) -> bool:
+    """`Host` names this server: a loopback name or address, or one of ALLOWED_HOSTS."""
+    name = _host_name(header)
+    if "*" in allowed or name in allowed or name in _LOOPBACK_NAMES:
+        return bool(name)
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_cross_site(settings: Settings) -> Response | None:
+    """415 for a body that is not declared JSON (a web page can POST text/plain or a form to any
+    address without a CORS preflight); 403, without basic auth, for a `Host` that is not this
+    server's (DNS rebinding: a page whose name resolves to the backend's address)."""
+    if request.path not in _JSON_ONLY:
+        return None
+    if not settings.basic_auth_user and not _own_host(
+        request.headers.get("Host", ""), settings.allowed_hosts
+    ):
+        resp = jsonify(
+            error=f"Host {request.headers.get('Host', '')[:80]!r} is not one of this backend's names: "
+            "add the name Label Studio uses to reach the backend to ALLOWED_HOSTS (loopback names are "
+            "always accepted), or set BASIC_AUTH_USER/BASIC_AUTH_PASS"
+        )
+        resp.status_code = 403
+        return resp
+    if request.method == "POST" and request.mimetype != "application/json":
+        resp = jsonify(
+            error=f"{request.path} takes only Content-Type: application/json "
+            f"(this request sent {request.mimetype[:60]!r})"
+        )
+        resp.status_code = 415
+        return resp
+    return None
+
+
 def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     """Build the app. `loaded_model` (a sam2.models.LoadedModel) skips loading from settings
     (tests pass a tiny in-process model); otherwise the model loads in a background thread."""
@@ -89,7 +145,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         request.environ["sam2.start"] = time.perf_counter()
         if request.path == "/health":
             return None
-        return _check_basic_auth(settings)
+        return _check_basic_auth(settings) or _refuse_cross_site(settings)
 
     queue = AdmissionQueue(settings.queue_size)
     metrics.watch_queue(queue)
@@ -144,7 +200,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
-        log.exception("unexpected error on %s", request.path)
+        log.exception("unexpected error on %.80r", request.path)
         resp = jsonify(error=f"internal error ({type(e).__name__}); see the backend's log")
         resp.status_code = 500
         return resp
@@ -182,14 +238,14 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     def setup():
         body = _json_body()
         schema = body.get("schema")
-        project = str(body.get("project", "")).split(".")[0]
+        project = project_id(body.get("project"))
         if isinstance(schema, str) and schema:
             _check_config_size(schema, settings)
             parse_label_config(schema)  # a broken config is reported now, not at the first click
-            if project:
+            if project is not None:
                 schemas.put(project, schema)
         if runtime.project_segmenters is not None:  # a fine-tuned project has its own version
-            return jsonify(model_version=runtime.project_segmenters.get(project_id(project)).model_version)
+            return jsonify(model_version=runtime.project_segmenters.get(project).model_version)
         return jsonify(model_version=runtime.model_version)
 
     @app.post("/webhook")
@@ -200,7 +256,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             log.warning("webhook: ignoring a body that is not JSON this backend accepts (%s)", e.message)
             body = None
         action = body.get("action") if isinstance(body, dict) else None
-        log.debug("webhook %s", action)
+        log.debug("webhook %.80r", action)
         if action == "START_TRAINING":  # the "Start Training" button (and every Nth annotation)
             project = project_id(body.get("project"))
             if project is None:
@@ -216,7 +272,8 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     def predict():
         body = _json_body()
         tasks = body.get("tasks")
-        project = str(body.get("project", "")).split(".")[0]
+        check_task_ids(tasks)  # before any is kept or logged
+        project = project_id(body.get("project"))
         xml = body.get("label_config") or schemas.get(project)
         if isinstance(xml, str):
             _check_config_size(xml, settings)
@@ -234,7 +291,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
                 max_points=settings.max_points_per_task,
             )
         )
-        segmenter = runtime.segmenter_for(project_id(project))
+        segmenter = runtime.segmenter_for(project)
         deadline = time.monotonic() + settings.predict_deadline_s
         metrics.in_flight.inc()
         try:
@@ -279,9 +336,9 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             # stores every entry as a prediction of this model version and never asks again for
             # that task; for [] it stores nothing, so a task with nothing to predict stays open.
             results = [[] if isinstance(e, dict) and not e["result"] else e for e in results]
-        if objects and runtime.prefetcher is not None and project.isdigit():
+        if objects and runtime.prefetcher is not None and project is not None:
             # the labeler is working here: pre-encode the next tasks while the CPU/GPU is idle
-            runtime.prefetcher.after_click(int(project), tasks[0].get("id"))
+            runtime.prefetcher.after_click(project, tasks[0].get("id"))
         log.info(
             "predict: %d task(s), %d region(s) in context, %d result region(s), %.3f s",
             len(results),
@@ -389,7 +446,7 @@ def _parse_float(text: str) -> float:
 
 
 def _task_worker(
-    runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline, project: str
+    runtime: Runtime, segmenter, settings: Settings, config, xml, context, objects, deadline, project
 ):
     """What /predict does for one task, chosen by the label config and the context, and whether
     it keeps the deadline itself (Retrieve hands what does not fit to the background job)."""
@@ -397,21 +454,19 @@ def _task_worker(
     if not videos and not objects and settings.retrieve_mode in ("boxes", "auto"):
         # "Retrieve predictions": boxes to masks or automatic masks by the bulk engine, which
         # answers what fits before the deadline and hands the rest to the background job
-        return retrieve_worker(
-            runtime, config, deadline, segmenter, project=project_id(project), xml=xml
-        ), True
+        return retrieve_worker(runtime, config, deadline, segmenter, project=project), True
 
     def work(task: dict) -> dict[str, Any]:
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline, project)
         # no objects: an empty entry
-        return segmenter.interactive(task, config, objects, project=project_id(project), deadline=deadline)
+        return segmenter.interactive(task, config, objects, project=project, deadline=deadline)
 
     return work, False
 
 
 def _video_task(
-    runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project
+    runtime: Runtime, settings: Settings, task, config, xml, context, deadline, project: int | None
 ) -> dict | list:
     regions = context.get("result") if isinstance(context, dict) else None
     if isinstance(regions, list) and len(regions) > settings.max_regions_per_task:
@@ -442,8 +497,8 @@ def _track_video(
     # Retrieve (no regions in the context) with REDIS_URL: a track the deadline cuts goes to the
     # job queue, which writes it whole, instead of Label Studio storing a partial one
     queue = runtime.job_queue() if regions is None and settings.background_job else None
-    if queue is not None and not isinstance(task_id, int):
-        queue = None
+    if queue is not None and (not isinstance(task_id, int) or project is None):
+        queue = None  # the worker reads the task from Label Studio and checks it is the project's
     if queue is not None and _held(queue, task_id):
         return []  # queued by an earlier request, still on its way
     with runtime.media.lazy_file(url, task_id) as download:  # only once there is a region to track
@@ -462,8 +517,8 @@ def _track_video(
     if entry.pop("partial") and queue is not None:
         run = queue.start_run(
             [task_id],
-            project=project_id(project),
-            label_config=xml,
+            project=project,
+            label_config="",  # the worker reads the project's from Label Studio
             options={},
             model_version=runtime.model_version,
             source="retrieve",
@@ -471,7 +526,7 @@ def _track_video(
         )
         queue.hold([task_id])
         log.info(
-            "video task %s: the track outlives the request; queued whole as run %s (%d worker(s) listening)",
+            "video task %r: the track outlives the request; queued whole as run %s (%d worker(s) listening)",
             task_id,
             run.id,
             queue.workers(),

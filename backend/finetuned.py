@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -66,16 +67,31 @@ class ProjectSegmenters:
             return made[1]
 
 
+MAX_ID_DIGITS = 18  # Label Studio's ids are 64-bit; 18 digits always fit one (and a file name)
+_ID = re.compile(f"[0-9]{{1,{MAX_ID_DIGITS}}}")
+
+
 def project_id(value) -> int | None:
-    """Label Studio's project field ("12.1700000000" in /predict, 12 or {"id": 12} in webhooks)."""
+    """Label Studio's project field ("12.1700000000" in /predict and /setup, 12 or {"id": 12} in
+    webhooks) as an int: the one place a request's project id is parsed. None when there is none
+    (missing or empty); BadRequest (400) for anything else that is not a positive id of ASCII
+    digits, at most MAX_ID_DIGITS of them ("²" is a digit to str.isdigit, not to int)."""
     if isinstance(value, dict):
         value = value.get("id")
-    if isinstance(value, bool):
+    if value is None or value == "":
         return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    head = str(value or "").split(".")[0]
-    return int(head) if head.isdigit() and int(head) > 0 else None
+    if type(value) is int:
+        number = value if 0 < value < 10**MAX_ID_DIGITS else None
+    elif isinstance(value, str) and _ID.fullmatch(value.split(".")[0]):
+        number = int(value.split(".")[0]) or None
+    else:
+        number = None
+    if number is None:
+        raise BadRequest(
+            f"project {str(value)[:40]!r} is not a Label Studio project id "
+            f"(a positive integer, ASCII digits, at most {MAX_ID_DIGITS})"
+        )
+    return number
 
 
 class TrainingLauncher:

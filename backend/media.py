@@ -30,7 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
 import numpy as np
@@ -220,6 +220,14 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # DNS labels (and Docker's service_names)
 
+# The paths Label Studio 1.23 serves media under (label_studio/*/urls.py): uploads, local files,
+# the storage proxy, and the resolve/presign redirects of cloud storage. The token goes to these
+# only; nothing else on Label Studio's origin (its /api/ above all) is fetched for a task.
+_LS_MEDIA_PATH = re.compile(
+    r"data/upload/[^?#]+|data/local-files/?|storage-data/[^?#]+|(?:tasks|projects)/[0-9]{1,18}/(?:resolve|presign)/?"
+)
+LS_MEDIA_PATHS = "/data/upload/, /data/local-files/, /storage-data/, /tasks/ID/resolve/"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -404,7 +412,8 @@ class MediaClient:
                     f"{scheme}:// media needs LABEL_STUDIO_URL and a task id to be presigned by Label Studio"
                 )
             fileuri = base64.urlsafe_b64encode(url.encode()).decode()
-            return f"{self.auth.url}/api/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
+            # Label Studio's redirect to a presigned URL (served at /tasks/, not under /api/)
+            return f"{self.auth.url}/tasks/{int(task_id)}/presign/?fileuri={fileuri}"
         if scheme in ("http", "https"):
             return url
         if url.startswith("/"):
@@ -419,14 +428,40 @@ class MediaClient:
         )
 
     def _is_label_studio(self, target: Target) -> bool:
+        """`target` is on Label Studio's exact origin: scheme, host and port (not its host on any
+        port)."""
         return self._ls is not None and target.origin == self._ls.origin
+
+    def _is_label_studio_media(self, target: Target) -> bool:
+        """`target`'s path (below LABEL_STUDIO_URL's own path) is one Label Studio serves media
+        under; percent-encoded dots or slashes and empty segments never are."""
+        prefix = self._ls.request_uri.split("?")[0].rstrip("/") + "/" if self._ls is not None else "/"
+        path = target.request_uri.split("?")[0]
+        if not path.startswith(prefix):
+            return False
+        rest = path[len(prefix) :]
+        if re.search(r"%(2e|2f|5c)", rest, re.IGNORECASE):  # an encoded dot, slash or backslash
+            return False
+        decoded = unquote(rest)
+        if "//" in decoded or any(part in (".", "..") for part in decoded.split("/")):
+            return False
+        return bool(_LS_MEDIA_PATH.fullmatch(rest))
 
     def check(self, target: Target) -> Target:
         """Apply the fetch policy to `target`: resolve its host once and check every address.
         Returns the target with the address the connection must go to; raises MediaError (403)
         naming the rule otherwise."""
         host = target.host
-        trusted = (self._ls is not None and host == self._ls.host) or host in TRUSTED_FOR_TESTS
+        if self._is_label_studio(target) and not self._is_label_studio_media(target):
+            # one message whatever the path: nothing is connected to, no status is told
+            raise MediaError(
+                f"refusing media URL {target}: on Label Studio only its media paths are fetched "
+                f"({LS_MEDIA_PATHS})",
+                403,
+            )
+        # Label Studio's exact origin is trusted (its address may be private); its host on
+        # another port is not: that is checked like any host, and refused before connecting
+        trusted = self._is_label_studio(target) or host in TRUSTED_FOR_TESTS
         allowed = self.limits.allowed_hosts
         listed = host in allowed
         if allowed and not (listed or trusted):

@@ -377,3 +377,21 @@ def task_data_url(task: dict, config: LabelConfig, to_name: str) -> str:
     if not isinstance(url, str) or not url:
         raise TaskError(f"task {task.get('id')} has no {key!r} in its data (the label config reads ${key})")
     return url
+
+
+MAX_TASK_ID = 10**18 - 1  # Label Studio's ids are 64-bit; 18 digits always fit
+
+
+def check_task_ids(tasks: Any) -> None:
+    """Refuse (400) a request whose tasks carry an id that is not a Label Studio task id: a
+    non-negative integer of at most 18 digits (a task may have none). Run before any id is kept (held,
+    handed off, remembered) or logged: a string id could forge log lines, a huge one flood them."""
+    if not isinstance(tasks, list):
+        return  # answer_each says what 'tasks' must be
+    for task in tasks:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        if task_id is not None and (type(task_id) is not int or not 0 <= task_id <= MAX_TASK_ID):
+            raise BadRequest(
+                f"task id {str(task_id)[:40]!r} is not a Label Studio task id "
+                "(an integer from 0 to 10**18 - 1)"
+            )

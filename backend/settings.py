@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     basic_auth_pass: str | None = _env(
         "BASIC_AUTH_PASS", default=None, repr=False, description="the basic auth password; never logged"
     )
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = _env(
+        "ALLOWED_HOSTS",
+        default=(),
+        description='without basic auth: the comma-separated host names Label Studio reaches the backend by (the `Host` header; `sam2` in docker-compose), besides `localhost`, `127.0.0.1` and `::1`. `/predict`, `/setup` and `/webhook` refuse any other `Host` with 403 (DNS rebinding, see "Security model"); `*` accepts any (only where nothing but Label Studio can reach the port)',
+    )
     # --- embeddings -------------------------------------------------------------------------------
     cache_mb: int = _env(
         "EMBEDDING_CACHE_MB",
@@ -388,6 +393,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_server_names(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(h.strip().lower().removesuffix(".") for h in value if h.strip())
 
     @field_validator("store_dir", mode="after")
     @classmethod

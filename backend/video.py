@@ -182,7 +182,7 @@ def predict_video_task(
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]
     scores = [r["score"] for r in results if "score" in r]
     message = _summary(results, result, time.monotonic() - started)
-    (log.warning if result.partial else log.info)("video task %s: %s", task.get("id"), message)
+    (log.warning if result.partial else log.info)("video task %r: %s", task.get("id"), message)
     return {
         "result": results,
         "score": float(sum(scores) / len(scores)) if scores else 0.0,

@@ -2,10 +2,13 @@
 
 One process per GPU (`--device cuda:N`), on any machine that reaches Redis and Label Studio. The
 model loads once, before the first job, and stays loaded: jobs run in this process (RQ's
-`SimpleWorker`, no fork per job). A job is a chunk of task ids (`backend.jobqueue.Chunk`); each
-task is predicted and written through the Label Studio API with the check-before-write of
-`predict_and_write` (a video task is tracked to the end; a warm job encodes the image into the
-shared embedding store instead), and its outcome is counted in Redis.
+`SimpleWorker`, no fork per job). A job is a chunk of task ids (`backend.jobqueue.Chunk`) of a
+project. The worker reads the project's label config and each task from Label Studio with its own
+token, and a task that is not the project's is not predicted (`lsapi.project_task`; whoever
+queued the job may have had only a request's word for the ids). Each task is predicted and
+written through the Label Studio API with the check-before-write of `predict_and_write` (a video
+task is tracked to the end; a warm job encodes the image into the shared embedding store
+instead), and its outcome is counted in Redis.
 
 Losing a worker loses nothing:
 - SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
@@ -56,7 +59,7 @@ from backend.jobqueue import (
 )
 from backend.logs import setup_logging
 from backend.preannotate.engine import PreannotateOptions, Preannotator
-from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe, project_task
 from backend.preannotate.retrieve import predict_and_write_why
 from backend.protocol import parse_label_config, task_data_url
 from backend.runtime import Runtime
@@ -153,8 +156,19 @@ class JobRunner:
         self._index: UrlIndex | None = None  # the store's URL index, for warm jobs
 
     def run(self, chunk: Chunk) -> dict:
-        """Predict and write the chunk's tasks; returns the outcome counts."""
-        config = parse_label_config(chunk.label_config)
+        """Predict and write the chunk's tasks; returns the outcome counts. The label config is
+        the project's, read from Label Studio now (not the one the chunk carries)."""
+        try:
+            if chunk.project is None:
+                raise LabelStudioAPIError("the run names no project to read its tasks from")
+            chunk = replace(chunk, label_config=self.api.label_config(chunk.project))
+            config = parse_label_config(chunk.label_config)
+        except (LabelStudioAPIError, BadRequest) as e:  # every task would fail the same way: say it once
+            log.warning("run %s: %s", chunk.run, e.message if isinstance(e, BadRequest) else e)
+            for task_id in chunk.task_ids:
+                self.queue.record(chunk.run, task_id, "failed")
+                self.queue.release(task_id)
+            return {"failed": len(chunk.task_ids)}
         if chunk.kind == "video":
             return self._each(chunk, lambda task: self._track(task, config, chunk))
         if chunk.kind == "warm":
@@ -188,9 +202,9 @@ class JobRunner:
                 break
             why = None
             try:
-                task = self.api.task(task_id)
+                task = project_task(self.api, task_id, chunk.project)
             except LabelStudioAPIError as e:
-                log.warning("task %s: %s", task_id, e)
+                log.warning("task %r: %s", task_id, e)
                 outcome, why = "failed", str(e)
             else:
                 outcome = predict(task)
@@ -227,9 +241,9 @@ class JobRunner:
                 return "skipped"
             return "done" if self.api.create_prediction(task_id, entry, version) else "skipped"
         except (BackendError, LabelStudioAPIError) as e:
-            log.warning("video task %s failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
+            log.warning("video task %r failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
         except Exception:  # a bug must not cost the chunk's other tasks
-            log.exception("video task %s failed", task_id)
+            log.exception("video task %r failed", task_id)
         return "failed"
 
     def _warm(self, task: dict, config) -> str:
@@ -238,7 +252,7 @@ class JobRunner:
         runtime, task_id = self.runtime, task["id"]
         if runtime.store is None:
             log.warning(
-                "task %s not encoded: this worker has no embedding store (EMBEDDING_STORE_DIR)", task_id
+                "task %r not encoded: this worker has no embedding store (EMBEDDING_STORE_DIR)", task_id
             )
             return "failed"
         url = (task.get("data") or {}).get(config.images()[0].value_key) if config.images() else None
@@ -253,9 +267,9 @@ class JobRunner:
                 "done" if encode_into_store(predictor, runtime.store, self._index, url, image) else "skipped"
             )
         except BackendError as e:
-            log.warning("task %s not encoded: %s", task_id, e.message)
+            log.warning("task %r not encoded: %s", task_id, e.message)
         except Exception:
-            log.exception("task %s not encoded", task_id)
+            log.exception("task %r not encoded", task_id)
         return "failed"
 
 

@@ -21,7 +21,9 @@ def test_health_setup_webhook(client):
     assert setup.status_code == 200 and setup.get_json()["model_version"].startswith("sam2")
     hook = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {}})
     assert hook.status_code == 200
-    assert client.post("/webhook", data="not json").status_code == 200  # unknown events are fine
+    # unknown events are fine; a body not declared JSON is not (a web page could send it)
+    assert client.post("/webhook", data="not json", content_type="application/json").status_code == 200
+    assert client.post("/webhook", data="not json").status_code == 415
 
 
 def test_click_returns_a_brush_mask_of_the_image_size(client, media_server):

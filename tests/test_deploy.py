@@ -201,7 +201,7 @@ class _LabelStudioThatRefuses:
         def upload():
             abort(401 if request.headers.get("Authorization") else 403)
 
-        @app.get("/api/tasks/<int:task_id>/presign/")
+        @app.get("/tasks/<int:task_id>/presign/")  # where Label Studio 1.23 serves it (not under /api/)
         def presign(task_id):
             return redirect(f"{self.url}/bucket/a.png?X-Amz-Signature={SIGNATURE}&X-Amz-Credential=x", 302)
 
@@ -391,6 +391,13 @@ def test_gunicorn_serves_sheds_load_and_shuts_down_gracefully(tiny_model_dir, sl
 def _compose() -> dict:
     yaml = pytest.importorskip("yaml")
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_compose_names_the_backend_s_host_in_allowed_hosts():
+    """Label Studio reaches the backend as http://sam2:9090: that Host is answered without basic
+    auth too (tests/test_security_server.py checks the rule itself)."""
+    env = _compose()["x-sam2"]["environment"]
+    assert "sam2" in env["ALLOWED_HOSTS"].split(":-", 1)[1].rstrip("}").split(",")
 
 
 def test_compose_wires_label_studio_and_the_backend():

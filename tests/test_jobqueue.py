@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,36 @@ def test_retrieve_hands_the_rest_to_the_queue_and_holds_it(app_factory, redis_se
     # asked again before a worker got to them: not queued twice
     again = client.post("/predict", json=predict_body(tasks[-len(handed) :], None)).get_json()["results"]
     assert again == [[]] * len(handed) and len(queue.runs(1)) == 1
+
+
+def test_the_queue_s_worker_writes_only_what_label_studio_holds_for_the_project(
+    app_factory, redis_server, slow_image
+):
+    """The attack of issue 23 through the queue (REDIS_URL): the hand-off carries task ids and
+    the project only; the worker reads each task and the label config from Label Studio and
+    writes nothing for a task of another project, nor anything from the request's task dicts."""
+    from backend.jobqueue import chunk_from_job
+    from backend.worker import JobRunner
+    from tests.test_preannotate import handoff_attack, written_labels
+
+    app = app_factory(predict_deadline_s=0.6, redis_url=redis_server.url, retrieve_mode="boxes")
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    ls, body = handoff_attack(slow_image)
+    results = app.test_client().post("/predict", json=body).get_json()["results"]
+    assert results[1:] == [[], []]
+    queue = runtime.job_queue()
+    [job] = queue.queue.jobs
+    chunk = chunk_from_job(job.args[0])
+    assert chunk.project == 1 and chunk.task_ids == [777, 2] and "HACKED" not in chunk.label_config
+    # even a chunk that carries a label config (queued by an older server) is predicted with the
+    # project's, read from Label Studio
+    assert JobRunner(runtime, ls, queue).run(replace(chunk, label_config=body["label_config"])) == {
+        "failed": 1,
+        "done": 1,
+    }
+    assert written_labels(ls) == {2: {"object"}} and ls.tasks[777]["predictions"] == []
+    assert not queue.holds(777) and not queue.holds(2)
 
 
 def test_retrieve_with_redis_down_answers_503_saying_why(app_factory, redis_server, slow_image):
@@ -244,7 +275,7 @@ def test_warm_jobs_encode_into_the_shared_store_once(
     for expected in ({"done": 2, "skipped": 1}, {"skipped": 3}):  # a second run finds them stored
         run = queue.start_run(
             [1, 2, 3],
-            project=4,
+            project=1,  # FakeLabelStudio's tasks are project 1's
             label_config=IMAGE_CONFIG,
             options={},
             model_version="",

@@ -54,7 +54,7 @@ class FakeLabelStudio:
                 return self.image, 200, {"Content-Type": "image/png"}
             abort(401)
 
-        @app.get("/api/tasks/<int:task_id>/presign/")
+        @app.get("/tasks/<int:task_id>/presign/")  # where Label Studio 1.23 serves it (not under /api/)
         def presign(task_id):
             uri = base64.urlsafe_b64decode(request.args["fileuri"]).decode()
             assert uri == "s3://bucket/a.png"

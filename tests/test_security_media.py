@@ -19,6 +19,7 @@ from tests.conftest import encode_image, noise_image
 from tests.security_servers import RecordingServer, free_port_on, send, trickle
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
+UPLOAD = "/data/upload/1/a.png"
 PNG = encode_image(noise_image(6, 8))
 
 
@@ -34,6 +35,7 @@ def servers():
     made = {h: RecordingServer(h, port) for h in ("127.0.0.1", "127.0.0.2", "127.0.0.3")}
     for s in made.values():
         s.routes["/a.png"] = lambda req: send(req, 200, PNG, {"Content-Type": "image/png"})
+        s.routes[UPLOAD] = s.routes["/a.png"]  # where Label Studio serves an upload
     yield made
     for s in made.values():
         s.close()
@@ -106,8 +108,8 @@ def test_public_names_pass_and_listed_hosts_are_the_only_exception(servers):
 def test_label_studio_host_is_exempt(servers):
     ls = servers["127.0.0.2"]
     media = MediaClient(LabelStudioAuth(ls.url(""), LEGACY))
-    assert media.fetch("/a.png") == PNG
-    assert media.fetch(ls.url("/a.png")) == PNG
+    assert media.fetch(UPLOAD) == PNG
+    assert media.fetch(ls.url(UPLOAD)) == PNG
 
 
 def test_dns_answer_changing_after_the_check_gains_nothing(servers):
@@ -281,27 +283,104 @@ def test_token_and_cookies_stay_with_their_origin(servers):
     ls_other_port = RecordingServer("127.0.0.2")  # Label Studio's host, another port: another origin
     ls_other_port.routes["/a.png"] = _png
     try:
-        ls.routes["/to-other-host"] = lambda req: send(
+        ls.routes["/data/upload/to-other-host"] = lambda req: send(
             req, 302, b"", {"Location": other.url("/a.png"), "Set-Cookie": "sessionid=ls-secret"}
         )
-        ls.routes["/to-other-port"] = lambda req: send(
+        ls.routes["/data/upload/to-other-port"] = lambda req: send(
             req, 302, b"", {"Location": ls_other_port.url("/a.png")}
         )
         other.routes["/back"] = lambda req: send(
-            req, 302, b"", {"Location": ls.url("/a.png"), "Set-Cookie": "x=other"}
+            req, 302, b"", {"Location": ls.url(UPLOAD), "Set-Cookie": "x=other"}
         )
         limits = MediaLimits(allowed_hosts=("127.0.0.3",))
         media = MediaClient(LabelStudioAuth(ls.url(""), LEGACY), limits)
-        assert media.fetch("/to-other-host") == PNG
-        assert media.fetch("/to-other-port") == PNG
+        assert media.fetch("/data/upload/to-other-host") == PNG
+        # Label Studio's host on another port is another origin, and a loopback one: refused
+        with pytest.raises(MediaError, match="refusing media host '127.0.0.2'"):
+            media.fetch("/data/upload/to-other-port")
+        assert ls_other_port.connections == 0
         assert media.fetch(other.url("/back")) == PNG
-        assert media.fetch("/a.png") == PNG
+        assert media.fetch(UPLOAD) == PNG
         assert all("Authorization" not in s.headers and "Cookie" not in s.headers for s in other.seen)
         assert all("Authorization" not in s.headers for s in ls_other_port.seen)
         assert all("Cookie" not in s.headers for s in ls.seen)
         assert sum(s.headers.get("Authorization") == f"Token {LEGACY}" for s in ls.seen) == 4
     finally:
         ls_other_port.close()
+
+
+def test_label_studio_is_trusted_on_its_own_port_only_and_refused_ports_look_alike(servers):
+    """The exact origin (scheme, host, port) is Label Studio's, not its host on every port: a task
+    URL naming another port of its (loopback) host is refused before any connection, with the
+    same message whether something listens there or not."""
+    ls = servers["127.0.0.2"]
+    listening = RecordingServer("127.0.0.2")  # Label Studio's host, another port, something there
+    listening.routes[UPLOAD] = _png
+    closed = free_port_on("127.0.0.2")  # and a port where nothing listens
+    try:
+        media = MediaClient(LabelStudioAuth(ls.url(""), LEGACY))
+        errors = []
+        for port in (listening.port, closed):
+            with pytest.raises(MediaError) as caught:
+                media.fetch(f"http://127.0.0.2:{port}{UPLOAD}")
+            errors.append((caught.value.status, caught.value.message))
+        assert errors[0] == errors[1] and errors[0][0] == 403, errors
+        assert "loopback" in errors[0][1] and str(listening.port) not in errors[0][1]
+        assert listening.connections == 0
+        assert media.fetch(ls.url(UPLOAD)) == PNG  # its own port still is
+    finally:
+        listening.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/projects/1/export",
+        "/api/tasks/1/",
+        "/user/login/",
+        "/data/upload/../../api/projects/1/export",
+        "/data/upload/%2e%2e/%2e%2e/api/projects/1/export",
+        "/data/upload/1/..%2f..%2f..%2fapi/projects/1/export",
+        "/tasks/1/presign/../../api/projects/1/export",
+    ],
+)
+def test_label_studio_is_asked_for_media_paths_only(servers, path):
+    """The token goes to Label Studio's media paths, never to its API: a task URL naming any other
+    path of Label Studio is refused before connecting, with one message whatever the path would
+    have answered (an export, a 404)."""
+    ls = servers["127.0.0.2"]
+    ls.routes["/api/projects/1/export"] = lambda req: send(req, 200, b'[{"secret": 1}]')
+    media = MediaClient(LabelStudioAuth(ls.url(""), LEGACY))
+    for url in (path, ls.url(path)):
+        with pytest.raises(MediaError, match="only its media paths") as caught:
+            media.fetch(url)
+        assert caught.value.status == 403 and "HTTP" not in caught.value.message
+    assert ls.seen == []
+
+
+def test_label_studio_media_paths_get_the_token(servers):
+    ls = servers["127.0.0.2"]
+    for path in ("/data/local-files/", "/tasks/7/resolve/", "/tasks/7/presign/", "/storage-data/uploaded/"):
+        ls.routes[path] = _png
+    media = MediaClient(LabelStudioAuth(ls.url("/"), LEGACY))
+    for url in (
+        UPLOAD,
+        "/data/local-files/?d=images/a.png",
+        "/tasks/7/resolve/?fileuri=czM6Ly9iL2EucG5n",
+        "/storage-data/uploaded/?filepath=a.png",
+    ):
+        assert media.fetch(url) == PNG, url
+    assert media.fetch("s3://bucket/a.png", task_id=7) == PNG  # presigned through /tasks/7/presign/
+    assert [s.headers.get("Authorization") for s in ls.seen] == [f"Token {LEGACY}"] * 5
+
+
+def test_label_studio_under_a_path_prefix_gets_media_paths_below_it(servers):
+    ls = servers["127.0.0.2"]
+    ls.routes["/ls" + UPLOAD] = _png
+    media = MediaClient(LabelStudioAuth(ls.url("/ls"), LEGACY))
+    assert media.fetch(UPLOAD) == PNG
+    with pytest.raises(MediaError, match="only its media paths"):
+        media.fetch(ls.url(UPLOAD))  # outside LABEL_STUDIO_URL's path
 
 
 def test_token_exchange_never_follows_a_redirect(servers):
@@ -312,7 +391,7 @@ def test_token_exchange_never_follows_a_redirect(servers):
     pat = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2ln"
     media = MediaClient(LabelStudioAuth(ls.url(""), pat), MediaLimits(allowed_hosts=("127.0.0.3",)))
     with pytest.raises(MediaError, match="redirect"):
-        media.fetch("/a.png")
+        media.fetch(UPLOAD)
     assert other.connections == 0
 
 

@@ -273,3 +273,109 @@ def test_interactive_request_respects_the_deadline(app_factory, media_server):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- cross-site requests, DNS rebinding, request-supplied ids --------------------------------------
+
+SETUP = {"project": "1.1795498385", "schema": "<View></View>", "hostname": "http://127.0.0.1:8080"}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+)
+def test_json_endpoints_take_only_json_so_a_web_page_cannot_post_without_a_preflight(client, content_type):
+    """A page a labeler opens may POST text/plain or a form to any address without a CORS
+    preflight: the JSON endpoints refuse such a body (415), whatever it holds."""
+    for path, body in (("/predict", predict_body([{"id": 1, "data": {}}], None)), ("/setup", SETUP)):
+        raw = __import__("json").dumps(body)
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        resp = client.post(path, data=raw, headers=headers)
+        assert resp.status_code == 415, (path, resp.status_code)
+        assert "application/json" in resp.get_json()["error"]
+    resp = client.post("/webhook", data='{"action": "START_TRAINING", "project": 1}', headers=headers)
+    assert resp.status_code == 415
+    assert client.post("/setup", json=SETUP).status_code == 200  # what Label Studio sends
+    assert (
+        client.post(
+            "/setup", data=__import__("json").dumps(SETUP), content_type="application/json; charset=utf-8"
+        ).status_code
+        == 200
+    )
+    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_without_auth_only_the_server_s_own_host_names_are_answered(app_factory):
+    """DNS rebinding: a page at attacker.example whose name then resolves to 127.0.0.1 reaches a
+    loopback-bound backend with `Host: attacker.example`. Without basic auth only loopback names
+    and ALLOWED_HOSTS are answered; /health and /metrics stay reachable."""
+    client = app_factory().test_client()
+    for host in ("attacker.example", "attacker.example:9090", "sam2:9090", "127.0.0.1.attacker.example", ""):
+        for path, body in (("/setup", SETUP), ("/predict", predict_body([{"id": 1, "data": {}}], None))):
+            resp = client.post(path, json=body, headers={"Host": host})
+            assert resp.status_code == 403, (host, path, resp.status_code)
+            assert "ALLOWED_HOSTS" in resp.get_json()["error"]
+        assert client.post("/webhook", json={"action": "x"}, headers={"Host": host}).status_code == 403
+        assert client.get("/health", headers={"Host": host}).status_code == 200
+        assert client.get("/metrics", headers={"Host": host}).status_code == 200
+    for host in (
+        "localhost",
+        "localhost:9090",
+        "127.0.0.1:9090",
+        "[::1]:9090",
+        "LOCALHOST.:9090",
+        "127.0.0.2",
+    ):
+        assert client.post("/setup", json=SETUP, headers={"Host": host}).status_code == 200, host
+    # docker-compose: Label Studio reaches the backend as http://sam2:9090
+    compose = app_factory(allowed_hosts="sam2,ml.example.org").test_client()
+    for host in ("sam2:9090", "sam2", "ML.example.org:443"):
+        assert compose.post("/setup", json=SETUP, headers={"Host": host}).status_code == 200, host
+    assert compose.post("/setup", json=SETUP, headers={"Host": "attacker.example"}).status_code == 403
+    # with basic auth the credentials are the guard, whatever name the backend is reached by
+    authed = app_factory(basic_auth_user="ls", basic_auth_pass=PASS).test_client()
+    resp = authed.post("/setup", json=SETUP, headers={"Host": "gpu-box.lan:9090", **_basic("ls", PASS)})
+    assert resp.status_code == 200
+    assert authed.post("/setup", json=SETUP, headers={"Host": "gpu-box.lan"}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "project", ["²", "1²", str(10**300), 10**300, 10**18, "-1", "0", 0, "1e3", True, [1], "٣"]
+)
+def test_project_ids_are_ascii_digits_of_bounded_length(client, project):
+    """ "²" is a digit to str.isdigit but not to int(); 10**300 made a file name too long: both
+    answered 500."""
+    for path, body in (
+        ("/predict", {**predict_body([{"id": 1, "data": {}}], None), "project": project}),
+        ("/setup", {**SETUP, "project": project}),
+        ("/webhook", {"action": "START_TRAINING", "project": project}),
+        ("/webhook", {"action": "START_TRAINING", "project": {"id": project}}),
+    ):
+        resp = client.post(path, json=body)
+        assert resp.status_code == 400, (path, resp.status_code, resp.get_data(as_text=True)[:200])
+        assert "project" in resp.get_json()["error"] and len(resp.get_json()["error"]) < 300
+
+
+def test_label_studio_s_project_ids_are_accepted():
+    from backend.finetuned import project_id
+
+    assert project_id("12.1795498385") == 12 and project_id(12) == 12 and project_id({"id": 12}) == 12
+    assert project_id(str(10**18 - 1)) == 10**18 - 1 and project_id(None) is None and project_id("") is None
+
+
+@pytest.mark.parametrize(
+    "task_id", ["1\n2026-12-06 01:00:00 INFO backend: forged", "x" * 1_000_000, "7", 10**18, -3, True, 1.5]
+)
+def test_task_ids_are_bounded_integers_before_they_are_kept_or_logged(client, caplog, task_id):
+    """A task id with a newline forged a log line and a 1 MB id wrote a 1 MB line."""
+    body = predict_body(
+        [{"id": 1, "data": {}}, {"id": task_id, "data": {"image": "data:,"}}], [keypoint(50, 50)]
+    )
+    with caplog.at_level("DEBUG"):
+        resp = client.post("/predict", json=body)
+        hook = client.post("/webhook", json={"action": "X\nINFO forged" + "y" * 100_000})
+    assert resp.status_code == 400 and "task id" in resp.get_json()["error"]
+    assert len(resp.get_json()["error"]) < 300
+    assert hook.status_code == 200
+    for record in caplog.records:
+        assert "\n" not in record.getMessage() and len(record.getMessage()) < 1000, record.getMessage()[:200]

@@ -85,6 +85,22 @@ class Retry:
         raise AssertionError("unreachable")
 
 
+def project_task(api: LabelStudioAPI, task_id: int, project: int | None) -> dict:
+    """Task `task_id` as Label Studio has it, read with the backend's own token, and checked to
+    belong to `project`. Everything the backend writes to Label Studio is predicted from this,
+    never from a copy of the task a request sent (anyone who can reach /predict can send one).
+    LabelStudioAPIError when it cannot be read, is another project's, or there is no project."""
+    if project is None:
+        raise LabelStudioAPIError("no project to check the task against; not predicted")
+    task = api.task(task_id)
+    owner = task.get("project") if isinstance(task, dict) else None
+    if isinstance(owner, dict):
+        owner = owner.get("id")
+    if type(owner) is not int or owner != project or task.get("id") != task_id:
+        raise LabelStudioAPIError(f"not a task of project {project!r} in Label Studio; not predicted")
+    return task
+
+
 class LabelStudioAPI:
     """The few Label Studio calls bulk pre-annotation makes, through label-studio-sdk (which
     exchanges a personal access token for access tokens itself), each retried with `retry`.

@@ -4,6 +4,12 @@ Label Studio sends the whole selection in one /predict and drops everything if t
 longer than 100 s. `retrieve_worker` runs the engine task by task while the deadline allows and
 answers the rest with an empty list (Label Studio stores no prediction for it); the process's
 `BackgroundJob` predicts those tasks and writes them through the LS API.
+
+What is handed off is a task id and the request's project, nothing else: the background job (or
+the queue's worker) reads the task and the project's label config from Label Studio with the
+backend's own token, checks that the task belongs to the project (`lsapi.project_task`), and only
+then predicts and writes. The task dicts and label config of a request are never written back:
+anyone who can reach /predict can send them.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from typing import Any
 
 from backend.errors import BackendError, Unavailable
 from backend.preannotate.engine import PreannotateOptions, Preannotator
-from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError
+from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, project_task
 from backend.preannotate.project import duration
-from backend.protocol import LabelConfig
+from backend.protocol import LabelConfig, parse_label_config
 from backend.regions import task_entry
 from backend.segment import TaskDeadline
 
@@ -34,7 +40,6 @@ def retrieve_worker(
     segmenter=None,
     *,
     project: int | None = None,
-    xml: str = "",
 ) -> Callable[[dict], Any]:
     """`work(task)` for a /predict without context (Label Studio's "Retrieve predictions").
 
@@ -47,9 +52,11 @@ def retrieve_worker(
     is one, predicts them and writes the predictions through the LS API. `segmenter`: the
     project's (a fine-tuned decoder), default the runtime's.
 
-    With REDIS_URL the hand-off goes to the job queue instead (`QueuedHandoff`: `project` and the
-    label config `xml` travel with it): call `work.finish()` after the last task to queue it; it
-    raises QueueUnavailable (503) when Redis is down, as does the first hand-off.
+    With REDIS_URL the hand-off goes to the job queue instead (`QueuedHandoff`: the task ids and
+    `project` travel with it): call `work.finish()` after the last task to queue it; it raises
+    QueueUnavailable (503) when Redis is down, as does the first hand-off. Either way only task
+    ids are handed off, and only with a `project` to check them against: the job reads each task
+    and the label config from Label Studio, never the request's.
     """
     segmenter = segmenter or runtime.segmenter
     try:
@@ -58,8 +65,10 @@ def retrieve_worker(
         raise BackendError(f"bulk pre-annotation settings: {e}") from None
     engine = Preannotator(segmenter, options)
     queue = runtime.job_queue()
-    if queue is not None and runtime.settings.background_job:
-        job = QueuedHandoff(queue, project, xml, segmenter.model_version)
+    if project is None:
+        job = None  # nothing to check the tasks against: the rest stays unpredicted (logged below)
+    elif queue is not None and runtime.settings.background_job:
+        job = QueuedHandoff(queue, project, segmenter.model_version)
     else:
         job = runtime.background_job()
     mode = engine.options.mode
@@ -105,12 +114,13 @@ def retrieve_worker(
             else:
                 log.warning(
                     "retrieve: the deadline is near and no background job is available "
-                    "(BACKGROUND_JOB=false or no LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY): the rest "
-                    "of this request stays unpredicted; retrieve again (Label Studio sends only "
-                    "tasks without a prediction) or run `python -m backend preannotate`"
+                    "(BACKGROUND_JOB=false, no LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or a request "
+                    "without a project id): the rest of this request stays unpredicted; retrieve "
+                    "again (Label Studio sends only tasks without a prediction) or run "
+                    "`python -m backend preannotate`"
                 )
         if job is not None and isinstance(task_id, int):
-            job.submit(task, config, engine.options, segmenter)
+            job.submit(task_id, project, engine.options, segmenter)  # the id only: re-read there
         return []
 
     work.skipped = skipped
@@ -125,10 +135,9 @@ class QueuedHandoff:
 
     busy = False  # the workers have their own model: this server keeps answering what fits
 
-    def __init__(self, queue, project: int | None, xml: str, model_version: str):
+    def __init__(self, queue, project: int, model_version: str):
         self.queue = queue
         self.project = project
-        self.xml = xml
         self.model_version = model_version
         self._ids: list[int] = []
         self._options: PreannotateOptions | None = None
@@ -143,10 +152,10 @@ class QueuedHandoff:
             self._down = True
             return False
 
-    def submit(self, task: dict, config: LabelConfig, options: PreannotateOptions, segmenter=None) -> None:
+    def submit(self, task_id: int, project: int, options: PreannotateOptions, segmenter=None) -> None:
         if not self._ids:
             self.queue.workers()  # Redis down: the request fails now, clearly, not after the last task
-        self._ids.append(task["id"])
+        self._ids.append(task_id)
         self._options = options
 
     def finish(self) -> None:
@@ -155,7 +164,7 @@ class QueuedHandoff:
         run = self.queue.start_run(
             self._ids,
             project=self.project,
-            label_config=self.xml,
+            label_config="",  # the worker reads the project's from Label Studio
             options=asdict(self._options),
             model_version=self.model_version,
             source="retrieve",
@@ -197,8 +206,8 @@ class TaskTimes:
 
 @dataclass
 class _Handed:
-    task: dict
-    config: LabelConfig
+    task_id: int
+    project: int
     options: PreannotateOptions
     segmenter: Any = None  # the project's; None: the runtime's
 
@@ -207,7 +216,9 @@ class BackgroundJob:
     """Tasks handed over by /predict, predicted one at a time in a daemon thread and written to
     Label Studio as predictions. One per process (under gunicorn, one per worker).
 
-    Progress goes to the log every 10 s and to /metrics (`sam2_background_tasks_total{outcome}`,
+    Only a task id and its project are handed over: each task and the project's label config are
+    read from Label Studio (`lsapi.project_task`), so a task of another project, or one that does
+    not exist, is never written. Progress goes to the log every 10 s and to /metrics (`sam2_background_tasks_total{outcome}`,
     `sam2_background_tasks_pending`). The queue lives in memory: if the process stops, the
     tasks not yet written are simply not predicted (retrieve again, or use the CLI).
     """
@@ -219,6 +230,7 @@ class BackgroundJob:
         self._cv = threading.Condition()
         self._queue: deque[_Handed] = deque()
         self._ids: set[int] = set()  # queued or being predicted
+        self._configs: dict[int, LabelConfig] = {}  # project -> label config, read once a batch
         self._thread: threading.Thread | None = None
         self.counts: Counter = Counter()
         self._outcomes = runtime.metrics.background_tasks
@@ -233,12 +245,12 @@ class BackgroundJob:
         with self._cv:
             return bool(self._ids)
 
-    def submit(self, task: dict, config: LabelConfig, options: PreannotateOptions, segmenter=None) -> None:
+    def submit(self, task_id: int, project: int, options: PreannotateOptions, segmenter=None) -> None:
         with self._cv:
-            if task["id"] in self._ids:
+            if task_id in self._ids:
                 return
-            self._ids.add(task["id"])
-            self._queue.append(_Handed(task, config, options, segmenter))
+            self._ids.add(task_id)
+            self._queue.append(_Handed(task_id, project, options, segmenter))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="preannotate-job", daemon=True)
                 self._thread.start()
@@ -257,6 +269,7 @@ class BackgroundJob:
 
     def _run(self) -> None:
         started, last_log, seen = time.monotonic(), 0.0, 0
+        self._configs = {}  # a new batch reads the label config afresh
         while True:
             with self._cv:
                 if not self._queue:
@@ -270,16 +283,32 @@ class BackgroundJob:
             self.counts[outcome] += 1
             self._outcomes.labels(outcome).inc()
             with self._cv:
-                self._ids.discard(item.task["id"])
+                self._ids.discard(item.task_id)
                 self._cv.notify_all()
             if time.monotonic() - last_log >= self.log_every_s:
                 last_log = time.monotonic()
                 self._log(started, seen)
 
     def _process(self, item: _Handed) -> str:
+        """Read the task and the project's label config from Label Studio, check the task is the
+        project's, then predict and write (`predict_and_write`)."""
         engine = Preannotator(item.segmenter or self.runtime.segmenter, item.options)
+        try:
+            task = project_task(self.api, item.task_id, item.project)
+            config = self._configs.get(item.project)
+            if config is None:
+                config = parse_label_config(self.api.label_config(item.project))
+                engine.check(config)  # the project's config, not the request's
+                self._configs[item.project] = config
+        except (BackendError, LabelStudioAPIError) as e:
+            log.warning(
+                "background job: task %r failed: %s",
+                item.task_id,
+                e.message if isinstance(e, BackendError) else e,
+            )
+            return "failed"
         return predict_and_write(
-            self.api, engine, item.task, item.config, engine.model_version, self.runtime.task_times
+            self.api, engine, task, config, engine.model_version, self.runtime.task_times
         )
 
     def _log(self, started: float, seen: int, final: bool = False) -> None:
@@ -339,11 +368,11 @@ def predict_and_write_why(
             return "done", None
         return "skipped", already
     except BackendError as e:
-        log.warning("background job: task %s failed: %s", task_id, e.message)
+        log.warning("background job: task %r failed: %s", task_id, e.message)
         return "failed", e.message
     except LabelStudioAPIError as e:
-        log.warning("background job: task %s failed: %s", task_id, e)
+        log.warning("background job: task %r failed: %s", task_id, e)
         return "failed", str(e)
     except Exception as e:
-        log.exception("background job: task %s failed", task_id)
+        log.exception("background job: task %r failed", task_id)
         return "failed", f"internal error ({type(e).__name__}): see the worker's log"

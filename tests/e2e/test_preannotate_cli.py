@@ -113,7 +113,14 @@ def run_cli(ls, model_dir, project_id, *extra) -> tuple[subprocess.CompletedProc
 
 def cli_env(ls) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
-    return {**env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "PYTHONUNBUFFERED": "1"}
+    return {
+        **env,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.token,
+        "PYTHONUNBUFFERED": "1",
+        # the media host is on loopback beside Label Studio: only Label Studio's own port is trusted
+        "MEDIA_ALLOWED_HOSTS": "127.0.0.1",
+    }
 
 
 def predicted_count(ls, project_id) -> int:
@@ -216,7 +223,7 @@ def impatient_backend(label_studio, backend_model_dir, e2e_output_dir):
         backend_model_dir,
         label_studio,
         log_path=e2e_output_dir / "backend-impatient.log",
-        extra_env={"PREDICT_DEADLINE_S": "0.5", "RETRIEVE_MODE": "boxes"},
+        extra_env={"PREDICT_DEADLINE_S": "0.5", "RETRIEVE_MODE": "boxes", "MEDIA_ALLOWED_HOSTS": "127.0.0.1"},
     )
     yield backend
     backend.stop()

@@ -33,6 +33,8 @@ CONFIG = """<View>
   <RectangleLabels name="box" toName="image"><Label value="object"/></RectangleLabels>
 </View>"""
 
+# the media host is on loopback beside Label Studio: only Label Studio's own port is trusted
+MEDIA_HOSTS = "127.0.0.1"
 LEASE_S = 3  # JOB_LEASE_S: a killed worker's chunk is requeued within 2 x this
 
 
@@ -68,6 +70,7 @@ def env(ls, redis_url: str, **extra) -> dict[str, str]:
         "REDIS_URL": redis_url,
         "JOB_LEASE_S": str(LEASE_S),
         "PYTHONUNBUFFERED": "1",
+        "MEDIA_ALLOWED_HOSTS": MEDIA_HOSTS,
         **extra,
     }
 
@@ -152,6 +155,7 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
             "PREDICT_DEADLINE_S": "0.5",
             "RETRIEVE_MODE": "boxes",
             "REDIS_URL": redis_server.url,
+            "MEDIA_ALLOWED_HOSTS": MEDIA_HOSTS,
             "EMBEDDING_STORE_DIR": "off",
         },
     )
