@@ -12,7 +12,6 @@ import base64
 import copy
 import logging
 import threading
-import time
 from types import SimpleNamespace
 
 import httpx
