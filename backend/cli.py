@@ -1,14 +1,14 @@
 """`python -m backend serve|make-test-model|convert|preannotate|warm|train|worker`.
 
-`build_parser` adds serve, make-test-model and convert, then every command in `COMMANDS` (the
-module whose code it runs, whose `add_parser` adds its parser). Those modules load torch, so
-`main` imports only the one the command line names: `--help` and `serve --help` answer at once.
+`build_parser` adds serve, make-test-model and convert, then the parsers of `backend.cli_parsers`
+(preannotate, warm, train, worker). No parser imports torch: the code of a command, and torch
+with it, is imported only when the command runs, so every `--help`, and a command line with a
+mistake in it, answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import shutil
@@ -16,31 +16,10 @@ import sys
 from pathlib import Path
 
 from backend.cli_options import add_model_options
+from backend.cli_parsers import ADD_PARSERS
 from backend.logs import setup_logging
 from backend.settings import TEST_MODEL_FIXTURE as FIXTURE
 from backend.settings import Settings, SettingsError
-
-# subcommands registered beside serve, make-test-model and convert: name -> (the module whose
-# `add_parser` adds its parser, the line `python -m backend --help` shows without importing it)
-COMMANDS = {
-    "preannotate": (
-        "backend.preannotate.cli",
-        "pre-annotate a whole Label Studio project (writes predictions only; resumable)",
-    ),
-    "warm": (
-        "backend.warm",
-        "pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)",
-    ),
-    "train": (
-        "backend.train",
-        "fine-tune the mask decoder on a project's corrected masks (activated only if it improves)",
-    ),
-    "worker": (
-        "backend.worker",
-        "process queued work (REDIS_URL): Retrieve overflow, `preannotate --queue`",
-    ),
-}
-
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -104,14 +83,8 @@ def cmd_convert(args) -> None:
     print(f"converted {args.checkpoint} -> {out}")
 
 
-def requested_command(argv: list[str] | None) -> str | None:
-    """The command a command line names (None: none, or only top-level options)."""
-    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line; with `only`, the modules of the other `COMMANDS` are not imported
-    (their subcommands are listed in `--help`, without their options)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (imports no command's code: see `backend.cli_parsers`)."""
     p = argparse.ArgumentParser(
         prog="python -m backend",
         description="Label Studio ML backend for SAM2: serve it, pre-annotate or pre-encode projects, "
@@ -173,16 +146,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     c.set_defaults(fn=cmd_convert)
 
-    for name, (module, summary) in COMMANDS.items():  # commands that live with their code
-        if only is None or only == name:
-            importlib.import_module(module).add_parser(sub)
-        else:
-            sub.add_parser(name, help=summary)
+    for add_parser in ADD_PARSERS:
+        add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser(only=requested_command(argv) or "").parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except SettingsError as e:

@@ -16,7 +16,6 @@ starts this same command in the background (`backend.finetuned.TrainingLauncher`
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.cli_options import add_label_studio_options, add_model_options, stop_on_signals
+from backend.cli_options import stop_on_signals
 from backend.errors import BackendError
 from backend.logs import setup_logging
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe
@@ -449,50 +448,3 @@ def print_runs(versions: DecoderVersions, project: int, *, runs: bool, listing: 
             print(versions_table(names, {v: versions.manifest(v) for v in names}, active))
         else:
             print("  none yet")
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser(
-        "train",
-        help="fine-tune the mask decoder on a project's corrected masks (activated only if it improves)",
-        description=__doc__.split("\n\n")[0],
-    )
-    t.add_argument("--project", type=int, required=True, help="project id")
-    add_model_options(t)  # the served model: fine-tuning starts from its weights
-    add_label_studio_options(t)
-    t.add_argument(
-        "--store", default=None, help="embedding store to read and fill (default: EMBEDDING_STORE_DIR)"
-    )
-    t.add_argument(
-        "--dir",
-        default=None,
-        help="where versions live (default: SAM2_FINETUNE_DIR, else ~/.cache/label-studio-sam2/finetuned)",
-    )
-    t.add_argument("--epochs", type=int, default=None, help="epochs (default: FINETUNE_EPOCHS, else 20)")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default: FINETUNE_LR, else 1e-4)")
-    t.add_argument(
-        "--min-gain",
-        type=float,
-        default=None,
-        help="held-out mIoU gain needed to activate (default: FINETUNE_MIN_GAIN, else 0.02)",
-    )
-    t.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="share of tasks held out for the before/after scores (default: 0.2)",
-    )
-    t.add_argument(
-        "--rollback",
-        action="store_true",
-        help="serve the previously activated version again (default: off)",
-    )
-    t.add_argument(
-        "--list", action="store_true", help="list the project's versions and their scores (default: off)"
-    )
-    t.add_argument(
-        "--status",
-        action="store_true",
-        help="show the project's running and last fine-tuning runs: started, scores, outcome (default: off)",
-    )
-    t.set_defaults(fn=cmd_train)

@@ -8,7 +8,6 @@ the same job for the next few tasks after a labeler's click (backend.prefetch).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -21,7 +20,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from backend.cli_options import add_label_studio_options, add_model_options
 from backend.errors import BackendError, BadRequest
 from backend.jobqueue import JobQueue, QueueUnavailable
 from backend.logs import setup_logging
@@ -251,30 +249,3 @@ def _queue_warm(settings: Settings, args) -> None:
         f"encoded {c.get('done', 0)}, already stored {c.get('skipped', 0)}, failed {c.get('failed', 0)} "
         f"in {time.monotonic() - started:.1f} s"
     )
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    w = sub.add_parser(
-        "warm",
-        help="pre-encode a project's images into the embedding store (EMBEDDING_STORE_DIR)",
-        description="Encode every image of a Label Studio project into the persistent embedding store, "
-        "so a labeler's first click on it only runs the mask decoder. Resumable: images already "
-        "stored are skipped. Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / "
-        "--api-key).",
-    )
-    w.add_argument("--project", type=int, required=True, help="project id")
-    w.add_argument("--store", default=None, help="store directory (default: EMBEDDING_STORE_DIR)")
-    add_model_options(w)
-    w.add_argument(
-        "--after-task", type=int, default=None, help="only tasks with a larger id (default: from the first)"
-    )
-    w.add_argument("--limit", type=int, default=None, help="at most this many tasks (default: all)")
-    w.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    w.add_argument(
-        "--queue",
-        action="store_true",
-        help="queue the images for `python -m backend worker` processes (REDIS_URL) and follow them; "
-        "the workers encode into their store",
-    )
-    add_label_studio_options(w)
-    w.set_defaults(fn=cmd_warm)

@@ -45,7 +45,6 @@ from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 
 from backend import redisconn
-from backend.cli_options import add_label_studio_options, add_model_options
 from backend.errors import BackendError, BadRequest
 from backend.jobqueue import (
     CHUNK_TIMEOUT_S,
@@ -477,26 +476,3 @@ def cmd_worker(args) -> None:
         settings.job_lease_s,
     )
     worker.work(burst=args.burst, logging_level=settings.log_level)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "worker",
-        help="process queued work (REDIS_URL): Retrieve overflow, `preannotate --queue`",
-        description="An RQ worker for the job queue in REDIS_URL: loads the model once and keeps it "
-        "for every job (no fork, no reload), predicts the queued chunks of tasks and writes their "
-        "predictions to Label Studio (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY). Run one per GPU "
-        "(--device cuda:N), on any machine that reaches Redis and Label Studio. SIGTERM finishes "
-        "the current task and hands the rest of its chunk back; a killed worker's chunk is "
-        "requeued within 2 x JOB_LEASE_S.",
-    )
-    add_model_options(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--name", default=None, help="worker name in Redis and /metrics (default: host.pid.device)"
-    )
-    p.add_argument(
-        "--burst", action="store_true", help="exit once the queue is empty (default: keep listening)"
-    )
-    add_label_studio_options(p)
-    p.set_defaults(fn=cmd_worker)

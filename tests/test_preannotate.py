@@ -21,10 +21,10 @@ import torch
 from label_studio_sdk.core.api_error import ApiError
 from PIL import Image, ImageDraw
 
+from backend.cli_parsers import task_ids
 from backend.errors import BadRequest, MediaError
 from backend.media import LabelStudioAuth, MediaClient
 from backend.polygons import mask_polygons
-from backend.preannotate.cli import _task_ids
 from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, predicted_versions
 from backend.preannotate.project import Progress, Selection, Summary, run_project
@@ -676,7 +676,7 @@ def test_cli_parses_options_and_needs_label_studio(monkeypatch, capsys):
     out = capsys.readouterr().out
     for option in ("--project", "--mode", "--filter", "--roi-label", "--output", "--tolerance", "--tasks"):
         assert option in out
-    assert _task_ids("1,3-5, 9") == {1, 3, 4, 5, 9}
+    assert task_ids("1,3-5, 9") == {1, 3, 4, 5, 9}
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
     with pytest.raises(SystemExit) as e:

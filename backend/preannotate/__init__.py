@@ -6,7 +6,7 @@ One engine (`engine.Preannotator`) serves two callers:
   runs the engine while the request's deadline allows and hands the rest of the selection to the
   process's background job (`Runtime.background_job`), which writes their predictions through
   the LS API.
-- The CLI, `python -m backend preannotate --project ID` (`cli`, registered in backend.cli):
+- The CLI, `python -m backend preannotate --project ID` (`cli`; its parser is in backend.cli_parsers):
   `project.run_project` over a whole project, pipelined, resumable, Ctrl-C safe, with retries on
   Label Studio errors.
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 
-from backend.cli_options import add_label_studio_options, add_model_options, stop_on_signals
+from backend.cli_options import stop_on_signals
 from backend.errors import BadRequest
 from backend.jobqueue import JobQueue, QueueUnavailable
 from backend.logs import setup_logging
 from backend.preannotate import queued
-from backend.preannotate.engine import MODES, OUTPUTS, SOURCES, PreannotateOptions, Preannotator
+from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
 from backend.preannotate.project import Selection, run_project
 from backend.protocol import parse_label_config
@@ -22,138 +21,6 @@ from sam2.models import load_image_model, set_cpu_threads
 from sam2.releases import ModelUnavailable
 
 log = logging.getLogger("backend.preannotate")
-
-
-def _task_ids(text: str) -> frozenset[int]:
-    """ "1,2,10-12" -> {1, 2, 10, 11, 12}."""
-    ids: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        try:
-            ids.update(range(int(lo), int(hi or lo) + 1))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"task ids look like 1,2,10-12, got {text!r}") from None
-    return frozenset(ids)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "preannotate",
-        help="pre-annotate a whole Label Studio project (writes predictions only; resumable)",
-        description="Boxes to masks (a mask per rectangle of the latest annotation) or automatic masks "
-        "for every task of a project, written to Label Studio as predictions. Tasks that already have "
-        "a prediction of this model version are skipped, so an interrupted run continues where it "
-        "stopped. Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key).",
-    )
-    p.add_argument("--project", type=int, required=True, help="project id (required)")
-    p.add_argument("--mode", choices=MODES, default=None, help="boxes (default) | auto (RETRIEVE_MODE)")
-    p.add_argument(
-        "--from",
-        dest="boxes_from",
-        choices=SOURCES,
-        default=None,
-        help="rectangles of the latest annotation (default) or prediction (BOXES_FROM)",
-    )
-    p.add_argument(
-        "--output",
-        choices=OUTPUTS,
-        default=None,
-        help="auto: the config's BrushLabels, else PolygonLabels | brush | polygon (default: OUTPUT, else auto)",
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        help="polygon simplification in pixels (default: POLYGON_TOLERANCE, else 1)",
-    )
-    p.add_argument(
-        "--label",
-        default=None,
-        help="label of automatic masks (default: AUTO_LABEL, else the output control's first label)",
-    )
-    p.add_argument(
-        "--roi-label",
-        default=None,
-        help="automatic masks only inside rectangles with this label (default: ROI_LABEL, else the whole image)",
-    )
-    p.add_argument(
-        "--fast",
-        action="store_true",
-        default=None,
-        help="automatic masks, fast mode: coarse grid first, finer points only where it found something (default: AUTO_FAST, else off; a few masks fewer)",
-    )
-    p.add_argument(
-        "--points-per-side",
-        type=int,
-        default=None,
-        help="automatic-mask grid (default: POINTS_PER_SIDE, else 16)",
-    )
-    p.add_argument(
-        "--min-area",
-        type=int,
-        default=None,
-        help="smallest automatic mask in pixels (default: MIN_AREA, else 100)",
-    )
-    p.add_argument(
-        "--iou-thresh",
-        type=float,
-        default=None,
-        help="minimum predicted IoU (default: AUTO_IOU_THRESH, else 0.8)",
-    )
-    p.add_argument(
-        "--stability-thresh",
-        type=float,
-        default=None,
-        help="minimum stability (default: AUTO_STABILITY_THRESH, else 0.92)",
-    )
-    p.add_argument(
-        "--max-masks",
-        type=int,
-        default=None,
-        help="automatic masks per image at most (default: AUTO_MAX_MASKS, else 100)",
-    )
-    p.add_argument(
-        "--filter",
-        default="all",
-        help="all (default) | annotated | unannotated | Data Manager filters as JSON, "
-        'e.g. \'{"conjunction":"and","items":[{"filter":"filter:tasks:total_annotations",'
-        '"operator":"greater","type":"Number","value":0}]}\'',
-    )
-    p.add_argument(
-        "--view",
-        type=int,
-        default=None,
-        help="only the tasks of this Data Manager tab (view id; default: no tab)",
-    )
-    p.add_argument(
-        "--tasks", type=_task_ids, default=None, help="only these task ids: 1,2,10-12 (default: every task)"
-    )
-    add_model_options(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--model-version",
-        default=None,
-        help="model_version of the predictions (default: the backend's, so "
-        "Label Studio's Retrieve predictions skips what this run did, and the other way round)",
-    )
-    p.add_argument("--prefetch", type=int, default=2, help="tasks downloaded ahead (default 2)")
-    p.add_argument("--retries", type=int, default=5, help="attempts per Label Studio call (default 5)")
-    add_label_studio_options(p)
-    queued = p.add_mutually_exclusive_group()
-    queued.add_argument(
-        "--queue",
-        action="store_true",
-        help="queue the selection for `python -m backend worker` processes (REDIS_URL) and follow "
-        "its progress; Ctrl-C stops following, not the jobs",
-    )
-    queued.add_argument("--status", action="store_true", help="the project's queued runs (REDIS_URL)")
-    queued.add_argument(
-        "--cancel", action="store_true", help="cancel the project's queued runs still working (REDIS_URL)"
-    )
-    p.set_defaults(fn=cmd_preannotate)
 
 
 def cmd_preannotate(args) -> None:

@@ -13,18 +13,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from backend.errors import BadRequest, TaskError
+from backend.preannotate.choices import MODES, OUTPUTS, SOURCES
 from backend.protocol import MAX_REGIONS, LabelConfig, ObjectRequest, rectangles_of_annotation, task_data_url
 from backend.regions import OUTPUT_TAGS, mask_result, task_entry
 from sam2.auto import AutoMaskConfig, AutoMaskGenerator
 
-MODES = ("boxes", "auto")
-OUTPUTS = ("auto", "brush", "polygon")
-SOURCES = ("annotation", "prediction")
-
 
 @dataclass(frozen=True)
 class PreannotateOptions:
-    """What to pre-annotate and how (environment: see Settings; CLI: see add_parser).
+    """What to pre-annotate and how (environment: see Settings; CLI: see backend.cli_parsers).
 
     mode: "boxes" (a mask per rectangle) or "auto" (automatic masks).
     boxes_from: rectangles of the task's latest "annotation" or latest "prediction".
