@@ -32,7 +32,9 @@ def exposure_warning(host: str, port: int, settings) -> str | None:
         f"listening on {host}, beyond this machine, without authentication: anyone who reaches port "
         f"{port} can use the model and, through it, the Label Studio media its token can read. Set "
         "BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same user and password in Label Studio's model "
-        "connection), or listen on --host 127.0.0.1"
+        "connection), or listen on --host 127.0.0.1. Until then /predict, /setup and /webhook answer "
+        f"only requests addressed to a loopback name or one in ALLOWED_HOSTS "
+        f"({', '.join(settings.allowed_hosts) or 'none set'}): others get 403"
     )
 
 
