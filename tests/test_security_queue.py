@@ -30,6 +30,7 @@ def _worker(runtime, api, monkeypatch):
         serializer=JSONSerializer,
         runner=runner,
         lease_s=60,
+        outage=worker_module.RedisOutage(queue.where),
     )
 
 
@@ -53,7 +54,7 @@ def test_worker_refuses_a_job_that_is_not_its_own_and_still_runs_its_own(
     builtin = raw.enqueue("pathlib.Path.touch", str(tmp_path / "pwned2"))
     # this backend's own function, but with someone else's callback
     run = queue.start_run(
-        [1], project=4, label_config=IMAGE_CONFIG, options={}, model_version="", source="t", kind="warm"
+        [1], project=1, label_config=IMAGE_CONFIG, options={}, model_version="", source="t", kind="warm"
     )
     own = queue.queue.jobs[-1]
     called_back = raw.enqueue(JOB_FUNC, own.args[0], on_failure=Callback("os.system"))
