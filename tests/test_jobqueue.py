@@ -220,7 +220,7 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     # During the request the video's first decoded frame stalls longer than the whole request's
     # deadline (a slow disk or network), so the deadline cuts the track on any machine, however
     # fast its CPU. The deadline itself leaves ample time to start tracking.
-    deadline_s = 2.0
+    deadline_s = 5.0
     settings = Settings.from_env(redis_url=redis_server.url, predict_deadline_s=deadline_s)
     app = create_app(settings, loaded_model=load_image_model(str(FIXTURE), "cpu"))
     runtime = app.extensions["sam2"]
