@@ -165,7 +165,9 @@ def test_the_newcomer_follows_the_instructions_to_a_mask_from_a_click_and_a_box_
         # one visible row of labels: "Click:" object, background, "Box:" object, background
         labels = page.locator(".lsf-label:visible")
         # "object 3": the name, then its hotkey; waited for, as the page may still re-render them
-        expect(labels).to_have_text([re.compile(rf"^\s*{name}\s*\d*\s*$") for name in ("object", "background") * 2])
+        expect(labels).to_have_text(
+            [re.compile(rf"^\s*{name}\s*\d*\s*$") for name in ("object", "background") * 2]
+        )
         assert len({round(labels.nth(i).bounding_box()["y"]) for i in range(4)}) == 1
         click_object, box_object = labels.nth(0), labels.nth(2)
 
