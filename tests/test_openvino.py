@@ -317,3 +317,12 @@ def test_settings_choose_the_runtime_and_put_the_cache_beside_the_store(tmp_path
     assert off.store_dir is None and off.encoder_cache_dir == str(
         __import__("pathlib").Path(default_store_dir()).parent / "openvino"
     )
+
+
+def test_serve_takes_the_runtime_on_its_command_line():
+    from backend.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--encoder-runtime", "openvino"]).encoder_runtime == "openvino"
+    assert build_parser().parse_args(["serve"]).encoder_runtime is None  # ENCODER_RUNTIME decides
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--encoder-runtime", "onnx"])
