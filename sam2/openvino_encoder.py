@@ -149,9 +149,9 @@ def converted_encoder(vision_encoder: torch.nn.Module, cache_dir: Path, key: str
         if _valid(entry):  # another process or thread converted it while we waited
             log.info("OpenVINO image encoder loaded from the cache %s", entry)
             return entry
-        log.warning(
+        log.info(
             "converting the image encoder to OpenVINO (once, cached in %s): this takes a while "
-            "(13 s quiet for hiera-tiny on 2 cores)",
+            "(hiera-tiny: 13-30 s on 2 cores)",
             entry,
         )
         start = time.perf_counter()
