@@ -326,3 +326,28 @@ def test_serve_takes_the_runtime_on_its_command_line():
     assert build_parser().parse_args(["serve"]).encoder_runtime is None  # ENCODER_RUNTIME decides
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--encoder-runtime", "onnx"])
+
+
+def test_the_server_loads_the_runtime_its_settings_name_from_the_cache_beside_its_store(
+    models, ov_cache, tmp_path
+):
+    """ENCODER_RUNTIME -> Settings -> Runtime.load -> load_image_model, as CPU_PRECISION flows; the
+    converted encoder is looked up in `openvino/` beside EMBEDDING_STORE_DIR (here prefilled: no
+    conversion happens when it is found there)."""
+    from backend.runtime import Runtime
+    from backend.settings import Settings
+
+    shutil.copytree(_entry(ov_cache, "bf16"), tmp_path / "openvino" / _entry(ov_cache, "bf16").name)
+    settings = Settings.from_env(
+        model=str(FIXTURE),
+        device="cpu",
+        cpu_precision="bf16",
+        encoder_runtime="openvino",
+        store_dir=str(tmp_path / "embeddings"),
+    )
+    before = ove.conversions
+    runtime = Runtime(settings, load_in_background=False)
+    runtime.load()  # what the server's loader thread runs
+    assert runtime.error is None and runtime.image_model.encoder_runtime == "openvino"
+    assert runtime.image_model.ov_encoder.precision == "bf16" and ove.conversions == before
+    assert runtime.image_model.ov_encoder.cache_entry.parent == tmp_path / "openvino"
