@@ -44,7 +44,7 @@ def cmd_serve(args) -> None:
     from backend.app import create_app
     from sam2.models import set_cpu_threads
 
-    settings = Settings.from_env(model=args.model, device=args.device)
+    settings = Settings.from_env(model=args.model, device=args.device, encoder_runtime=args.encoder_runtime)
     setup_logging(settings.log_level)
     warning = exposure_warning(args.host, args.port, settings)
     if warning:
@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument(
+        "--encoder-runtime",
+        choices=["auto", "torch", "openvino"],
+        default=None,
+        help="what runs the image encoder on CPU (default: ENCODER_RUNTIME, else auto: OpenVINO where installed)",
+    )
     s.set_defaults(fn=cmd_serve)
 
     m = sub.add_parser(

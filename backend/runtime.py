@@ -104,7 +104,13 @@ class Runtime:
     def load(self) -> None:
         try:
             start = time.perf_counter()
-            loaded = load_image_model(self.settings.model, self.settings.device, self.settings.cpu_precision)
+            loaded = load_image_model(
+                self.settings.model,
+                self.settings.device,
+                self.settings.cpu_precision,
+                self.settings.encoder_runtime,
+                self.settings.encoder_cache_dir,
+            )
             log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
             self._build(loaded)
         except Exception as e:  # ModelUnavailable and anything else: /predict reports it

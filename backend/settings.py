@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         default="auto",
         description="the image encoder's precision on CPU: `auto` = bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16 or AMX), fp32 elsewhere (emulated bf16 is slower); `fp32`; `bf16` (force). The decoder stays fp32. The log line `image model precision: ...` and the benchmarks say which ran",
     )
+    encoder_runtime: Literal["auto", "torch", "openvino"] = _env(
+        "ENCODER_RUNTIME",
+        default="auto",
+        description="what runs the image encoder on CPU: `auto` = OpenVINO where the `openvino` package is installed (it is by default), PyTorch otherwise; `torch`; `openvino`. OpenVINO computes in the precision `CPU_PRECISION` picks, on `TORCH_THREADS`/`--threads` threads; its converted encoder is made on the first start and cached in `openvino/` beside the embedding store. GPUs always run PyTorch; a failed conversion falls back to PyTorch with a warning",
+    )
     # --- Label Studio -----------------------------------------------------------------------------
     label_studio_url: str | None = _env(
         "LABEL_STUDIO_URL",
@@ -406,7 +411,9 @@ class Settings(BaseSettings):
     def _store_off(cls, value):
         return None if value is not None and value.strip().lower() in STORE_OFF else value
 
-    @field_validator("cpu_precision", "retrieve_mode", "output", "boxes_from", mode="before")
+    @field_validator(
+        "cpu_precision", "encoder_runtime", "retrieve_mode", "output", "boxes_from", mode="before"
+    )
     @classmethod
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value
@@ -434,6 +441,12 @@ class Settings(BaseSettings):
         if value.partition("://")[0].lower() not in ("redis", "rediss", "unix"):  # never echo it
             raise ValueError("must be redis://[:password@]host:port/db (or rediss://, unix://)")
         return value
+
+    @property
+    def encoder_cache_dir(self) -> str:
+        """Where ENCODER_RUNTIME=openvino keeps converted encoders: `openvino/` beside the embedding
+        store (`/models/openvino` in Docker), beside its default when the store is off."""
+        return str(Path(self.store_dir or default_store_dir()).parent / "openvino")
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:

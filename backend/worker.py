@@ -445,7 +445,13 @@ def cmd_worker(args) -> None:
         queue.workers()  # Redis reachable: say so now, before the model loads
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
         set_cpu_threads(args.threads)
-        loaded = load_image_model(settings.model, settings.device, settings.cpu_precision)
+        loaded = load_image_model(
+            settings.model,
+            settings.device,
+            settings.cpu_precision,
+            settings.encoder_runtime,
+            settings.encoder_cache_dir,
+        )
     except QueueUnavailable as e:
         raise SystemExit(f"worker: {e.message}") from None
     except (LabelStudioAPIError, ModelUnavailable) as e:

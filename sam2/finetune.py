@@ -131,6 +131,7 @@ def view_of(base: LoadedModel, model: torch.nn.Module) -> LoadedModel:
         base.autocast,
         base.lock,
         cpu_encoder_autocast=base.cpu_encoder_autocast,
+        ov_encoder=base.ov_encoder,
     )
 
 

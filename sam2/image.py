@@ -24,6 +24,7 @@ import torch
 
 from sam2.decoder import DecoderContext, decode, threads_for, weights_version
 from sam2.models import LoadedModel, store_key
+from sam2.openvino_encoder import image_embeddings
 from sam2.transforms import preprocess, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,12 @@ class ImagePredictor:
     def _encode(self, rgb: np.ndarray) -> ImageEmbedding:
         start = time.perf_counter()
         pixel_values = preprocess(rgb, self.loaded.image_size, self.loaded.device)
-        with self.loaded.encoder_autocast_context():
-            features = self.loaded.model.get_image_embeddings(pixel_values)
+        if self.loaded.ov_encoder is not None:  # ENCODER_RUNTIME=openvino: the rest stays in torch
+            fpn = self.loaded.ov_encoder(pixel_values)
+            features = image_embeddings(self.loaded.model, [f.to(self.loaded.device) for f in fpn])
+        else:
+            with self.loaded.encoder_autocast_context():
+                features = self.loaded.model.get_image_embeddings(pixel_values)
         if self.loaded.cpu_encoder_autocast is not None:
             features = [f.float() for f in features]  # the decoder runs in fp32 on CPU
         self.encoder_calls += 1

@@ -17,9 +17,11 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from sam2 import openvino_encoder as ove
 from sam2.convert import convert_checkpoint
 from sam2.releases import DEFAULT_MODEL, SIZES, ModelUnavailable, hub_id, released_config
 
@@ -133,6 +135,12 @@ class LoadedModel:
     autocast: torch.dtype | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     cpu_encoder_autocast: torch.dtype | None = None  # CPU only: the image encoder's autocast dtype
+    ov_encoder: Any = None  # CPU only: the vision encoder on OpenVINO (sam2.openvino_encoder), if it runs
+
+    @property
+    def encoder_runtime(self) -> str:
+        """`openvino` or `torch`: what computes image features."""
+        return "openvino" if self.ov_encoder is not None else "torch"
 
     def autocast_context(self):
         if self.autocast is None:
@@ -148,6 +156,8 @@ class LoadedModel:
     @property
     def precision(self) -> str:
         """What ran, in words (benchmarks and logs report it)."""
+        if self.ov_encoder is not None:
+            return f"encoder OpenVINO {self.ov_encoder.precision}, decoder fp32 (cpu)"
         if self.autocast is not None:
             return f"{str(self.autocast).removeprefix('torch.')} autocast ({self.device.type})"
         if self.cpu_encoder_autocast is not None:
@@ -158,7 +168,10 @@ class LoadedModel:
 def encoder_precision(loaded: LoadedModel) -> str:
     """How `loaded` computes image features, as store keys and `warm` name it: `fp32` (a CPU
     without autocast), `bf16` (a CPU's bf16 encoder, CPU_PRECISION), `cuda-bf16` / `cuda-fp16`
-    (a GPU's autocast; the device is named because a GPU's features differ from a CPU's)."""
+    (a GPU's autocast; the device is named because a GPU's features differ from a CPU's), `ov-f32`
+    / `ov-bf16` (the encoder on OpenVINO, ENCODER_RUNTIME: not bitwise PyTorch's features)."""
+    if loaded.ov_encoder is not None:
+        return loaded.ov_encoder.tag
     if loaded.autocast is not None:
         return f"{loaded.device.type}-{_short_dtype(loaded.autocast)}"
     if loaded.cpu_encoder_autocast is not None:
@@ -180,7 +193,8 @@ def store_key(loaded: LoadedModel, name: str) -> str:
 
     Model id, then the encoder's precision (`encoder_precision`), so features computed in one
     precision never stand in for another's: `model:name` for fp32 (the keys stores have always
-    had), `model:bf16:name` for a CPU's bf16 encoder, `model:cuda-bf16:name` on a GPU.
+    had), `model:bf16:name` for a CPU's bf16 encoder, `model:cuda-bf16:name` on a GPU,
+    `model:ov-f32:name` / `model:ov-bf16:name` for the encoder on OpenVINO.
     """
     precision = encoder_precision(loaded)
     return f"{loaded.model_id}:{name}" if precision == "fp32" else f"{loaded.model_id}:{precision}:{name}"
@@ -245,13 +259,18 @@ def _unavailable(source: str, error: Exception) -> ModelUnavailable:
 
 
 def load_image_model(
-    spec: str | None = None, device: str | None = "auto", cpu_precision: str | None = None
+    spec: str | None = None,
+    device: str | None = "auto",
+    cpu_precision: str | None = None,
+    encoder_runtime: str | None = None,
+    encoder_cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a `Sam2Model` (image predictor) in eval mode on the chosen device.
 
     cpu_precision: auto | fp32 | bf16 for the encoder on CPU (default: $CPU_PRECISION, else auto;
-    see `cpu_encoder_dtype`). Raises `ModelUnavailable` with instructions when the weights cannot
-    be had.
+    see `cpu_encoder_dtype`). encoder_runtime: auto | torch | openvino (default: $ENCODER_RUNTIME,
+    else auto; see `use_encoder_runtime`), its converted encoder cached under encoder_cache_dir.
+    Raises `ModelUnavailable` with instructions when the weights cannot be had.
     """
     from transformers import Sam2Model
 
@@ -261,7 +280,33 @@ def load_image_model(
     image_size = int(model.config.prompt_encoder_config.image_size)
     loaded = LoadedModel(model, source, _model_id(source), dev, image_size, autocast_dtype(dev))
     loaded.cpu_encoder_autocast = cpu_encoder_dtype(dev, cpu_precision)
+    use_encoder_runtime(loaded, encoder_runtime, encoder_cache_dir)
     log.info("image model precision: %s", loaded.precision)
+    return loaded
+
+
+def use_encoder_runtime(
+    loaded: LoadedModel, runtime: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> LoadedModel:
+    """Put `loaded`'s image encoder on the runtime `ENCODER_RUNTIME` picks (sam2.openvino_encoder:
+    OpenVINO on a CPU where it is installed, for `auto`). OpenVINO computes in the precision
+    CPU_PRECISION chose (fp32 -> f32, bf16 -> bf16) on torch's thread count. When the package is
+    missing or conversion or compilation fails: one warning, and PyTorch serves."""
+    chosen = ove.pick_runtime(loaded.device, runtime)
+    loaded.ov_encoder = None
+    if chosen != "openvino":
+        return loaded
+    precision = "bf16" if loaded.cpu_encoder_autocast == torch.bfloat16 else "f32"
+    try:
+        loaded.ov_encoder = ove.load_openvino_encoder(
+            loaded.model.vision_encoder, loaded.model_id, loaded.image_size, precision, cache_dir=cache_dir
+        )
+    except Exception as e:  # ImportError, a conversion or compile error: PyTorch serves instead
+        log.warning(
+            "ENCODER_RUNTIME: the OpenVINO image encoder is unavailable (%s: %s); PyTorch runs it",
+            type(e).__name__,
+            str(e).splitlines()[0][:300] if str(e) else "",
+        )
     return loaded
 
 

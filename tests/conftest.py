@@ -24,6 +24,10 @@ os.environ["EMBEDDING_STORE_DIR"] = "off"
 # x86 CPU: natively where the CPU has it, emulated (slower) elsewhere.
 os.environ["CPU_PRECISION"] = "fp32"
 BOTH_PRECISIONS = pytest.mark.cpu_precision("fp32", "bf16")
+# The encoder's runtime likewise: ENCODER_RUNTIME=auto picks OpenVINO where the package is installed
+# (as requirements.txt installs it); the suite runs PyTorch's encoder, and tests/test_openvino.py
+# asks for OpenVINO itself.
+os.environ["ENCODER_RUNTIME"] = "torch"
 
 IMAGE_CONFIG = """<View>
   <Image name="image" value="$image"/>

@@ -62,7 +62,13 @@ def cmd_preannotate(args) -> None:
         )
         # fail fast, before the model loads: a wrong URL, token, project id or label config
         Preannotator(None, options).check(parse_label_config(api.label_config(args.project)))
-        loaded = load_image_model(settings.model, settings.device, settings.cpu_precision)
+        loaded = load_image_model(
+            settings.model,
+            settings.device,
+            settings.cpu_precision,
+            settings.encoder_runtime,
+            settings.encoder_cache_dir,
+        )
     except (LabelStudioAPIError, ModelUnavailable) as e:
         sys.exit(f"preannotate: {e}")
     except BadRequest as e:
