@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     )
     encoder_runtime: Literal["auto", "torch", "openvino"] = _env(
         "ENCODER_RUNTIME",
-        default="auto",
-        description="what runs the image encoder on CPU: `auto` = OpenVINO where the `openvino` package is installed (it is by default), PyTorch otherwise; `torch`; `openvino`. OpenVINO computes in the precision `CPU_PRECISION` picks, on `TORCH_THREADS`/`--threads` threads; its converted encoder is made on the first start and cached in `openvino/` beside the embedding store. GPUs always run PyTorch; a failed conversion falls back to PyTorch with a warning",
+        default="torch",
+        description="what runs the image encoder on CPU: `torch` (the default); `openvino` (opt-in: `pip install 'label-studio-sam2[openvino]'`, or `openvino==2026.4.1`; on the shared 2-core EPYC it was 1.5-2x faster in bf16 and no faster in f32, see bench.encoder); `auto` = OpenVINO where the package is installed, PyTorch otherwise. OpenVINO computes in the precision `CPU_PRECISION` picks, on `TORCH_THREADS`/`--threads` threads; its converted encoder is made on the first start and cached in `openvino/` beside the embedding store. GPUs always run PyTorch; a failed conversion falls back to PyTorch with a warning",
     )
     # --- Label Studio -----------------------------------------------------------------------------
     label_studio_url: str | None = _env(

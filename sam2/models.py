@@ -269,7 +269,7 @@ def load_image_model(
 
     cpu_precision: auto | fp32 | bf16 for the encoder on CPU (default: $CPU_PRECISION, else auto;
     see `cpu_encoder_dtype`). encoder_runtime: auto | torch | openvino (default: $ENCODER_RUNTIME,
-    else auto; see `use_encoder_runtime`), its converted encoder cached under encoder_cache_dir.
+    else torch; see `use_encoder_runtime`), its converted encoder cached under encoder_cache_dir.
     Raises `ModelUnavailable` with instructions when the weights cannot be had.
     """
     from transformers import Sam2Model

@@ -53,7 +53,7 @@ def pick_runtime(device: torch.device, runtime: str | None = None) -> str:
     auto: OpenVINO on a CPU when the package imports, PyTorch otherwise. GPUs always PyTorch (a
     forced `openvino` on a GPU too: it names the CPU runtime).
     """
-    runtime = (runtime or os.environ.get("ENCODER_RUNTIME") or "auto").lower()
+    runtime = (runtime or os.environ.get("ENCODER_RUNTIME") or "torch").lower()
     if runtime not in ENCODER_RUNTIMES:
         raise ValueError(f"ENCODER_RUNTIME={runtime!r}: expected one of {', '.join(ENCODER_RUNTIMES)}")
     if device.type != "cpu" or runtime == "torch":

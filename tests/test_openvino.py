@@ -303,7 +303,7 @@ def test_settings_choose_the_runtime_and_put_the_cache_beside_the_store(tmp_path
     from backend.settings import Settings, SettingsError, default_store_dir
 
     monkeypatch.delenv("ENCODER_RUNTIME")
-    assert Settings.from_env().encoder_runtime == "auto"  # the default
+    assert Settings.from_env().encoder_runtime == "torch"  # the default: OpenVINO is opt-in
     monkeypatch.setenv("ENCODER_RUNTIME", "OpenVINO")
     assert Settings.from_env().encoder_runtime == "openvino"
     monkeypatch.setenv("ENCODER_RUNTIME", "onnx")
