@@ -36,6 +36,18 @@ from sam2.video import VideoTracker
 log = logging.getLogger("backend")
 
 
+def load_configured_model(settings: Settings):
+    """The image model `settings` name, as every process loads it (server, worker, CLI): model,
+    device, CPU precision and encoder runtime, with the runtime's cache beside the store."""
+    return load_image_model(
+        settings.model,
+        settings.device,
+        settings.cpu_precision,
+        settings.encoder_runtime,
+        settings.encoder_cache_dir,
+    )
+
+
 class Runtime:
     """The model and everything built around it, loaded once per process.
 
@@ -104,13 +116,7 @@ class Runtime:
     def load(self) -> None:
         try:
             start = time.perf_counter()
-            loaded = load_image_model(
-                self.settings.model,
-                self.settings.device,
-                self.settings.cpu_precision,
-                self.settings.encoder_runtime,
-                self.settings.encoder_cache_dir,
-            )
+            loaded = load_configured_model(self.settings)
             log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
             self._build(loaded)
         except Exception as e:  # ModelUnavailable and anything else: /predict reports it

@@ -61,11 +61,11 @@ from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, describe, project_task
 from backend.preannotate.retrieve import predict_and_write_why
 from backend.protocol import parse_label_config, task_data_url
-from backend.runtime import Runtime
+from backend.runtime import Runtime, load_configured_model
 from backend.settings import Settings
 from backend.video import predict_video_task
 from backend.warm import UrlIndex, encode_into_store
-from sam2.models import load_image_model, set_cpu_threads
+from sam2.models import set_cpu_threads
 from sam2.releases import ModelUnavailable
 
 log = logging.getLogger("backend.worker")
@@ -445,13 +445,7 @@ def cmd_worker(args) -> None:
         queue.workers()  # Redis reachable: say so now, before the model loads
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
         set_cpu_threads(args.threads)
-        loaded = load_image_model(
-            settings.model,
-            settings.device,
-            settings.cpu_precision,
-            settings.encoder_runtime,
-            settings.encoder_cache_dir,
-        )
+        loaded = load_configured_model(settings)
     except QueueUnavailable as e:
         raise SystemExit(f"worker: {e.message}") from None
     except (LabelStudioAPIError, ModelUnavailable) as e:

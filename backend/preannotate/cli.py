@@ -15,9 +15,9 @@ from backend.preannotate.engine import PreannotateOptions, Preannotator
 from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, describe
 from backend.preannotate.project import Selection, run_project
 from backend.protocol import parse_label_config
-from backend.runtime import Runtime
+from backend.runtime import Runtime, load_configured_model
 from backend.settings import Settings
-from sam2.models import load_image_model, set_cpu_threads
+from sam2.models import set_cpu_threads
 from sam2.releases import ModelUnavailable
 
 log = logging.getLogger("backend.preannotate")
@@ -62,13 +62,7 @@ def cmd_preannotate(args) -> None:
         )
         # fail fast, before the model loads: a wrong URL, token, project id or label config
         Preannotator(None, options).check(parse_label_config(api.label_config(args.project)))
-        loaded = load_image_model(
-            settings.model,
-            settings.device,
-            settings.cpu_precision,
-            settings.encoder_runtime,
-            settings.encoder_cache_dir,
-        )
+        loaded = load_configured_model(settings)
     except (LabelStudioAPIError, ModelUnavailable) as e:
         sys.exit(f"preannotate: {e}")
     except BadRequest as e:
