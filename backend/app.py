@@ -358,21 +358,21 @@ class SchemaCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[str, str] = OrderedDict()
+        self._items: OrderedDict[int, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
 
-    def get(self, project: str) -> str | None:
+    def get(self, project: int | None) -> str | None:
         with self._lock:
             xml = self._items.get(project)
             if xml is not None:
                 self._items.move_to_end(project)
             return xml
 
-    def put(self, project: str, xml: str) -> None:
+    def put(self, project: int, xml: str) -> None:
         size = _entry_size(project, xml)
         with self._lock:
             old = self._items.pop(project, None)
@@ -387,7 +387,7 @@ class SchemaCache:
                 self.bytes -= _entry_size(key, dropped)
 
 
-def _entry_size(project: str, xml: str) -> int:
+def _entry_size(project: int, xml: str) -> int:
     return sys.getsizeof(project) + sys.getsizeof(xml) + 100  # and a share for the dict entry
 
 
