@@ -96,6 +96,14 @@ def wait_for(what: str, condition, timeout_s: float, logs=()) -> None:
         time.sleep(0.2)
 
 
+def mid_chunk(log_path: Path) -> bool:
+    """The worker's log shows a job taken (RQ logs "<queue>: <description> (<id>)") and no "Job OK"
+    for it yet."""
+    text = log_path.read_text()
+    started = text.rfind("sam2: preannotate project")
+    return started != -1 and text.rfind("Job OK (") < started
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -124,7 +132,10 @@ def test_two_workers_one_killed_mid_run_every_task_predicted_once(
             90,
             logs,
         )
-        workers[0].send_signal(signal.SIGKILL)  # mid-chunk: chunks of 4 take ~1 s each
+        # Kill worker A mid-chunk (chunks of 4 take ~1.5 s): it took a job and has not finished it.
+        # Killed between jobs it abandons nothing, and there is nothing to requeue.
+        wait_for("worker A is in the middle of a chunk", lambda: mid_chunk(logs[0]), 60, logs)
+        workers[0].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         workers[0].wait(10)
         out, _ = cli.communicate(timeout=120)
