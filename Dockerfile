@@ -71,8 +71,7 @@ RUN groupadd --gid 10001 sam2 \
     && mkdir -p /models/hf /models/embeddings \
     && chown -R 10001:10001 /models
 
-COPY backend/ backend/
-COPY sam2/ sam2/
+COPY label_studio_sam2/ label_studio_sam2/
 COPY deploy/gunicorn.conf.py deploy/gunicorn.conf.py
 
 USER 10001:10001
@@ -86,4 +85,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # gunicorn as PID 1 gets SIGTERM from `docker stop` and finishes requests in flight
 # (graceful_timeout); compose's stop_grace_period must be longer.
 STOPSIGNAL SIGTERM
-CMD ["gunicorn", "--config", "deploy/gunicorn.conf.py", "backend.wsgi:app"]
+CMD ["gunicorn", "--config", "deploy/gunicorn.conf.py", "label_studio_sam2.labelstudio.wsgi:app"]

@@ -12,11 +12,12 @@ export PYTHONUNBUFFERED := 1
 # torch first, from the source that suits this machine (tools/install_torch.sh: PyTorch's CPU
 # index, else the registry; the registry's CUDA build where an NVIDIA GPU is; TORCH_INDEX=URL|pypi
 # overrides), so no requirement can pull another build of it.
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	TORCH_VERSION=$(TORCH_VERSION) bash tools/install_torch.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .  # the `label-studio-sam2` command
 	$(BIN)/python -c "import torch, transformers; assert torch.__version__.split('+')[0] == '$(TORCH_VERSION)', torch.__version__"
 	touch $(STAMP)
 
@@ -34,7 +35,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 serve: venv
-	$(BIN)/python -m backend serve
+	$(BIN)/python -m label_studio_sam2 serve
 
 bench: venv
 	$(BIN)/python -m bench.click

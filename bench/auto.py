@@ -48,15 +48,15 @@ MARGINS = [None, 0.2, 0.1, 0.05, 0.0]  # fine_iou_margin for the curve (None: ev
 
 def _best_ious(masks, reference) -> list[float]:
     """For each reference mask, its best IoU among `masks`."""
-    from sam2.auto import mask_iou
+    from label_studio_sam2.engine.automask import mask_iou
 
     return [max((mask_iou(r, m) for m in masks), default=0.0) for r in reference]
 
 
 def _generate(loaded, cache, key, rgb, config, fast_decoder: bool):
     """One generation: (masks, seconds, decoder seconds, encoder seconds, points decoded)."""
-    from sam2.auto import AutoMaskGenerator
-    from sam2.image import ImagePredictor
+    from label_studio_sam2.engine.automask import AutoMaskGenerator
+    from label_studio_sam2.engine.image import ImagePredictor
 
     pred = ImagePredictor(loaded, cache, fast_decoder=fast_decoder)
     spent: dict[str, float] = defaultdict(float)
@@ -68,7 +68,7 @@ def _generate(loaded, cache, key, rgb, config, fast_decoder: bool):
 
 
 def _embed(loaded, images: dict[str, np.ndarray]):
-    from sam2.image import EmbeddingCache, ImagePredictor
+    from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
 
     cache = EmbeddingCache(8 << 30)
     pred = ImagePredictor(loaded, cache)
@@ -81,7 +81,7 @@ def compare(loaded, images: dict[str, np.ndarray], points: int, repeats: int = 1
     """The three variants on each image (embeddings cached first), summed over images. With
     repeats, the variants run in rounds, in turn forward and backward order, and each keeps its
     fastest round: a neighbour's burst of load then hits one round of one variant, not a ratio."""
-    from sam2.auto import AutoMaskConfig
+    from label_studio_sam2.engine.automask import AutoMaskConfig
 
     cache = _embed(loaded, images)
     out: dict = {}
@@ -126,7 +126,7 @@ def fast_mode_curve(loaded, kinds: dict[str, dict[str, np.ndarray]], points: int
     """Per image kind: the full run's masks, and for each fine_iou_margin the fast mode's recall
     and share of grid points decoded (the fixture's times are milliseconds: the real-size rows
     say what a point costs)."""
-    from sam2.auto import AutoMaskConfig
+    from label_studio_sam2.engine.automask import AutoMaskConfig
 
     cache = _embed(loaded, {k: v for images in kinds.values() for k, v in images.items()})
     out: dict = {}
@@ -169,10 +169,10 @@ def _mosaic(seed: int) -> np.ndarray:
 
 def fixture_kinds(n: int) -> dict[str, dict[str, np.ndarray]]:
     """Image kinds for the trained fixture, n images each (test split: never trained on)."""
-    from backend.media import open_image
     from bench.common import photo
     from devkit.rings import make_ring
     from devkit.scenes import make_scene
+    from label_studio_sam2.service.media import open_image
 
     makers = {
         "test scenes": lambda s: make_scene(s).image,
@@ -193,11 +193,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="rounds of the real-size runs (fastest kept)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from backend.media import open_image
     from bench.common import photo
-    from sam2.auto import AutoMaskConfig
-    from sam2.image import EmbeddingCache, ImagePredictor
-    from sam2.models import load_image_model, random_model, real_config
+    from label_studio_sam2.engine.automask import AutoMaskConfig
+    from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
+    from label_studio_sam2.engine.models import load_image_model, random_model, real_config
+    from label_studio_sam2.service.media import open_image
 
     cpu, load = machine()
     loaded = random_model(real_config(), "image")

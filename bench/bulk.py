@@ -88,13 +88,13 @@ def _rectangles(n: int, seed: int) -> list[dict]:
 def run(
     images: int = 6, boxes: int = 5, auto_images: int = 1, points_per_side: int = 16, width=1024, height=768
 ) -> dict:
-    from backend.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
-    from backend.preannotate.engine import PreannotateOptions
-    from backend.preannotate.project import run_project
-    from backend.segment import ImageSegmenter
-    from sam2.auto import AutoMaskConfig, AutoMaskGenerator
-    from sam2.image import EmbeddingCache, ImagePredictor
-    from sam2.models import random_model, real_config
+    from label_studio_sam2.engine.automask import AutoMaskConfig, AutoMaskGenerator
+    from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
+    from label_studio_sam2.engine.models import random_model, real_config
+    from label_studio_sam2.labelstudio.project_job import run_project
+    from label_studio_sam2.service.bulk import PreannotateOptions
+    from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
+    from label_studio_sam2.service.segment import ImageSegmenter
 
     loaded = random_model(real_config(), "image")
     assert loaded.image_size == 1024

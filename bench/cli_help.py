@@ -1,4 +1,4 @@
-"""How long `python -m backend ... --help` takes: the interpreter's start and the imports a command
+"""How long `label-studio-sam2 ... --help` takes: the interpreter's start and the imports a command
 line pays before it prints anything (issue 25: every `--help` took 6-9 s, all of it torch).
 
     .venv/bin/python -m bench.cli_help [--repeats 3]
@@ -33,7 +33,7 @@ COMMANDS = (
 def run(argv: list[str]) -> tuple[float, bool]:
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "backend", *argv],
+        [sys.executable, "-X", "importtime", "-m", "label_studio_sam2", *argv],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -56,7 +56,7 @@ def main() -> None:
         for _ in range(args.repeats):
             seconds, torch_loaded = run(argv)
             times.append(seconds)
-        label = "python -m backend " + " ".join(argv)
+        label = "python -m label_studio_sam2 " + " ".join(argv)
         results[label] = {"median_s": statistics.median(times), "imports_torch": torch_loaded}
         rows.append((label, f"{statistics.median(times):.2f} s", "imports torch" if torch_loaded else ""))
     result = {

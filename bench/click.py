@@ -67,9 +67,9 @@ def busy_neighbours(n: int = 2) -> list[mp.Process]:
 def run(
     clicks: int = 5, baseline_clicks: int = 2, width: int = 1024, height: int = 768, bf16: bool = False
 ) -> dict:
-    from backend.app import create_app
-    from backend.settings import Settings
-    from sam2.models import cpu_has_native_bf16, random_model, real_config
+    from label_studio_sam2.engine.models import cpu_has_native_bf16, random_model, real_config
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     loaded = random_model(real_config(), "image", cpu_precision="auto")
     assert loaded.image_size == 1024
@@ -167,7 +167,7 @@ def encoder_precisions(loaded, repeats: int = 2) -> dict:
 
     import numpy as np
 
-    from sam2.image import ImagePredictor
+    from label_studio_sam2.engine.image import ImagePredictor
 
     fp32, bf16 = copy.copy(loaded), copy.copy(loaded)
     fp32.cpu_encoder_autocast, bf16.cpu_encoder_autocast = None, torch.bfloat16

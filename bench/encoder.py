@@ -52,8 +52,8 @@ def _best(fn, repeats: int) -> float:
 
 
 def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_dir: str | None) -> dict:
-    from sam2.image import ImagePredictor
-    from sam2.models import random_model, real_config, use_encoder_runtime
+    from label_studio_sam2.engine.image import ImagePredictor
+    from label_studio_sam2.engine.models import random_model, real_config, use_encoder_runtime
 
     cpu, load_before = machine()
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_d
             loaded.cpu_encoder_autocast = torch.bfloat16 if precision == "bf16" else None
             row = {"runtime": runtime, "precision": precision}
             if runtime == "openvino":
-                from sam2 import openvino_encoder as ove
+                from label_studio_sam2.engine import openvino_encoder as ove
 
                 before = ove.conversions
                 start = time.perf_counter()

@@ -5,8 +5,8 @@ A randomly initialised model of the real hiera-tiny architecture at its real 102
 (costs are real; what the random model learns is not the point, though it does learn: its
 held-out mIoU rises and the version is activated), on ring scenes (`tests/rings.py`) rendered at
 1024 x 1024. The path is the product's: images encoded once through `ImagePredictor.embedding`,
-then `sam2.finetune.finetune` from the cached embeddings (the encoder is frozen), scored before
-and after on a held-out split, activated through `sam2.decoders.DecoderVersions`.
+then `label_studio_sam2.engine.finetune.finetune` from the cached embeddings (the encoder is frozen), scored before
+and after on a held-out split, activated through `label_studio_sam2.engine.finetuned_decoders.DecoderVersions`.
 
     .venv/bin/python -m bench.finetune [--masks 100] [--images 100] [--epochs 5] [--threads 2]
 
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from devkit.rings import make_ring
-    from sam2.decoders import DecoderVersions
-    from sam2.finetune import Example, FinetuneConfig, finetune, split
-    from sam2.image import ImagePredictor
-    from sam2.models import random_model, real_config
+    from label_studio_sam2.engine.finetune import Example, FinetuneConfig, finetune, split
+    from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
+    from label_studio_sam2.engine.image import ImagePredictor
+    from label_studio_sam2.engine.models import random_model, real_config
 
     torch.manual_seed(0)
     loaded = random_model(real_config("sam2.1", "tiny"), "image")

@@ -1,6 +1,6 @@
 """Load: simulated labelers clicking on their own images against the backend under gunicorn.
 
-The server runs as it is deployed (deploy/gunicorn.conf.py, backend.wsgi:app) on loopback, with a
+The server runs as it is deployed (deploy/gunicorn.conf.py, label_studio_sam2.labelstudio.wsgi:app) on loopback, with a
 randomly initialised model of the real hiera-tiny architecture at 1024 px by default (latency is
 real, mask quality is not measured). Each labeler has a task and an image of its own and clicks
 through a cycle of prompts (1 click, 2 clicks, 3 clicks with a negative one), with think time
@@ -67,7 +67,7 @@ def model_dir(spec: str, workdir: Path) -> str:
         return spec
     import torch
 
-    from sam2.models import real_config, write_test_model
+    from label_studio_sam2.engine.models import real_config, write_test_model
 
     out = workdir / spec
     if spec == "tiny":
@@ -104,7 +104,7 @@ class Gunicorn:
         self.log = log_path.open("w")
         gunicorn = Path(sys.executable).with_name("gunicorn")
         self.proc = subprocess.Popen(
-            [str(gunicorn), "-c", "deploy/gunicorn.conf.py", "backend.wsgi:app"],
+            [str(gunicorn), "-c", "deploy/gunicorn.conf.py", "label_studio_sam2.labelstudio.wsgi:app"],
             cwd=REPO,
             env=env,
             stdout=self.log,

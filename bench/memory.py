@@ -44,12 +44,12 @@ def child(n_boxes: int, real: bool = False, decode_batch: int | None = None) -> 
 
     import torch
 
-    from backend.media import LabelStudioAuth, MediaClient
-    from backend.protocol import parse_label_config
-    from backend.segment import ImageSegmenter
     from bench.common import photo
-    from sam2.image import ImagePredictor
-    from sam2.models import load_image_model, random_model, real_config
+    from label_studio_sam2.engine.image import ImagePredictor
+    from label_studio_sam2.engine.models import load_image_model, random_model, real_config
+    from label_studio_sam2.labelstudio.protocol import parse_label_config
+    from label_studio_sam2.service.media import LabelStudioAuth, MediaClient
+    from label_studio_sam2.service.segment import ImageSegmenter
 
     torch.set_num_threads(2)
     if real:
@@ -153,8 +153,8 @@ def main() -> None:
 
 
 def boxes_mode(args) -> None:
-    from backend.settings import Settings
     from bench.common import machine, report
+    from label_studio_sam2.service.settings import Settings
 
     batch = args.decode_batch or Settings.model_fields["decode_batch"].default
     extra = ("--real", "--decode-batch", str(batch))

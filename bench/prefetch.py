@@ -1,7 +1,7 @@
 """Does pre-encoding the next tasks (PREFETCH_TASKS) delay a labeler's click?
 
-After a click the server starts `python -m backend warm` for the next tasks as a separate process
-at nice 19 (backend/prefetch.py). Here a process of the same kind (the same model, the same
+After a click the server starts `label-studio-sam2 warm` for the next tasks as a separate process
+at nice 19 (label_studio_sam2/service/prefetch.py). Here a process of the same kind (the same model, the same
 encoder, at the priority `Prefetcher` gives it) encodes images back to back: the worst case, a
 prefetch that never ends. Side by side in one run, alternated (the prefetch process is paused
 with SIGSTOP and resumed with SIGCONT between clicks, so both see the same machine):
@@ -37,8 +37,8 @@ def _prefetch_process(nice: int, threads: int, ready, encoded) -> None:
     """What `warm` does per task, forever: encode an image not seen before."""
     import numpy as np
 
-    from sam2.image import EmbeddingCache, ImagePredictor
-    from sam2.models import random_model, real_config
+    from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
+    from label_studio_sam2.engine.models import random_model, real_config
 
     os.nice(nice)
     torch.set_num_threads(threads)
@@ -52,9 +52,9 @@ def _prefetch_process(nice: int, threads: int, ready, encoded) -> None:
 
 
 def run(clicks: int, first_clicks: int, threads: int) -> dict:
-    from backend.app import create_app
-    from backend.settings import Settings
-    from sam2.models import random_model, real_config
+    from label_studio_sam2.engine.models import random_model, real_config
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     loaded = random_model(real_config(), "image")
     tmp = tempfile.mkdtemp()

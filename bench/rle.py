@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.rle import encode_mask
+from label_studio_sam2.labelstudio.rle import encode_mask
 
 RESULTS = Path(__file__).parent / "results" / "rle.json"
 

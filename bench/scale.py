@@ -1,4 +1,4 @@
-"""Scale-out: bulk pre-annotation throughput with 1 and 2 queue workers (`python -m backend worker`).
+"""Scale-out: bulk pre-annotation throughput with 1 and 2 queue workers (`label-studio-sam2 worker`).
 
 Everything real but the weights: a real redis-server (devkit.RedisServer), a real Label Studio
 1.23.2 (devkit.lsserver; the workers read tasks and write predictions through its API), worker
@@ -75,8 +75,8 @@ def cpu_seconds(pids) -> float:
 def run_workers(k: int, ls, redis_url: str, model: str, project: int, ids: list[int], chunk: int, logs: Path):
     """(wall seconds, worker CPU seconds) for `k` ready workers to predict and write every task
     of a fresh run."""
-    from backend.jobqueue import JobQueue
-    from backend.preannotate.engine import PreannotateOptions
+    from label_studio_sam2.service.bulk import PreannotateOptions
+    from label_studio_sam2.service.jobqueue import JobQueue
 
     env = {
         **{k_: v for k_, v in os.environ.items() if not k_.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))},
@@ -93,7 +93,7 @@ def run_workers(k: int, ls, redis_url: str, model: str, project: int, ids: list[
         cmd = [
             sys.executable,
             "-m",
-            "backend",
+            "label_studio_sam2",
             "worker",
             "--model",
             model,

@@ -4,7 +4,7 @@ A randomly initialised model of the real hiera-tiny architecture (latency and me
 tracks are not), one object boxed on frame 0 of a synthetic 640x360 H.264 video, tracked forward
 N frames. Each (mode, N) runs in a fresh process, so its peak RSS is its own.
 
-- streaming: sam2.video.VideoTracker over sam2.frames.VideoReader (one frame decoded at a time,
+- streaming: label_studio_sam2.engine.tracker.VideoTracker over label_studio_sam2.engine.frames.VideoReader (one frame decoded at a time,
   session pruned to what SAM2's memory bank reads).
 - baseline: what the reference example does: decode every frame and preprocess it into one
   (N, 3, S, S) float32 tensor first, then transformers' Sam2VideoInferenceSession with the whole
@@ -53,7 +53,7 @@ def hiera_tiny(image_size: int):
     """sam2.1 hiera-tiny's architecture at a given input side (1024 is the released model)."""
     from transformers import Sam2VideoConfig
 
-    from sam2.models import real_config
+    from label_studio_sam2.engine.models import real_config
 
     if image_size == 1024:
         return real_config()
@@ -75,7 +75,7 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
     import torch
 
     torch.set_num_threads(threads)
-    from sam2.models import random_model
+    from label_studio_sam2.engine.models import random_model
 
     t0 = time.monotonic()
     torch.manual_seed(0)
@@ -102,8 +102,8 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
 
 
 def _streaming(loaded, video: str, count: int) -> float:
-    from sam2.frames import VideoReader
-    from sam2.video import ObjectPrompt, VideoTracker
+    from label_studio_sam2.engine.frames import VideoReader
+    from label_studio_sam2.engine.tracker import ObjectPrompt, VideoTracker
 
     peak = [0]
     with VideoReader(video) as reader:
@@ -120,9 +120,9 @@ def _streaming(loaded, video: str, count: int) -> float:
 
 def _retrack(loaded, video: str, count: int) -> dict:
     """First track vs re-tracks, one process, side by side (see the module's docstring)."""
-    from sam2.frames import VideoReader
-    from sam2.store import EmbeddingStore
-    from sam2.video import ObjectPrompt, VideoTracker
+    from label_studio_sam2.engine.frames import VideoReader
+    from label_studio_sam2.engine.store import EmbeddingStore
+    from label_studio_sam2.engine.tracker import ObjectPrompt, VideoTracker
 
     mid = count // 2
     dx, dy = VELOCITY[0] * mid, VELOCITY[1] * mid
@@ -198,8 +198,8 @@ def _baseline(loaded, video: str, count: int) -> None:
     import torch
     from transformers import Sam2VideoInferenceSession
 
-    from sam2.frames import VideoReader
-    from sam2.transforms import preprocess, to_model_coords, upscale_logits
+    from label_studio_sam2.engine.frames import VideoReader
+    from label_studio_sam2.engine.transforms import preprocess, to_model_coords, upscale_logits
 
     model, s = loaded.model, loaded.image_size
     with VideoReader(video) as reader:

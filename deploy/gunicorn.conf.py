@@ -1,9 +1,9 @@
-"""gunicorn settings for a team deployment: `gunicorn -c deploy/gunicorn.conf.py backend.wsgi:app`.
+"""gunicorn settings for a team deployment: `gunicorn -c deploy/gunicorn.conf.py label_studio_sam2.labelstudio.wsgi:app`.
 
 Shape: WORKERS processes x THREADS threads. Each worker holds one SAM2 model (loaded after fork,
 in the worker) and serialises requests around it; threads let /health, /metrics and quick 503s be
 answered while a request runs. Each worker admits QUEUE_SIZE /predict requests (running +
-waiting, see backend/admission.py) and answers the next with 503 + Retry-After instead of letting
+waiting, see label_studio_sam2/service/admission.py) and answers the next with 503 + Retry-After instead of letting
 them pile up past Label Studio's 100 s timeout. QUEUE_SIZE must stay below THREADS.
 
 One GPU: WORKERS=1 (a second copy of the model buys little: the GPU is the bottleneck).
@@ -11,10 +11,10 @@ CPU box: WORKERS = cores / TORCH_THREADS, e.g. 16 cores -> WORKERS=4 with 4 torc
 Above one worker, set REDIS_URL: a box drawn on one worker is then known to the worker that gets
 the next click. /metrics adds up every worker (prometheus-client multiprocess mode, set up below).
 
-Every value comes from backend.settings.Settings (the environment, validated: a bad value stops
+Every value comes from label_studio_sam2.service.settings.Settings (the environment, validated: a bad value stops
 the master with a message naming the variable). This file is read by the gunicorn master, which
 must never import torch: CUDA initialised before fork breaks every worker ("Cannot re-initialize
-CUDA in forked subprocess"); backend.settings imports no torch.
+CUDA in forked subprocess"); label_studio_sam2.service.settings imports no torch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository (or /app)
 
-from backend.settings import Settings, SettingsError  # noqa: E402
+from label_studio_sam2.service.settings import Settings, SettingsError  # noqa: E402
 
 try:  # also where auth fails closed: half a basic auth pair or an empty password stops the master
     settings = Settings.from_env()
@@ -38,16 +38,16 @@ except SettingsError as e:
 # --- sockets and processes ----------------------------------------------------------------------
 bind = [f"{settings.host or '0.0.0.0'}:{settings.port}"]
 workers = settings.workers
-# gthread with request headers read by the event loop (backend/gworker.py): clients that send
+# gthread with request headers read by the event loop (label_studio_sam2/labelstudio/gworker.py): clients that send
 # their headers slowly hold no thread, and are cut off after HEADER_TIMEOUT_S (10 s)
-worker_class = "backend.gworker.HeaderTimeoutWorker"
+worker_class = "label_studio_sam2.labelstudio.gworker.HeaderTimeoutWorker"
 threads = settings.threads
 # connections a worker holds at once (running, waiting for a thread, kept alive); beyond it the
 # kernel's listen backlog holds them
 worker_connections = settings.worker_connections
 backlog = 128
 
-# No preloading: the app (and the model) is built in each worker after fork. backend.wsgi:app is
+# No preloading: the app (and the model) is built in each worker after fork. label_studio_sam2.labelstudio.wsgi:app is
 # lazy anyway, so even preload_app=True would not load a model in the master.
 preload_app = False
 
@@ -78,7 +78,7 @@ proc_name = "label-studio-sam2"
 
 # --- metrics of all workers ----------------------------------------------------------------------
 # prometheus-client's multiprocess mode: each worker writes its metrics to files in one directory
-# and /metrics, on whichever worker answers, adds them up (backend/metrics.py). The variable must
+# and /metrics, on whichever worker answers, adds them up (label_studio_sam2/service/metrics.py). The variable must
 # be set before a worker imports prometheus_client: on_starting runs in the master before the
 # first fork (the master itself imports it only in child_exit).
 METRICS_DIR_OWNED: list[str] = []  # the temporary directory made here, removed on exit

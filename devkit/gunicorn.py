@@ -1,5 +1,5 @@
 """The backend under gunicorn, as the Docker image runs it (`gunicorn -c deploy/gunicorn.conf.py
-backend.wsgi:app`), on a loopback port with a small model: for tests of the team deployment."""
+label_studio_sam2.labelstudio.wsgi:app`), on a loopback port with a small model: for tests of the team deployment."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def start_gunicorn(model: str | Path, port: int, log_path: Path, *args: str, **e
     with log_path.open("w") as log:
         return subprocess.Popen(
             [str(Path(sys.executable).with_name("gunicorn")), "-c", "deploy/gunicorn.conf.py", *args]
-            + ["backend.wsgi:app"],
+            + ["label_studio_sam2.labelstudio.wsgi:app"],
             cwd=REPO,
             env=base | env,
             stdout=log,

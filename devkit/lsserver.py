@@ -401,7 +401,7 @@ def start_label_studio(
 
 @dataclass
 class Backend:
-    """A running `python -m backend serve` process."""
+    """A running `label-studio-sam2 serve` process."""
 
     url: str
     process: subprocess.Popen
@@ -435,7 +435,7 @@ def make_test_model(model_dir: Path, trained: bool = False) -> Path:
     """Write the backend's tiny SAM2 (HF format) to `model_dir`: random, or the small model
     trained on synthetic shapes (`trained=True`)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "backend", "make-test-model", str(model_dir)]
+        [sys.executable, "-m", "label_studio_sam2", "make-test-model", str(model_dir)]
         + (["--trained"] if trained else []),
         capture_output=True,
         text=True,
@@ -472,7 +472,7 @@ def start_backend(
     log_path = Path(log_path or Path(tempfile.mkdtemp(prefix="sam2-backend-")) / "backend.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     process = _spawn(
-        [sys.executable, "-m", "backend", "serve", "--host", host, "--port", str(port)]
+        [sys.executable, "-m", "label_studio_sam2", "serve", "--host", host, "--port", str(port)]
         + (["--model", str(model)] if model is not None else [])
         + (["--device", device] if device is not None else []),
         env,

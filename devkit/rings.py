@@ -51,8 +51,8 @@ def make_ring(seed: int, split: str = "test", hw: tuple[int, int] = (128, 128)) 
 
 
 def ring_examples(predictor, seeds, split: str) -> list:
-    """`sam2.finetune.Example`s of ring scenes, embedded by `predictor` (an ImagePredictor)."""
-    from sam2.finetune import Example
+    """`label_studio_sam2.engine.finetune.Example`s of ring scenes, embedded by `predictor` (an ImagePredictor)."""
+    from label_studio_sam2.engine.finetune import Example
 
     out = []
     for s in seeds:

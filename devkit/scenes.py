@@ -10,7 +10,7 @@ function of `(seed, split)`: the training draws only from `split="train"`, the h
 evaluation from `"val"`, and the tests from `"test"`, so the tests' scenes were never trained on.
 
 Conventions: images are (H, W, 3) uint8 RGB; masks are (H, W) bool of the *visible* part of a
-shape (later shapes cover earlier ones); points are continuous pixels XY (see sam2/transforms.py).
+shape (later shapes cover earlier ones); points are continuous pixels XY (see label_studio_sam2/engine/transforms.py).
 Depends on numpy and Pillow only.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sam2.finetune import mask_iou
-from sam2.transforms import mask_box
+from label_studio_sam2.engine.finetune import mask_iou
+from label_studio_sam2.engine.transforms import mask_box
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
 KINDS = ("ellipse", "rectangle", "triangle", "polygon", "star")

@@ -19,7 +19,7 @@ deploy-check: $(BIN)/hadolint
 
 # MALLOC_ARENA_MAX=2 as in the Dockerfile: glibc's per-thread arenas add ~0.5 GB RSS otherwise
 serve-gunicorn: venv
-	MALLOC_ARENA_MAX=2 $(BIN)/gunicorn -c deploy/gunicorn.conf.py backend.wsgi:app
+	MALLOC_ARENA_MAX=2 $(BIN)/gunicorn -c deploy/gunicorn.conf.py label_studio_sam2.labelstudio.wsgi:app
 
 bench-load: venv
 	$(BIN)/python -m bench.load

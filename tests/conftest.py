@@ -40,7 +40,7 @@ IMAGE_CONFIG = """<View>
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random SAM2 saved in HF format, as `make-test-model` writes it."""
-    from sam2.models import write_test_model
+    from label_studio_sam2.engine.models import write_test_model
 
     return write_test_model(tmp_path_factory.mktemp("tiny-sam2"))
 
@@ -74,7 +74,7 @@ def _cpu_precision_env(cpu_precision, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir, cpu_precision):
     """The tiny model, its encoder in the test's CPU_PRECISION (forced, whatever the CPU)."""
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.models import load_image_model
 
     loaded = load_image_model(str(tiny_model_dir), "cpu", cpu_precision)
     assert (loaded.cpu_encoder_autocast is not None) == (cpu_precision == "bf16")
@@ -86,7 +86,7 @@ def _loopback_media_is_trusted(monkeypatch):
     """The suite's media servers live on 127.0.0.1, which the default fetch policy refuses; trust
     that one address here (an explicit test override, the default stays closed). The security
     tests serve from 127.0.0.2 and up, which stay untrusted."""
-    from backend import media
+    from label_studio_sam2.service import media
 
     monkeypatch.setattr(media, "TRUSTED_FOR_TESTS", {"127.0.0.1"})
 
@@ -123,8 +123,8 @@ def noise_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def app_factory(tiny_model):
     """Build an app around the tiny model with settings overrides."""
-    from backend.app import create_app
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     def make(**overrides):
         settings = Settings.from_env(**overrides)

@@ -224,8 +224,8 @@ def test_metrics_count_requests_and_cache(client, media_server):
 
 
 def test_model_that_cannot_load_gives_503_with_instructions(tmp_path):
-    from backend.app import create_app
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     app = create_app(Settings.from_env(model=str(tmp_path / "nope.pt")))
     client = app.test_client()

@@ -1,4 +1,4 @@
-"""sam2.auto: grid prompts, IoU and stability filters, our own NMS, ROIs.
+"""label_studio_sam2.engine.automask: grid prompts, IoU and stability filters, our own NMS, ROIs.
 
 Most tests run the generator on a stand-in for the SAM2 model that "segments" by colour (the
 encoder keeps the resized image, the decoder returns the region of the clicked colour), on images
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from devkit.scenes import iou
-from sam2.auto import (
+from label_studio_sam2.engine.automask import (
     AutoMask,
     AutoMaskConfig,
     AutoMaskGenerator,
@@ -28,9 +28,9 @@ from sam2.auto import (
     point_grid,
     stability_scores,
 )
-from sam2.image import ImagePredictor
-from sam2.models import LoadedModel
-from sam2.transforms import IMAGENET_MEAN, IMAGENET_STD, mask_boxes
+from label_studio_sam2.engine.image import ImagePredictor
+from label_studio_sam2.engine.models import LoadedModel
+from label_studio_sam2.engine.transforms import IMAGENET_MEAN, IMAGENET_STD, mask_boxes
 
 # --- a colour-segmenting stand-in for Sam2Model ------------------------------------------------
 
@@ -266,8 +266,8 @@ def test_fast_mode_recovers_the_full_runs_masks_from_fewer_points():
     """AUTO_FAST on the trained fixture: the full run's masks come back (IoU >= 0.9) while far
     fewer grid points are decoded (bench.auto measures this on more image kinds)."""
     from devkit.scenes import make_scene
-    from sam2.auto import mask_iou
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.automask import mask_iou
+    from label_studio_sam2.engine.models import load_image_model
     from tests.test_behaviour import FIXTURE
 
     pred = ImagePredictor(load_image_model(str(FIXTURE), "cpu", cpu_precision="fp32"))

@@ -37,15 +37,15 @@ _task_ids = itertools.count(1)  # a fresh task per object: the backend remembers
 
 @pytest.fixture(scope="module")
 def trained():
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.models import load_image_model
 
     return load_image_model(str(FIXTURE), "cpu")
 
 
 @pytest.fixture
 def client(trained):
-    from backend.app import create_app
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     return create_app(Settings.from_env(), loaded_model=trained).test_client()
 

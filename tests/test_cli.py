@@ -1,4 +1,4 @@
-"""`python -m backend ...`: help a user can act on, and a server that stays on this machine unless
+"""`python -m label_studio_sam2 ...`: help a user can act on, and a server that stays on this machine unless
 told otherwise."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.cli import build_parser, exposure_warning
-from backend.settings import Settings
+from label_studio_sam2.cli.main import build_parser, exposure_warning
+from label_studio_sam2.service.settings import Settings
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -95,18 +95,18 @@ def test_help_answers_without_importing_torch(argv):
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "backend", *argv],
+        [sys.executable, "-X", "importtime", "-m", "label_studio_sam2", *argv],
         capture_output=True,
         text=True,
         cwd=root,
         timeout=120,
     )
     if "--help" in argv:
-        assert proc.returncode == 0 and "usage: python -m backend" in proc.stdout
+        assert proc.returncode == 0 and "usage: label-studio-sam2" in proc.stdout
     else:
-        assert proc.returncode == 2 and "python -m backend " + argv[0] + ": error:" in proc.stderr
+        assert proc.returncode == 2 and "label-studio-sam2 " + argv[0] + ": error:" in proc.stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
-    assert "backend" in imported  # -X importtime did report
+    assert "label_studio_sam2" in imported  # -X importtime did report
     assert not {"torch", "transformers", "label_studio_sdk"} & imported
 
 
@@ -138,7 +138,7 @@ def test_every_command_runs_code_that_exists(name):
 @pytest.mark.parametrize("name", ["serve", "train", "warm", "preannotate", "worker"])
 def test_every_command_that_loads_the_model_takes_the_names_make_run_takes(name, monkeypatch):
     # `make run MODEL=test` serves the tiny trained SAM2; `train --model test` was refused
-    from backend.settings import DEMO_TEST_MODEL, TEST_MODEL_FIXTURE
+    from label_studio_sam2.service.settings import DEMO_TEST_MODEL, TEST_MODEL_FIXTURE
 
     argv = [name] + ([] if name in ("serve", "worker") else ["--project", "1"]) + ["--model", "test"]
     args = build_parser().parse_args(argv)
@@ -166,7 +166,16 @@ def test_warm_says_a_label_studio_error_in_one_line_and_fails(httpserver, tmp_pa
         "REDIS_URL": "redis://127.0.0.1:1/0",  # --queue reads the project before it needs Redis
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "backend", "warm", "--project", "1", "--store", str(tmp_path / "store")]
+        [
+            sys.executable,
+            "-m",
+            "label_studio_sam2",
+            "warm",
+            "--project",
+            "1",
+            "--store",
+            str(tmp_path / "store"),
+        ]
         + ["--url", httpserver.url_for("/").rstrip("/")]
         + (["--queue"] if queue else []),
         capture_output=True,

@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from sam2.convert import convert_checkpoint, meta_to_hf
-from sam2.models import tiny_config
-from sam2.releases import ConversionError, guess_from_name, guess_from_weights, released_config
+from label_studio_sam2.engine.convert import convert_checkpoint, meta_to_hf
+from label_studio_sam2.engine.models import tiny_config
+from label_studio_sam2.engine.releases import (
+    ConversionError,
+    guess_from_name,
+    guess_from_weights,
+    released_config,
+)
 
 # HF name -> Meta name, applied in order (regex, replacement).
 _TO_META = [
@@ -163,8 +168,8 @@ def test_inverse_mapping_produces_metas_names():
 def test_meta_checkpoint_round_trips_to_identical_outputs(tmp_path):
     from transformers import Sam2VideoModel
 
-    from sam2.image import EmbeddingCache, ImagePredictor, Prompt
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor, Prompt
+    from label_studio_sam2.engine.models import load_image_model
 
     model = _tiny_video_model()
     ckpt = tmp_path / "tiny.pt"
@@ -292,8 +297,8 @@ def test_checkpoints_are_read_as_data_never_run_as_code(tmp_path, monkeypatch):
 
 
 def test_model_resolution_converts_a_pt_on_the_fly_and_cli_converts(tmp_path, capsys):
-    from backend.cli import main
-    from sam2.models import load_image_model, resolve
+    from label_studio_sam2.cli.main import main
+    from label_studio_sam2.engine.models import load_image_model, resolve
 
     # the real hiera-tiny architecture under Meta's file name: size and release come from the weights
     ckpt = tmp_path / "sam2.1_hiera_tiny.pt"

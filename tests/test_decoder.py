@@ -1,4 +1,4 @@
-"""The decoder with per-image precomputation (sam2/decoder.py) equals transformers' Sam2Model.
+"""The decoder with per-image precomputation (label_studio_sam2/engine/mask_decoder.py) equals transformers' Sam2Model.
 
 A random model of the real hiera-tiny architecture at its real 1024 px input, encoded once for
 the module (~2-10 s on 2 cores): the shapes and the numbers of heads/layers are the released ones.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sam2.image import ImagePredictor, Prompt
-from sam2.models import random_model, real_config
+from label_studio_sam2.engine.image import ImagePredictor, Prompt
+from label_studio_sam2.engine.models import random_model, real_config
 from tests.conftest import BOTH_PRECISIONS
 
 H, W = 480, 640
@@ -88,7 +88,7 @@ def test_mask_prompt_equals_transformers(real_size):
 
 def test_candidates_under_the_iou_bar_skip_upscaling_and_nothing_else_changes(real_size):
     """Automatic masks drop candidates under their IoU bar: `min_iou` spares their upscaling."""
-    from sam2.decoder import DROPPED_LOGIT
+    from label_studio_sam2.engine.mask_decoder import DROPPED_LOGIT
 
     _, fast, _, emb = real_size
     prompts = PROMPT_KINDS["grid batch (all threads)"]
@@ -169,7 +169,7 @@ def test_bf16_encoder_masks_agree_with_fp32_on_a_real_size_model(real_size):
 @pytest.mark.cpu_precision("fp32")  # it loads both precisions itself
 def test_bf16_encoder_masks_agree_with_fp32_on_the_trained_fixture():
     from devkit.scenes import box_of, interior_point, make_scene
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.models import load_image_model
     from tests.test_behaviour import FIXTURE
 
     fp32 = ImagePredictor(load_image_model(str(FIXTURE), "cpu", cpu_precision="fp32"))

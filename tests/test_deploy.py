@@ -43,9 +43,9 @@ def test_gunicorn_config_reads_the_environment_and_never_imports_torch():
     code = (
         "import json, runpy, sys\n"
         "cfg = runpy.run_path('deploy/gunicorn.conf.py')\n"
-        "import backend.wsgi\n"  # what the master and each worker import before the app is built
+        "import label_studio_sam2.labelstudio.wsgi\n"  # what the master and each worker import before the app is built
         "assert 'torch' not in sys.modules, 'torch imported before fork'\n"
-        "assert not backend.wsgi.app.loaded\n"
+        "assert not label_studio_sam2.labelstudio.wsgi.app.loaded\n"
         "keys = ['bind', 'workers', 'threads', 'worker_class', 'timeout', 'graceful_timeout', 'preload_app']\n"
         "print(json.dumps({k: cfg[k] for k in keys}))\n"
     )
@@ -54,7 +54,10 @@ def test_gunicorn_config_reads_the_environment_and_never_imports_torch():
     assert out.returncode == 0, out.stderr
     cfg = json.loads(out.stdout.strip().splitlines()[-1])
     assert cfg["bind"] == ["0.0.0.0:9555"] and cfg["workers"] == 3 and cfg["threads"] == 5
-    assert cfg["worker_class"] == "backend.gworker.HeaderTimeoutWorker" and cfg["preload_app"] is False
+    assert (
+        cfg["worker_class"] == "label_studio_sam2.labelstudio.gworker.HeaderTimeoutWorker"
+        and cfg["preload_app"] is False
+    )
     assert cfg["timeout"] > 100  # above Label Studio's 100 s /predict timeout
     assert cfg["graceful_timeout"] < 40  # below compose's stop_grace_period
 
@@ -62,7 +65,13 @@ def test_gunicorn_config_reads_the_environment_and_never_imports_torch():
 def test_gunicorn_accepts_the_config():
     gunicorn = Path(PY).with_name("gunicorn")
     out = subprocess.run(
-        [str(gunicorn), "--check-config", "-c", "deploy/gunicorn.conf.py", "backend.wsgi:app"],
+        [
+            str(gunicorn),
+            "--check-config",
+            "-c",
+            "deploy/gunicorn.conf.py",
+            "label_studio_sam2.labelstudio.wsgi:app",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -86,7 +95,7 @@ def test_gunicorn_master_refuses_to_fork_after_cuda_was_initialised(monkeypatch)
 def test_lazy_wsgi_app_builds_once_per_process(monkeypatch):
     from werkzeug.test import Client
 
-    from backend.wsgi import LazyApp
+    from label_studio_sam2.labelstudio.wsgi import LazyApp
 
     built = []
 
@@ -225,9 +234,9 @@ def _secret_forms() -> list[str]:
 
 
 def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, caplog):
-    from backend.app import create_app
-    from backend.logs import _SecretFilter, setup_logging
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.logs import _SecretFilter, setup_logging
+    from label_studio_sam2.service.settings import Settings
 
     ls = _LabelStudioThatRefuses()
     dead = f"http://127.0.0.1:{free_port()}"
@@ -238,7 +247,7 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
     ]
     bodies: list[str] = []
     caplog.set_level(logging.DEBUG)
-    # the backend's logging setup (backend.logs.setup_logging) keeps urllib3 at INFO or above even
+    # the backend's logging setup (label_studio_sam2.service.logs.setup_logging) keeps urllib3 at INFO or above even
     # at LOG_LEVEL=DEBUG: its DEBUG lines hold full URLs, presigned query strings included
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -424,7 +433,11 @@ def test_compose_wires_label_studio_and_the_backend():
         # every variable the compose file sets is one the backend or gunicorn reads
         readers = "".join(
             (REPO / f).read_text()
-            for f in ("backend/settings.py", "deploy/gunicorn.conf.py", "backend/gworker.py")
+            for f in (
+                "label_studio_sam2/service/settings.py",
+                "deploy/gunicorn.conf.py",
+                "label_studio_sam2/labelstudio/gworker.py",
+            )
         )
         for name in env:
             assert f'"{name}"' in readers, f"{name} is set by compose but read by nothing"
@@ -467,9 +480,9 @@ def test_compose_wires_label_studio_and_the_backend():
 def test_compose_workers_share_the_image_the_store_and_redis():
     services = _compose()["services"]
     cpu, gpu, redis = services["sam2-worker"], services["sam2-worker-gpu"], services["redis"]
-    readers = (REPO / "backend/settings.py").read_text()
+    readers = (REPO / "label_studio_sam2/service/settings.py").read_text()
     for worker in (cpu, gpu):
-        assert worker["command"] == ["python", "-m", "backend", "worker"]
+        assert worker["command"] == ["python", "-m", "label_studio_sam2", "worker"]
         assert worker["image"] == services["sam2"]["image"]
         env = worker["environment"]
         assert "@redis:6379" in env["REDIS_URL"] and env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
@@ -498,7 +511,12 @@ def test_dockerfile_runs_gunicorn_as_a_non_root_user_with_a_healthcheck():
     health = next(line for line in lines if line.startswith("HEALTHCHECK"))
     assert "--start-period" in health and "/health" in text[text.index("HEALTHCHECK") :]
     cmd = json.loads([line for line in lines if line.startswith("CMD ")][-1][4:])  # not HEALTHCHECK's
-    assert cmd == ["gunicorn", "--config", "deploy/gunicorn.conf.py", "backend.wsgi:app"]
+    assert cmd == [
+        "gunicorn",
+        "--config",
+        "deploy/gunicorn.conf.py",
+        "label_studio_sam2.labelstudio.wsgi:app",
+    ]
     assert "EXPOSE 9090" in lines and "HF_HOME=/models/hf" in text
     assert "torchvision" not in text  # the CUDA torch of the base image, nothing else of its kind
     # every COPY source exists and is let through by .dockerignore

@@ -1,4 +1,4 @@
-"""Fine-tuning the decoder (sam2/finetune.py) and its versions on disk (sam2/decoders.py), on the
+"""Fine-tuning the decoder (label_studio_sam2/engine/finetune.py) and its versions on disk (label_studio_sam2/engine/finetuned_decoders.py), on the
 shapes fixture and a domain it does badly on (rings with holes, tests/rings.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from devkit.rings import make_ring, ring_examples
-from sam2.decoders import DecoderVersions, ProjectDecoders, model_version
-from sam2.finetune import (
+from label_studio_sam2.engine.finetune import (
     Example,
     FinetuneConfig,
     decoder_state,
@@ -22,7 +21,8 @@ from sam2.finetune import (
     split,
     with_decoder,
 )
-from sam2.image import ImagePredictor, Prompt
+from label_studio_sam2.engine.finetuned_decoders import DecoderVersions, ProjectDecoders, model_version
+from label_studio_sam2.engine.image import ImagePredictor, Prompt
 
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 FAST = FinetuneConfig(epochs=4, batch=8, lr=1e-3)
@@ -30,7 +30,7 @@ FAST = FinetuneConfig(epochs=4, batch=8, lr=1e-3)
 
 @pytest.fixture(scope="module")
 def shapes_model():
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.models import load_image_model
 
     return load_image_model(str(FIXTURE), "cpu")
 

@@ -1,7 +1,7 @@
 """Several processes, one backend: replicas sharing prompt memory through a real redis-server,
 a Redis outage in the middle of a labeling session, and `/metrics` adding up gunicorn workers.
 
-The replicas are real `python -m backend serve` processes on the trained shapes fixture: a box
+The replicas are real `python -m label_studio_sam2 serve` processes on the trained shapes fixture: a box
 drawn on one and a click sent to the other (alone, as Label Studio sends it) must give the mask
 one process gives for box then click; the same click without the box gives something else.
 """
@@ -105,9 +105,9 @@ def replicas(redis, tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(scene_object):
     """Box then click in one process without Redis: the reference mask."""
-    from backend.app import create_app
-    from backend.settings import Settings
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.models import load_image_model
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     model = load_image_model(str(FIXTURE), "cpu")
     settings = Settings.from_env(redis_url=None, media_allowed_hosts=("127.0.0.1",))

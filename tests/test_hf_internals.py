@@ -1,5 +1,5 @@
 """Canary: the private transformers names the video tracker and tools/train_tiny.py rely on
-(sam2/hf_internals.py) still exist with the parameters passed to them. After a transformers
+(label_studio_sam2/engine/hf_internals.py) still exist with the parameters passed to them. After a transformers
 upgrade this is the one test that names what changed."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 from transformers import Sam2VideoInferenceSession
 
-from sam2 import hf_internals
-from sam2.models import random_model, tiny_config
+from label_studio_sam2.engine import hf_internals
+from label_studio_sam2.engine.models import random_model, tiny_config
 
 
 def test_transformers_private_api_is_still_there():
     problems = hf_internals.problems()
     assert not problems, (
-        "transformers changed what sam2/hf_internals.py relies on (update that module): "
+        "transformers changed what label_studio_sam2/engine/hf_internals.py relies on (update that module): "
         + "; ".join(problems)
     )
 

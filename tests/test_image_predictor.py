@@ -1,4 +1,4 @@
-"""sam2.image: the embedding cache, decode-only clicks, thread safety, batching."""
+"""label_studio_sam2.engine.image: the embedding cache, decode-only clicks, thread safety, batching."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam2.image import EmbeddingCache, ImageEmbedding, ImagePredictor, Prompt
+from label_studio_sam2.engine.image import EmbeddingCache, ImageEmbedding, ImagePredictor, Prompt
 from tests.conftest import BOTH_PRECISIONS, noise_image
 
 pytestmark = BOTH_PRECISIONS  # the encoder's precision changes the embeddings every test decodes
@@ -60,7 +60,7 @@ def test_cache_is_bounded_in_bytes_and_evicts_least_recently_used(tiny_model):
 
 
 def test_cache_keys_include_the_model(tiny_model):
-    from sam2.models import random_model, tiny_config
+    from label_studio_sam2.engine.models import random_model, tiny_config
 
     cache = EmbeddingCache()
     other = random_model(tiny_config(), "image")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.jobqueue import JobQueue, QueueUnavailable
 from devkit.lsserver import REPO_ROOT, free_port
 from devkit.media_server import MediaServer
+from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from tests.conftest import BOTH_PRECISIONS, noise_image, predict_body, rect_px
 
 
@@ -73,7 +73,7 @@ def test_cli_status_with_redis_down_says_so_and_exits(tmp_path):
     port = free_port()  # nothing listens there
     env = {"REDIS_URL": f"redis://:pw-xyz@127.0.0.1:{port}/0", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "backend", "preannotate", "--project", "3", "--status"],
+        [sys.executable, "-m", "label_studio_sam2", "preannotate", "--project", "3", "--status"],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -123,8 +123,8 @@ def test_the_queue_s_worker_writes_only_what_label_studio_holds_for_the_project(
     """The attack of issue 23 through the queue (REDIS_URL): the hand-off carries task ids and
     the project only; the worker reads each task and the label config from Label Studio and
     writes nothing for a task of another project, nor anything from the request's task dicts."""
-    from backend.jobqueue import chunk_from_job
-    from backend.worker import JobRunner
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.worker import JobRunner
     from tests.test_preannotate import handoff_attack, written_labels
 
     app = app_factory(predict_deadline_s=0.6, redis_url=redis_server.url, retrieve_mode="boxes")
@@ -187,14 +187,14 @@ VIDEO_CONFIG = f"""<View>
 def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     redis_server, media_server, tmp_path, caplog
 ):
-    import sam2.frames
-    from backend.app import create_app
-    from backend.cli import FIXTURE
-    from backend.jobqueue import chunk_from_job
-    from backend.settings import Settings
-    from backend.worker import JobRunner
+    import label_studio_sam2.engine.frames
     from devkit.videos import Shape, moving_shapes, write_video
-    from sam2.models import load_image_model
+    from label_studio_sam2.cli.main import FIXTURE
+    from label_studio_sam2.engine.models import load_image_model
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.settings import Settings
+    from label_studio_sam2.service.worker import JobRunner
     from tests.test_preannotate import FakeLabelStudio
 
     w, h = 96, 64
@@ -224,7 +224,7 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     settings = Settings.from_env(redis_url=redis_server.url, predict_deadline_s=deadline_s)
     app = create_app(settings, loaded_model=load_image_model(str(FIXTURE), "cpu"))
     runtime = app.extensions["sam2"]
-    rgb, decoded = sam2.frames.VideoReader._rgb, []
+    rgb, decoded = label_studio_sam2.engine.frames.VideoReader._rgb, []
 
     def stalling_rgb(self, frame):
         decoded.append(frame)
@@ -233,7 +233,7 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
         return rgb(self, frame)
 
     with pytest.MonkeyPatch.context() as stalled:
-        stalled.setattr(sam2.frames.VideoReader, "_rgb", stalling_rgb)
+        stalled.setattr(label_studio_sam2.engine.frames.VideoReader, "_rgb", stalling_rgb)
         body = app.test_client().post("/predict", json=predict_body([task], None, VIDEO_CONFIG)).get_json()
     assert 0 < len(decoded) < VIDEO_FRAMES  # the request stopped tracking after the stall
     assert body["results"] == [[]]  # no partial track for Label Studio to store
@@ -244,9 +244,9 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     assert chunk.kind == "video" and chunk.task_ids == [5] and run.total == 1 and queue.holds(5)
 
     ls = FakeLabelStudio(config=VIDEO_CONFIG, tasks=[task])
-    with caplog.at_level("INFO", "backend.video"):
+    with caplog.at_level("INFO", "label_studio_sam2.service.video"):
         assert JobRunner(runtime, ls, queue).run(chunk) == {"done": 1}
-    line = [r.getMessage() for r in caplog.records if r.name == "backend.video"][-1]
+    line = [r.getMessage() for r in caplog.records if r.name == "label_studio_sam2.service.video"][-1]
     assert "partial" not in line, line  # the worker tracked to the end
     [prediction] = ls.tasks[5]["predictions"]
     frames = [k["frame"] for k in prediction["result"][0]["value"]["sequence"]]
@@ -258,10 +258,10 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
 def test_warm_jobs_encode_into_the_shared_store_once(
     app_factory, redis_server, media_server, tmp_path, cpu_precision
 ):
-    from backend.jobqueue import chunk_from_job
-    from backend.worker import JobRunner
-    from sam2.image import ImagePredictor
-    from sam2.models import encoder_precision, load_image_model
+    from label_studio_sam2.engine.image import ImagePredictor
+    from label_studio_sam2.engine.models import encoder_precision, load_image_model
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.worker import JobRunner
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import FakeLabelStudio
 
@@ -297,9 +297,9 @@ def test_a_queued_run_reports_why_tasks_were_skipped_or_failed_as_the_in_process
     app_factory, redis_server, media_server
 ):
     # `--status` and the `--queue` summary said "4 skipped" without the in-process run's reasons
-    from backend.jobqueue import chunk_from_job
-    from backend.preannotate.queued import report
-    from backend.worker import JobRunner
+    from label_studio_sam2.labelstudio.queued_job import report
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.worker import JobRunner
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import MODEL_VERSION, FakeLabelStudio, project
 

@@ -12,8 +12,8 @@ import pytest
 from flask import Flask, abort, request
 from werkzeug.serving import make_server
 
-from backend.errors import MediaError
-from backend.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
+from label_studio_sam2.service.errors import MediaError
+from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
 from tests.conftest import encode_image, noise_image
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam2 import models
+from label_studio_sam2.engine import models
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_make_test_model_writes_a_loadable_model_random_or_trained(tmp_path):
     for extra, size in (([], 256), (["--trained"], 128)):
         out = tmp_path / ("trained" if extra else "random")
         proc = subprocess.run(
-            [sys.executable, "-m", "backend", "make-test-model", str(out), *extra],
+            [sys.executable, "-m", "label_studio_sam2", "make-test-model", str(out), *extra],
             capture_output=True,
             text=True,
             timeout=120,

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from devkit.scenes import box_of, interior_point, make_scene
-from sam2 import openvino_encoder as ove
-from sam2.image import ImagePredictor, Prompt
-from sam2.models import load_image_model, store_key
-from sam2.store import EmbeddingStore
-from sam2.transforms import preprocess
+from label_studio_sam2.engine import openvino_encoder as ove
+from label_studio_sam2.engine.image import ImagePredictor, Prompt
+from label_studio_sam2.engine.models import load_image_model, store_key
+from label_studio_sam2.engine.store import EmbeddingStore
+from label_studio_sam2.engine.transforms import preprocess
 from tests.test_behaviour import FIXTURE
 
 pytestmark = pytest.mark.cpu_precision("fp32")  # each test loads the precisions it compares
@@ -159,7 +159,7 @@ def _entry(cache, precision):
 
 def test_a_second_load_reads_the_cache_and_converts_nothing(models, ov_cache, caplog):
     before = ove.conversions
-    with caplog.at_level(logging.INFO, logger="sam2.openvino_encoder"):
+    with caplog.at_level(logging.INFO, logger="label_studio_sam2.engine.openvino_encoder"):
         again = load_image_model(str(FIXTURE), "cpu", "fp32", "openvino", ov_cache)
     assert ove.conversions == before and again.encoder_runtime == "openvino"
     assert "loaded from the cache" in caplog.text and "converting" not in caplog.text
@@ -300,7 +300,7 @@ def test_store_keys_keep_each_runtimes_embeddings_apart(models, tmp_path):
 
 
 def test_settings_choose_the_runtime_and_put_the_cache_beside_the_store(tmp_path, monkeypatch):
-    from backend.settings import Settings, SettingsError, default_store_dir
+    from label_studio_sam2.service.settings import Settings, SettingsError, default_store_dir
 
     monkeypatch.delenv("ENCODER_RUNTIME")
     assert Settings.from_env().encoder_runtime == "torch"  # the default: OpenVINO is opt-in
@@ -320,7 +320,7 @@ def test_settings_choose_the_runtime_and_put_the_cache_beside_the_store(tmp_path
 
 
 def test_serve_takes_the_runtime_on_its_command_line():
-    from backend.cli import build_parser
+    from label_studio_sam2.cli.main import build_parser
 
     assert build_parser().parse_args(["serve", "--encoder-runtime", "openvino"]).encoder_runtime == "openvino"
     assert build_parser().parse_args(["serve"]).encoder_runtime is None  # ENCODER_RUNTIME decides
@@ -334,8 +334,8 @@ def test_the_server_loads_the_runtime_its_settings_name_from_the_cache_beside_it
     """ENCODER_RUNTIME -> Settings -> Runtime.load -> load_image_model, as CPU_PRECISION flows; the
     converted encoder is looked up in `openvino/` beside EMBEDDING_STORE_DIR (here prefilled: no
     conversion happens when it is found there)."""
-    from backend.runtime import Runtime
-    from backend.settings import Settings
+    from label_studio_sam2.service.runtime import Runtime
+    from label_studio_sam2.service.settings import Settings
 
     shutil.copytree(_entry(ov_cache, "bf16"), tmp_path / "openvino" / _entry(ov_cache, "bf16").name)
     settings = Settings.from_env(

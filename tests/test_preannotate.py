@@ -21,20 +21,20 @@ import torch
 from label_studio_sdk.core.api_error import ApiError
 from PIL import Image, ImageDraw
 
-from backend.cli_parsers import task_ids
-from backend.errors import BadRequest, MediaError
-from backend.media import LabelStudioAuth, MediaClient
-from backend.polygons import mask_polygons
-from backend.preannotate.engine import PreannotateOptions, Preannotator
-from backend.preannotate.lsapi import LabelStudioAPI, LabelStudioAPIError, Retry, predicted_versions
-from backend.preannotate.project import Progress, Selection, Summary, run_project
-from backend.protocol import Control, parse_label_config
-from backend.regions import polygon_results
-from backend.segment import ImageSegmenter
 from devkit.media_server import MediaServer
 from devkit.scenes import box_of, iou, make_scene
-from sam2.image import ImagePredictor
-from sam2.models import LoadedModel
+from label_studio_sam2.cli.parsers import task_ids
+from label_studio_sam2.engine.image import ImagePredictor
+from label_studio_sam2.engine.models import LoadedModel
+from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, Retry, predicted_versions
+from label_studio_sam2.labelstudio.polygons import mask_polygons
+from label_studio_sam2.labelstudio.project_job import Progress, Selection, Summary, run_project
+from label_studio_sam2.labelstudio.protocol import Control, parse_label_config
+from label_studio_sam2.labelstudio.regions import polygon_results
+from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.errors import BadRequest, MediaError
+from label_studio_sam2.service.media import LabelStudioAuth, MediaClient
+from label_studio_sam2.service.segment import ImageSegmenter
 from tests.conftest import IMAGE_CONFIG, decode_brush, encode_image, noise_image, predict_body, rect_px
 from tests.test_auto import ColourSam, shapes_image
 
@@ -415,7 +415,7 @@ def test_without_a_project_nothing_is_handed_off(app_factory, slow_media):
 def test_without_a_job_the_rest_stays_unpredicted_for_the_next_retrieve(app_factory, slow_media, caplog):
     client = app_factory(predict_deadline_s=0.6, background_job=False).test_client()
     tasks = retrieve_tasks(slow_media, 4)
-    with caplog.at_level(logging.WARNING, "backend.preannotate"):
+    with caplog.at_level(logging.WARNING, "label_studio_sam2.bulk"):
         results = client.post("/predict", json=predict_body(tasks, None)).get_json()["results"]
     assert isinstance(results[0], dict) and results[-1] == []
     assert "retrieve again" in caplog.text
@@ -577,7 +577,7 @@ def test_selection_filters_tasks(box_predictor, media_server):
 
 def test_progress_without_a_terminal_logs_rate_and_eta(caplog):
     bar = Progress(4, tty=False, every_s=0)
-    with caplog.at_level(logging.INFO, "backend.preannotate"):
+    with caplog.at_level(logging.INFO, "label_studio_sam2.bulk"):
         for _ in range(4):
             bar.update(Summary(done=1))
     assert (
@@ -614,7 +614,7 @@ def test_label_studio_errors_are_retried_with_exponential_backoff(caplog):
             ApiError(status_code=429),
         ]
     )
-    with caplog.at_level(logging.WARNING, "backend.preannotate"):
+    with caplog.at_level(logging.WARNING, "label_studio_sam2.bulk"):
         assert retry.call(fn, "writing") == "ok"
     assert sleeps == [1.0, 2.0, 4.0]
     assert "writing failed (HTTP 503: busy); retry 1 of 4 in 1 s" in caplog.text
@@ -668,7 +668,7 @@ def test_api_errors_say_what_failed_without_headers():
 
 
 def test_cli_parses_options_and_needs_label_studio(monkeypatch, capsys):
-    from backend.cli import main
+    from label_studio_sam2.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main(["preannotate", "--help"])

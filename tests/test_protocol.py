@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.errors import BadRequest, TaskError
-from backend.protocol import (
+from label_studio_sam2.labelstudio.protocol import (
     parse_context,
     parse_label_config,
     rectangles_of_annotation,
     task_data_url,
 )
+from label_studio_sam2.service.errors import BadRequest, TaskError
 from tests.conftest import IMAGE_CONFIG, keypoint, rectangle
 
 REQUESTS = Path(__file__).resolve().parents[2] / "shared" / "label-studio-requests.json"

@@ -1,4 +1,4 @@
-"""Prompt memory in Redis (backend.redismemory) against a real redis-server: what one process
+"""Prompt memory in Redis (label_studio_sam2.service.redismemory) against a real redis-server: what one process
 remembers another reads back, values are checked before use, and a Redis that is down or silent
 costs a click at most about a second, once, with one warning."""
 
@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from backend.protocol import Remembered
-from backend.redismemory import PREFIX, RedisPromptMemory, decode, encode, redis_key
-from backend.settings import Settings, SettingsError
+from label_studio_sam2.labelstudio.protocol import Remembered
+from label_studio_sam2.service.redismemory import PREFIX, RedisPromptMemory, decode, encode, redis_key
+from label_studio_sam2.service.settings import Settings, SettingsError
 
 KEY = (7, "image", "car")
 
@@ -79,7 +79,7 @@ def test_a_foreign_value_in_redis_falls_back_to_the_local_memory(redis_server):
 
 
 def test_redis_down_clicks_use_local_memory_with_one_warning_then_share_again(redis_server, caplog):
-    caplog.set_level(logging.INFO, "backend.redis")
+    caplog.set_level(logging.INFO, "label_studio_sam2.redis")
     url = redis_server.url.replace("redis://", "redis://:hunter2secret@")
     redis_server.stop()
     # the password is refused by a server without one: reach it without, but log with one below

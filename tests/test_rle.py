@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import decode_rle, encode_rle
 
-from backend.rle import decode_mask, encode_mask
+from label_studio_sam2.labelstudio.rle import decode_mask, encode_mask
 
 # The SDK decoder walks the bitstream one Python string slice at a time: keep masks modest.
 PROPERTY = settings(max_examples=200, deadline=None)

@@ -133,8 +133,8 @@ def media_url():
 
 @pytest.fixture(scope="module")
 def app(tiny_model):
-    from backend.app import create_app
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     settings_ = Settings.from_env(
         download_timeout_s=1.0,

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend import prefetch
-from backend.errors import TaskError
-from backend.protocol import PromptMemory, Remembered, parse_label_config
 from devkit.videos import Shape, moving_shapes, write_video
-from sam2.frames import VideoReader
-from sam2.image import ImagePredictor, Prompt
+from label_studio_sam2.engine.frames import VideoReader
+from label_studio_sam2.engine.image import ImagePredictor, Prompt
+from label_studio_sam2.labelstudio.protocol import PromptMemory, Remembered, parse_label_config
+from label_studio_sam2.service import prefetch
+from label_studio_sam2.service.errors import TaskError
 from tests.conftest import IMAGE_CONFIG, keypoint, noise_image, predict_body, rectangle
 
 # --- regions and points per task -------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_a_video_request_with_too_many_regions_is_a_400_naming_the_setting(app_f
 
 
 def test_a_video_task_with_too_many_regions_to_track_is_refused_naming_the_setting(small_video):
-    from backend.video import VideoError, predict_video_task
+    from label_studio_sam2.service.video import VideoError, predict_video_task
     from tests.test_video import CONFIG, FakeTracker, region
 
     regions = [region(f"r{i}", {"frame": 1, "x": 1, "y": 1, "width": 5, "height": 5}) for i in range(4)]
@@ -148,7 +148,7 @@ def test_a_click_is_decoded_between_two_batches_of_a_large_request(tiny_model):
 
 
 class _Clock:
-    """time for sam2.image only: real time plus an offset the test moves forward."""
+    """time for label_studio_sam2.engine.image only: real time plus an offset the test moves forward."""
 
     def __init__(self):
         self.offset = 0.0
@@ -162,10 +162,10 @@ class _Clock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    import sam2.image
+    import label_studio_sam2.engine.image
 
     fake = _Clock()
-    monkeypatch.setattr(sam2.image, "time", fake)
+    monkeypatch.setattr(label_studio_sam2.engine.image, "time", fake)
     return fake
 
 
@@ -182,7 +182,7 @@ def _pass_deadline_after_first_batch(predictor, clock) -> None:
 
 
 def test_the_deadline_is_checked_between_batches(tiny_model, clock):
-    from sam2.image import DeadlineExceeded
+    from label_studio_sam2.engine.image import DeadlineExceeded
 
     pred = ImagePredictor(tiny_model, decode_batch=3)
     img = noise_image(64, 96)
@@ -228,7 +228,7 @@ def small_video(tmp_path_factory) -> Path:
 
 
 def test_video_frames_over_max_pixels_are_refused_by_the_reader(small_video):
-    from sam2.frames import FramesTooLarge
+    from label_studio_sam2.engine.frames import FramesTooLarge
 
     with pytest.raises(FramesTooLarge, match="96x64"):
         VideoReader(small_video, max_pixels=96 * 64 - 1)
@@ -268,7 +268,7 @@ def test_prompt_memory_is_bounded_in_bytes(app_factory):
 
 
 def test_prompt_memory_drops_expired_entries_on_write(monkeypatch):
-    import backend.protocol
+    import label_studio_sam2.labelstudio.protocol
 
     memory = PromptMemory(300.0)
     for task in range(100):  # one-click tasks, never opened again
@@ -276,7 +276,7 @@ def test_prompt_memory_drops_expired_entries_on_write(monkeypatch):
     assert len(memory) == 100
     later = _Clock()
     later.offset = 301  # PROMPT_MEMORY_S later
-    monkeypatch.setattr(backend.protocol, "time", later)
+    monkeypatch.setattr(label_studio_sam2.labelstudio.protocol, "time", later)
     memory.put((1, 1000, "image", "object"), _remembered(at=later.monotonic()))  # any write, no read
     assert len(memory) == 1 and memory.bytes < 300 << 10
 
@@ -365,7 +365,7 @@ def test_a_label_config_over_the_limit_is_a_413_naming_the_setting(app_factory, 
 
 @pytest.fixture
 def prefetcher(monkeypatch, tmp_path):
-    from backend.settings import Settings
+    from label_studio_sam2.service.settings import Settings
 
     # a job that exits at once: what is tested is which ids are started, not the pre-encoding
     monkeypatch.setattr(sys, "executable", "/bin/true")

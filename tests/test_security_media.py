@@ -12,9 +12,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend import media as media_module
-from backend.errors import MediaError
-from backend.media import LabelStudioAuth, MediaClient, MediaLimits, parse_target, request_deadline
+from label_studio_sam2.service import media as media_module
+from label_studio_sam2.service.errors import MediaError
+from label_studio_sam2.service.media import (
+    LabelStudioAuth,
+    MediaClient,
+    MediaLimits,
+    parse_target,
+    request_deadline,
+)
 from tests.conftest import encode_image, noise_image
 from tests.security_servers import RecordingServer, free_port_on, send, trickle
 
@@ -396,7 +402,7 @@ def test_token_exchange_never_follows_a_redirect(servers):
 
 
 def test_bulk_api_client_never_follows_label_studio_elsewhere(servers):
-    from backend.preannotate.lsapi import LabelStudioAPI, Retry
+    from label_studio_sam2.labelstudio.api import LabelStudioAPI, Retry
 
     ls, other = servers["127.0.0.2"], servers["127.0.0.3"]
     ls.routes["/api/tasks/1/"] = lambda req: send(req, 302, b"", {"Location": other.url("/api/tasks/1/")})

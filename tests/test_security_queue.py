@@ -1,5 +1,5 @@
 """The job queue runs only this backend's jobs (issue 23, must-deliver 4): a real redis-server,
-a real RQ worker (`backend.worker.ModelWorker`, in this process), jobs written to Redis by
+a real RQ worker (`label_studio_sam2.service.worker.ModelWorker`, in this process), jobs written to Redis by
 someone else."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from rq import Callback, Queue
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from backend import redisconn
-from backend.jobqueue import JOB_FUNC, QUEUE_NAME, ProjectJob, RefusedJob
+from label_studio_sam2.service import redisconn
+from label_studio_sam2.service.jobqueue import JOB_FUNC, QUEUE_NAME, ProjectJob, RefusedJob
 from tests.conftest import IMAGE_CONFIG, noise_image
 
 
 def _worker(runtime, api, monkeypatch):
-    import backend.worker as worker_module
-    from backend.worker import JobRunner, ModelWorker
+    import label_studio_sam2.service.worker as worker_module
+    from label_studio_sam2.service.worker import JobRunner, ModelWorker
 
     queue = runtime.job_queue()
     runner = JobRunner(runtime, api, queue)
@@ -59,7 +59,7 @@ def test_worker_refuses_a_job_that_is_not_its_own_and_still_runs_its_own(
     own = queue.queue.jobs[-1]
     called_back = raw.enqueue(JOB_FUNC, own.args[0], on_failure=Callback("os.system"))
 
-    with caplog.at_level(logging.WARNING, "backend.worker"):
+    with caplog.at_level(logging.WARNING, "label_studio_sam2.service.worker"):
         worker.work(burst=True)
 
     assert not marker.exists() and not (tmp_path / "pwned2").exists()
@@ -107,7 +107,7 @@ def test_worker_log_never_shows_the_redis_password(app_factory, tmp_path, monkey
         assert caplog.records and all(secret not in r.getMessage() for r in caplog.records)
         # without the password, Redis refuses
         no_pw = server.url.replace(f":{secret}@", "")
-        from backend.jobqueue import JobQueue, QueueUnavailable
+        from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 
         with pytest.raises(QueueUnavailable) as e:
             JobQueue(no_pw).workers()

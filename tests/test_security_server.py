@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend.app import parse_json_body
-from backend.settings import Settings, SettingsError
 from devkit import gunicorn as devkit_gunicorn
 from devkit.lsserver import free_port
+from label_studio_sam2.labelstudio.app import parse_json_body
+from label_studio_sam2.service.settings import Settings, SettingsError
 from tests.conftest import keypoint, noise_image, predict_body, rectangle
 from tests.test_deploy import _basic, wait_loaded
 
@@ -107,7 +107,12 @@ def test_slow_header_clients_do_not_starve_health_or_clicks(tiny_model_dir, medi
 def test_gunicorn_refuses_to_start_with_half_an_auth_pair(tmp_path):
     for env in ({"BASIC_AUTH_USER": "ml"}, {"BASIC_AUTH_USER": "ml", "BASIC_AUTH_PASS": ""}):
         out = subprocess.run(
-            [str(Path(PY).with_name("gunicorn")), "-c", "deploy/gunicorn.conf.py", "backend.wsgi:app"],
+            [
+                str(Path(PY).with_name("gunicorn")),
+                "-c",
+                "deploy/gunicorn.conf.py",
+                "label_studio_sam2.labelstudio.wsgi:app",
+            ],
             cwd=REPO,
             env=_clean_env(PORT=str(free_port()), HOST="127.0.0.1", **env),
             capture_output=True,
@@ -141,7 +146,7 @@ def test_auth_fails_closed(monkeypatch, env, message):
 
 def test_serve_refuses_to_start_with_a_clear_message():
     out = subprocess.run(
-        [PY, "-m", "backend", "serve", "--port", str(free_port()), "--host", "127.0.0.1"],
+        [PY, "-m", "label_studio_sam2", "serve", "--port", str(free_port()), "--host", "127.0.0.1"],
         cwd=REPO,
         env=_clean_env(BASIC_AUTH_USER="ml"),
         capture_output=True,
@@ -152,7 +157,7 @@ def test_serve_refuses_to_start_with_a_clear_message():
 
 
 def test_create_app_checks_settings_built_in_code(tiny_model):
-    from backend.app import create_app
+    from label_studio_sam2.labelstudio.app import create_app
 
     with pytest.raises(SettingsError):
         create_app(Settings(basic_auth_user="ml"), loaded_model=tiny_model)
@@ -162,7 +167,7 @@ def test_create_app_checks_settings_built_in_code(tiny_model):
 
 
 def test_health_hides_model_path_and_error_from_anonymous_callers(tmp_path):
-    from backend.app import create_app
+    from label_studio_sam2.labelstudio.app import create_app
 
     missing = tmp_path / "secret-models" / "customer-x"
     settings = Settings(model=str(missing), basic_auth_user="ml", basic_auth_pass=PASS)
@@ -357,7 +362,7 @@ def test_project_ids_are_ascii_digits_of_bounded_length(client, project):
 
 
 def test_label_studio_s_project_ids_are_accepted():
-    from backend.finetuned import project_id
+    from label_studio_sam2.service.finetuned import project_id
 
     assert project_id("12.1795498385") == 12 and project_id(12) == 12 and project_id({"id": 12}) == 12
     assert project_id(str(10**18 - 1)) == 10**18 - 1 and project_id(None) is None and project_id("") is None

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from devkit.rings import ring_examples
-from sam2.decoders import DecoderVersions, ProjectDecoders
-from sam2.finetune import FinetuneConfig, finetune
-from sam2.image import ImagePredictor
+from label_studio_sam2.engine.finetune import FinetuneConfig, finetune
+from label_studio_sam2.engine.finetuned_decoders import DecoderVersions, ProjectDecoders
+from label_studio_sam2.engine.image import ImagePredictor
 
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 
@@ -36,7 +36,7 @@ def _plant(path: Path, marker: Path) -> None:
 
 @pytest.fixture(scope="module")
 def shapes_model():
-    from sam2.models import load_image_model
+    from label_studio_sam2.engine.models import load_image_model
 
     return load_image_model(str(FIXTURE), "cpu")
 
@@ -48,7 +48,7 @@ def test_a_planted_checkpoint_never_runs_when_training_starts(shapes_model, tmp_
     marker = tmp_path / "pwned"
     _plant(versions.checkpoint, marker)
     cfg = FinetuneConfig(epochs=1, batch=4, corrective_clicks=1)
-    with caplog.at_level(logging.INFO, "sam2.finetune"):
+    with caplog.at_level(logging.INFO, "label_studio_sam2.engine.finetune"):
         result = finetune(shapes_model, train, val, cfg, checkpoint=versions.checkpoint)
     assert not marker.exists()
     assert result.steps == 1 and result.after is not None  # the run started over and finished
@@ -65,7 +65,7 @@ def test_a_planted_decoder_version_never_runs_when_a_server_loads_it(tiny_model,
     (versions.dir / "v0001" / "manifest.json").write_text(json.dumps({"base_model": tiny_model.model_id}))
     (versions.dir / "active.json").write_text(json.dumps({"version": "v0001", "history": ["v0001"]}))
     decoders = ProjectDecoders(tiny_model, tmp_path, refresh_s=0)
-    with caplog.at_level(logging.WARNING, "sam2.decoders"):
+    with caplog.at_level(logging.WARNING, "label_studio_sam2.engine.finetuned_decoders"):
         loaded, version = decoders.get(7)
     assert not marker.exists()
     assert loaded is tiny_model and version is None  # the base model is served
@@ -79,8 +79,8 @@ def test_hostile_regions_are_skipped_and_counted_and_the_rest_trains(app_factory
 
     import numpy as np
 
-    import backend.train as train
-    from backend.rle import encode_mask
+    import label_studio_sam2.service.train as train
+    from label_studio_sam2.labelstudio.rle import encode_mask
     from tests.conftest import noise_image
     from tests.test_preannotate import FakeLabelStudio
     from tests.test_rle import MALFORMED_16
@@ -129,7 +129,7 @@ def test_hostile_regions_are_skipped_and_counted_and_the_rest_trains(app_factory
 
 HOLD = """
 import sys
-from backend.trainlock import training_slot
+from label_studio_sam2.service.trainlock import training_slot
 with training_slot(sys.argv[1], int(sys.argv[2]), 1):
     print("held", flush=True)
     sys.stdin.read()
@@ -162,7 +162,7 @@ def test_another_process_training_a_project_blocks_the_webhook_and_the_cli(app_f
     import subprocess
     import sys
 
-    from backend.trainlock import check_free
+    from label_studio_sam2.service.trainlock import check_free
 
     root = tmp_path / "finetuned"
     env = {**os.environ, "PYTHONPATH": str(FIXTURE.parent.parent)}
@@ -187,7 +187,16 @@ def test_another_process_training_a_project_blocks_the_webhook_and_the_cli(app_f
         assert trainer is not None and not trainer._running  # nothing was started
         for project, expected in ((5, "project 5 is already training"), (6, "MAX_TRAININGS=1")):
             cli = subprocess.run(
-                [sys.executable, "-m", "backend", "train", "--project", str(project), "--dir", str(root)],
+                [
+                    sys.executable,
+                    "-m",
+                    "label_studio_sam2",
+                    "train",
+                    "--project",
+                    str(project),
+                    "--dir",
+                    str(root),
+                ],
                 env={**env, "LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k"},
                 capture_output=True,
                 text=True,
@@ -228,8 +237,8 @@ def test_webhook_trainings_are_capped_and_their_children_reaped(app_factory, med
 
 
 def test_the_prefetch_warm_process_is_reaped_when_it_ends(media_server, tmp_path, monkeypatch):
-    from backend.prefetch import Prefetcher
-    from backend.settings import Settings
+    from label_studio_sam2.service.prefetch import Prefetcher
+    from label_studio_sam2.service.settings import Settings
 
     settings = Settings.from_env(
         prefetch_tasks=2,
@@ -245,7 +254,7 @@ def test_the_prefetch_warm_process_is_reaped_when_it_ends(media_server, tmp_path
 def test_two_runs_saving_checkpoints_of_one_project_never_share_a_temporary_file(tmp_path):
     import threading
 
-    from sam2.finetune import Scores, _save_checkpoint
+    from label_studio_sam2.engine.finetune import Scores, _save_checkpoint
 
     model = torch.nn.Module()
     model.mask_decoder = torch.nn.Linear(64, 64)
@@ -274,7 +283,7 @@ def test_two_runs_saving_checkpoints_of_one_project_never_share_a_temporary_file
 
 
 def test_the_url_index_holding_presigned_tokens_is_readable_by_its_owner_only(tmp_path):
-    from backend.warm import INDEX, UrlIndex
+    from label_studio_sam2.service.warm import INDEX, UrlIndex
 
     store = tmp_path / "store"
     store.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.settings import Settings, SettingsError, env_table
+from label_studio_sam2.service.settings import Settings, SettingsError, env_table
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -70,7 +70,7 @@ def test_an_unknown_override_is_a_programming_error():
 def test_a_bad_variable_stops_the_cli_with_its_name():
     env = {"PATH": "/usr/bin:/bin", "RETRIEVE_MODE": "boxs", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [PY, "-m", "backend", "serve", "--model", "tiny"],
+        [PY, "-m", "label_studio_sam2", "serve", "--model", "tiny"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -85,7 +85,9 @@ def test_the_readme_table_is_the_settings_class():
     readme = (REPO / "README.md").read_text()
     table = re.search(r"<!-- env-table:start -->\n(.*?)\n<!-- env-table:end -->", readme, re.S)
     assert table, "README.md lost its env-table markers"
-    assert table.group(1) == env_table(), "README's table is stale: paste `python -m backend.settings`"
+    assert table.group(1) == env_table(), (
+        "README's table is stale: paste `python -m label_studio_sam2.service.settings`"
+    )
 
 
 def test_every_variable_the_code_reads_is_documented():
@@ -95,7 +97,7 @@ def test_every_variable_the_code_reads_is_documented():
         r"""(?:environ\.get|getenv)\(\s*["']([A-Z][A-Z0-9_]+)["']|environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
     )
     read = set()
-    for folder in ("backend", "sam2", "deploy"):
+    for folder in ("label_studio_sam2", "deploy"):
         for path in (REPO / folder).rglob("*.py"):
             for m in pattern.finditer(path.read_text()):
                 read.add(m.group(1) or m.group(2))

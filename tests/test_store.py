@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from sam2.image import EmbeddingCache, ImagePredictor, Prompt
-from sam2.models import store_key
-from sam2.store import EmbeddingStore
+from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor, Prompt
+from label_studio_sam2.engine.models import store_key
+from label_studio_sam2.engine.store import EmbeddingStore
 from tests.conftest import BOTH_PRECISIONS, noise_image
 
 pytestmark = BOTH_PRECISIONS  # the store's keys name the encoder's precision: both are exercised
@@ -83,7 +83,7 @@ def test_entries_written_before_dtypes_were_recorded_still_read(tmp_path):
 
     import torch
 
-    from sam2.store import MAGIC
+    from label_studio_sam2.engine.store import MAGIC
 
     features = [torch.randn(1, 8, 4, 4).half(), torch.randn(1, 4, 2, 2).half()]
     payload = b"".join(f.numpy().tobytes() for f in features)
@@ -129,7 +129,7 @@ def test_disk_full_does_not_fail_the_click(tiny_model, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("sam2.store.tempfile.mkstemp", full)
+    monkeypatch.setattr("label_studio_sam2.engine.store.tempfile.mkstemp", full)
     pred = ImagePredictor(tiny_model, store=store)
     (m,) = pred.predict("img", noise_image(20, 20), click(5, 5))
     assert m.mask.shape == (20, 20)
@@ -140,7 +140,7 @@ def test_disk_full_does_not_fail_the_click(tiny_model, tmp_path, monkeypatch):
 def _writer(directory: str, worker: int, rounds: int, queue) -> None:
     import torch
 
-    from sam2.image import ImageEmbedding
+    from label_studio_sam2.engine.image import ImageEmbedding
 
     store = EmbeddingStore(directory)
     bad = 0
@@ -187,8 +187,8 @@ def test_store_is_on_by_default_under_the_users_cache_and_survives_a_restart(
     tiny_model, tmp_path, monkeypatch, media_server
 ):
     """Nothing configured: the second server process clicks on a seen image without encoding."""
-    from backend.app import create_app
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
     from tests.conftest import keypoint, predict_body
 
     monkeypatch.delenv("EMBEDDING_STORE_DIR")
@@ -209,7 +209,7 @@ def test_store_is_on_by_default_under_the_users_cache_and_survives_a_restart(
 
 @pytest.mark.parametrize("off", ["off", "OFF", "none"])
 def test_store_off_disables_it(monkeypatch, off):
-    from backend.settings import Settings
+    from label_studio_sam2.service.settings import Settings
 
     monkeypatch.setenv("EMBEDDING_STORE_DIR", off)
     assert Settings.from_env().store_dir is None
@@ -217,8 +217,8 @@ def test_store_off_disables_it(monkeypatch, off):
 
 
 def test_an_unwritable_default_store_only_costs_re_encoding(tiny_model, tmp_path, monkeypatch):
-    from backend.app import create_app
-    from backend.settings import Settings
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

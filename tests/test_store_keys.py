@@ -1,4 +1,4 @@
-"""One store key for every reader and writer (sam2.models.store_key): `warm`, the server, a
+"""One store key for every reader and writer (label_studio_sam2.engine.models.store_key): `warm`, the server, a
 fine-tuned decoder and the video tracker find what the others stored, in the same model and
 precision, and never what another precision computed."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sam2.image import ImagePredictor
-from sam2.models import LoadedModel, encoder_precision, load_image_model, store_key
-from sam2.store import EmbeddingStore
+from label_studio_sam2.engine.image import ImagePredictor
+from label_studio_sam2.engine.models import LoadedModel, encoder_precision, load_image_model, store_key
+from label_studio_sam2.engine.store import EmbeddingStore
 from tests.conftest import BOTH_PRECISIONS, keypoint, noise_image, predict_body
 
 
@@ -24,8 +24,8 @@ def project(media_server):
 
 
 def _warm(store, api, loaded):
-    from backend.settings import Settings
-    from backend.warm import warm_project
+    from label_studio_sam2.service.settings import Settings
+    from label_studio_sam2.service.warm import warm_project
 
     return warm_project(Settings.from_env(store_dir=str(store)), 1, api=api, loaded=loaded, progress=False)
 
@@ -69,7 +69,7 @@ def test_another_precision_encodes_again_and_keeps_its_own_entries(project, tiny
 
 @BOTH_PRECISIONS
 def test_a_fine_tuned_decoder_finds_the_embeddings_its_base_stored(tiny_model, tmp_path):
-    from sam2.finetune import view_of, with_decoder
+    from label_studio_sam2.engine.finetune import view_of, with_decoder
 
     img = noise_image(40, 56)
     ImagePredictor(tiny_model, store=EmbeddingStore(tmp_path)).embedding("img", img)
@@ -99,7 +99,7 @@ def test_keys_name_model_and_precision_and_keep_the_keys_stores_already_hold(tin
 def test_an_openvino_encoder_has_keys_of_its_own_and_torch_keys_stay(tiny_model_dir):
     """ENCODER_RUNTIME=openvino: its features are not bitwise PyTorch's, so its entries are kept
     apart per precision (tests/test_openvino.py checks this through a store, with real models)."""
-    from sam2.openvino_encoder import OpenVINOEncoder
+    from label_studio_sam2.engine.openvino_encoder import OpenVINOEncoder
 
     fp32 = load_image_model(str(tiny_model_dir), "cpu", "fp32", "torch")
     bf16 = load_image_model(str(tiny_model_dir), "cpu", "bf16", "torch")

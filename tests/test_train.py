@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from backend.protocol import latest_annotation, parse_label_config
-from backend.rle import encode_mask
-from backend.train import annotation_masks
-from sam2.decoders import DecoderVersions
-from sam2.finetune import decoder_state
+from label_studio_sam2.engine.finetune import decoder_state
+from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
+from label_studio_sam2.labelstudio.protocol import latest_annotation, parse_label_config
+from label_studio_sam2.labelstudio.rle import encode_mask
+from label_studio_sam2.service.train import annotation_masks
 from tests.conftest import IMAGE_CONFIG, decode_brush, keypoint, noise_image, predict_body
 
 POLYGON_CONFIG = IMAGE_CONFIG.replace(
@@ -117,7 +117,7 @@ def test_start_training_answers_a_job_id_and_the_server_logs_how_the_run_ended(
 
     url = _label_studio_refusing(httpserver)
     app = app_factory(label_studio_url=url, label_studio_api_key="s3cret-token", finetune_dir=str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="backend.train"):
+    with caplog.at_level(logging.INFO, logger="label_studio_sam2.service.train"):
         resp = app.test_client().post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
         assert resp.status_code == 200
         job = resp.get_json()["job"]
@@ -133,7 +133,17 @@ def test_start_training_answers_a_job_id_and_the_server_logs_how_the_run_ended(
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "backend", "train", "--project", "4", "--status", "--dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "label_studio_sam2",
+            "train",
+            "--project",
+            "4",
+            "--status",
+            "--dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -152,7 +162,7 @@ def test_train_status_and_list_show_the_running_and_the_last_runs_as_tables(tmp_
     import sys
     from pathlib import Path
 
-    from backend.trainruns import end_run, start_run
+    from label_studio_sam2.service.trainruns import end_run, start_run
 
     versions = DecoderVersions(tmp_path, 7)
     state = {"w": torch.zeros(2)}
@@ -184,7 +194,7 @@ def test_train_status_and_list_show_the_running_and_the_last_runs_as_tables(tmp_
         [
             sys.executable,
             "-m",
-            "backend",
+            "label_studio_sam2",
             "train",
             "--project",
             "7",

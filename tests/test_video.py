@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.video import (
+from devkit.videos import ClipFrames, Shape, crossing_clip, leaving_clip, moving_shapes, write_video
+from label_studio_sam2.engine.frames import UnreadableVideo, VideoReader
+from label_studio_sam2.engine.models import random_model, tiny_config
+from label_studio_sam2.engine.store import EmbeddingStore
+from label_studio_sam2.engine.tracker import VideoTracker
+from label_studio_sam2.engine.tracks import ObjectPrompt, ObjectTrack, TrackResult
+from label_studio_sam2.service.video import (
     SIGNATURE_KEY,
     FrameClock,
     VideoError,
@@ -23,12 +29,6 @@ from backend.video import (
     parse_video_config,
     predict_video_task,
 )
-from devkit.videos import ClipFrames, Shape, crossing_clip, leaving_clip, moving_shapes, write_video
-from sam2.frames import UnreadableVideo, VideoReader
-from sam2.models import random_model, tiny_config
-from sam2.store import EmbeddingStore
-from sam2.tracks import ObjectPrompt, ObjectTrack, TrackResult
-from sam2.video import VideoTracker
 from tests.conftest import BOTH_PRECISIONS
 
 W, H, N, FPS = 96, 64, 40, 24
@@ -565,7 +565,7 @@ FIXTURE = "devkit/sam2-shapes"
 
 @pytest.fixture(scope="module")
 def trained_loaded():
-    from sam2.models import load_video_model
+    from label_studio_sam2.engine.models import load_video_model
 
     return load_video_model(FIXTURE, "cpu")
 

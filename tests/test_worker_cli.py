@@ -1,4 +1,4 @@
-"""`python -m backend worker` as an operator meets it, against a real redis-server: Redis going
+"""`python -m label_studio_sam2 worker` as an operator meets it, against a real redis-server: Redis going
 away is waited for with back-off and reported once (not an ERROR every 2 s), and SIGTERM while
 Redis is away exits cleanly (RQ's register_death raised a ConnectionError traceback, exit 1)."""
 
@@ -37,7 +37,16 @@ def test_a_worker_waits_out_redis_reports_it_once_and_stops_cleanly_while_it_is_
     }
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "worker", "--model", str(tiny_model_dir), "--device", "cpu"],
+            [
+                sys.executable,
+                "-m",
+                "label_studio_sam2",
+                "worker",
+                "--model",
+                str(tiny_model_dir),
+                "--device",
+                "cpu",
+            ],
             env=env,
             cwd=REPO,
             stdout=out,
@@ -77,8 +86,8 @@ def test_a_chunk_stopped_part_way_is_logged_as_handed_back_not_as_job_ok(
 
     from rq.serializers import JSONSerializer
 
-    from backend import redisconn, worker
-    from backend.jobqueue import QUEUE_NAME
+    from label_studio_sam2.service import redisconn, worker
+    from label_studio_sam2.service.jobqueue import QUEUE_NAME
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import FakeLabelStudio
 

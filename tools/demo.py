@@ -254,7 +254,7 @@ def banner(ls, project, backend, model_version: str, model: str, run_dir: Path, 
     say(
         f"  LABEL_STUDIO_URL={ls.url} LABEL_STUDIO_API_KEY=$(.venv/bin/python -c "
         f"\"import json; print(json.load(open('{creds}'))['token'])\") "
-        f".venv/bin/python -m backend serve --port {port} --model {model}"
+        f".venv/bin/python -m label_studio_sam2 serve --port {port} --model {model}"
     )
     say("The demo project's instructions (the Instructions button of the labeling page) repeat this.")
 
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             say("  HF_HOME=/path/to/hf-cache make run               (a Hugging Face cache holding the model)")
             say("or try it without weights: make run MODEL=test")
             say("  (a tiny SAM2 trained on simple shapes; for your own backend:")
-            say("   python -m backend make-test-model DIR --trained, then --model DIR)")
+            say("   python -m label_studio_sam2 make-test-model DIR --trained, then --model DIR)")
             return 3
         say(f"  model {health.get('model_version')} loaded")
 

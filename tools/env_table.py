@@ -1,4 +1,4 @@
-"""Rewrite the README's environment-variable table from `backend.settings` (between its
+"""Rewrite the README's environment-variable table from `label_studio_sam2.service.settings` (between its
 `<!-- env-table:start -->` / `<!-- env-table:end -->` markers): `python tools/env_table.py`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.settings import env_table  # noqa: E402
+from label_studio_sam2.service.settings import env_table  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -12,10 +12,10 @@ negative in a false one), with the previous low-res logits fed back as a mask pr
 time (as the backend refines). Losses as in SAM: 20 x focal + dice on the masks (for a single
 click, the best of the three candidates), MSE of the predicted IoU against the actual one, BCE on
 the object score. Images and prompts go through the product's own transforms
-(`sam2/transforms.py`) at the config's input size, so the model works through the backend.
+(`label_studio_sam2/engine/transforms.py`) at the config's input size, so the model works through the backend.
 
 Video stage (--video-steps). The memory modules learn on clips of moving shapes
-(`make_clip`): a box on frame 0, tracked over the others the way `sam2/video.py` runs the
+(`make_clip`): a box on frame 0, tracked over the others the way `label_studio_sam2/engine/tracker.py` runs the
 model; the image encoder is frozen, and the prompt encoder and decoder keep training on images
 between clips so that they do not unlearn prompts.
 
@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devkit.scenes import box_of, interior_point, iou, make_clip, make_scene  # noqa: E402
-from sam2 import hf_internals as hf  # noqa: E402
-from sam2.models import tiny_config  # noqa: E402
-from sam2.transforms import preprocess, to_model_coords, upscale_logits  # noqa: E402
+from label_studio_sam2.engine import hf_internals as hf  # noqa: E402
+from label_studio_sam2.engine.models import tiny_config  # noqa: E402
+from label_studio_sam2.engine.transforms import preprocess, to_model_coords, upscale_logits  # noqa: E402
 
 PAD = -10  # transformers' "ignore this point" label
 
@@ -270,7 +270,7 @@ def train_step(model, batch: Batch, rng: np.random.Generator, rounds: int, encod
 
 @torch.inference_mode()
 def predict(model, emb, hw, size, points=None, labels=None, box=None, mask_in=None):
-    """One prompt in continuous original pixels, decoded as the backend does (sam2/image.py):
+    """One prompt in continuous original pixels, decoded as the backend does (label_studio_sam2/engine/image.py):
     one click alone -> three candidates, the best by predicted IoU; otherwise a single mask.
     `mask_in`: low-res logits of the previous mask of this object (the backend feeds them back
     when clicks are added). Returns ((H, W) bool mask, its low-res logits (1, h, w))."""
@@ -389,7 +389,7 @@ def _cache_frames(video, session, pixels: torch.Tensor) -> None:
 
 
 def _video_frame(video, session, frame: int, obj_idxs: list[int], boxes: dict[int, np.ndarray] | None):
-    """One frame for these objects, the way sam2/video.py runs it: a box prompt makes a
+    """One frame for these objects, the way label_studio_sam2/engine/tracker.py runs it: a box prompt makes a
     conditioning frame, otherwise the frame is tracked from memory; then memories are encoded.
     Returns per object (low-res logits (h, w), object-score logit ())."""
     outs = {}

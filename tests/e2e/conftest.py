@@ -52,7 +52,7 @@ def backend_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def backend_server(label_studio, backend_model_dir, tmp_path_factory):
-    """`python -m backend serve` on a free port with the tiny model, able to fetch LS media.
+    """`python -m label_studio_sam2 serve` on a free port with the tiny model, able to fetch LS media.
 
     Yields lsserver.Backend (.url, .log(), .log_path); stopped at the end of the session.
     """

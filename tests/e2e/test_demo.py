@@ -143,7 +143,7 @@ def test_the_demo_survives_a_revoked_token_while_running_and_at_the_next_start(t
         banner = demo.output()
         assert "Auto-Detect" in banner and "Keep label selected after creating a region" in banner
         assert "Retrieve Predictions" in banner and "Connect Model, with a Name" in banner
-        assert f"LABEL_STUDIO_URL={demo.ls_url} " in banner and "-m backend serve --port " in banner
+        assert f"LABEL_STUDIO_URL={demo.ls_url} " in banner and "-m label_studio_sam2 serve --port " in banner
         assert demo.token not in banner  # where to find it, not the secret itself
         # the video block comes before the last line, which says how to stop
         assert banner.index("Video demo") < banner.index(BANNER_END)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.rle import encode_mask
 from devkit import lsserver
 from devkit.rings import make_ring
-from sam2.decoders import DecoderVersions
-from sam2.finetune import deepest_point, mask_iou
-from sam2.transforms import mask_box
+from label_studio_sam2.engine.finetune import deepest_point, mask_iou
+from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
+from label_studio_sam2.engine.transforms import mask_box
+from label_studio_sam2.labelstudio.rle import encode_mask
 from tests.conftest import keypoint, rectangle
 from tests.e2e.regions import IMAGE_CONFIG, brush_masks, region_id
 
@@ -117,7 +117,7 @@ def test_a_fine_tune_that_does_not_improve_is_not_activated(
     backend, ml, root = finetune_backend
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
     proc = subprocess.run(
-        [sys.executable, "-m", "backend", "train", "--project", str(project.id), "--dir", str(root)]
+        [sys.executable, "-m", "label_studio_sam2", "train", "--project", str(project.id), "--dir", str(root)]
         + ["--model", str(backend_model_dir), "--device", "cpu", "--epochs", "1", "--lr", "0"],
         env=env,
         capture_output=True,
@@ -171,7 +171,7 @@ def test_start_training_in_label_studio_activates_a_better_decoder_for_this_proj
         [
             sys.executable,
             "-m",
-            "backend",
+            "label_studio_sam2",
             "train",
             "--project",
             str(project.id),

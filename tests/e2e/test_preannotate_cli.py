@@ -1,6 +1,6 @@
 """Bulk pre-annotation against a real Label Studio 1.23.2: the CLI and "Retrieve predictions".
 
-- `python -m backend preannotate` over a project, interrupted with Ctrl-C (SIGINT) part way and
+- `python -m label_studio_sam2 preannotate` over a project, interrupted with Ctrl-C (SIGINT) part way and
   run again: every task with a rectangle ends with exactly one prediction of the model version,
   the annotations are untouched, the summaries say what was done, skipped and why.
 - "Retrieve predictions" on more tasks than fit before a (shortened) deadline: the backend answers
@@ -84,7 +84,7 @@ def cli(ls, model_dir, project_id, *extra) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "backend",
+        "label_studio_sam2",
         "preannotate",
         "--project",
         str(project_id),

@@ -1,5 +1,5 @@
 """The job queue end to end: a real redis-server, real Label Studio 1.23.2, real worker processes
-(`python -m backend worker`), the real CLI.
+(`python -m label_studio_sam2 worker`), the real CLI.
 
 - Two workers take a 40-task project queued by `preannotate --queue`; one is killed with SIGKILL
   mid-run: its chunk comes back after the (shortened) job lease, and every task ends with exactly
@@ -78,7 +78,16 @@ def env(ls, redis_url: str, **extra) -> dict[str, str]:
 def start_worker(ls, redis_url, model_dir, log_path: Path, *extra) -> subprocess.Popen:
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "backend", "worker", "--model", str(model_dir), "--device", "cpu"]
+            [
+                sys.executable,
+                "-m",
+                "label_studio_sam2",
+                "worker",
+                "--model",
+                str(model_dir),
+                "--device",
+                "cpu",
+            ]
             + ["--threads", "1", *extra],
             env=env(ls, redis_url),
             cwd=lsserver.REPO_ROOT,
@@ -116,7 +125,7 @@ def test_two_workers_one_killed_mid_run_every_task_predicted_once(
     ls = label_studio
     project, task_ids = make_project(ls, media, "queue kill", 40)
     cli = subprocess.Popen(
-        [sys.executable, "-m", "backend", "preannotate", "--project", str(project.id), "--queue"],
+        [sys.executable, "-m", "label_studio_sam2", "preannotate", "--project", str(project.id), "--queue"],
         env=env(ls, redis_server.url, QUEUE_CHUNK_TASKS="4"),
         cwd=lsserver.REPO_ROOT,
         stdout=subprocess.PIPE,
@@ -211,7 +220,7 @@ def test_a_queued_retrieve_survives_the_server_and_sigterm_finishes_the_task(
 def test_ctrl_c_stops_following_not_the_jobs(label_studio, redis_server, media):
     ls = label_studio
     project, _ = make_project(ls, media, "queue follow", 3)
-    cli = [sys.executable, "-m", "backend", "preannotate", "--project", str(project.id)]
+    cli = [sys.executable, "-m", "label_studio_sam2", "preannotate", "--project", str(project.id)]
     proc = subprocess.Popen(
         [*cli, "--queue"],
         env=env(ls, redis_server.url),

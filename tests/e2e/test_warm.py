@@ -31,7 +31,16 @@ def warm_project(label_studio, tmp_path_factory):
 def _warm(label_studio, project_id, store, model_dir, *extra) -> str:
     env = {**os.environ, "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
     proc = subprocess.run(
-        [sys.executable, "-m", "backend", "warm", "--project", str(project_id), "--store", str(store)]
+        [
+            sys.executable,
+            "-m",
+            "label_studio_sam2",
+            "warm",
+            "--project",
+            str(project_id),
+            "--store",
+            str(store),
+        ]
         + ["--model", str(model_dir), "--device", "cpu", "--quiet", *extra],
         env=env,
         capture_output=True,

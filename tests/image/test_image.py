@@ -7,7 +7,7 @@ network, so Label Studio, redis-server and the image's processes meet on loopbac
   image's own user (its USER, uid 10001), connected to the real Label Studio: a click gives a
   mask of the clicked object, "Retrieve predictions" stores one, and /metrics counts them; the
   image's HEALTHCHECK command passes while it serves and fails once it has stopped.
-- The worker: `python -m backend worker` from the same image against a real redis-server
+- The worker: `python -m label_studio_sam2 worker` from the same image against a real redis-server
   finishes a task queued by `preannotate --queue`.
 - Every process the image ran is gone once it is stopped.
 
@@ -273,7 +273,15 @@ def test_the_images_worker_finishes_a_queued_task(label_studio, image_config, mo
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_"))}
         cli = subprocess.Popen(  # the checkout's CLI queues the project and follows the run
-            [sys.executable, "-m", "backend", "preannotate", "--project", str(project.id), "--queue"],
+            [
+                sys.executable,
+                "-m",
+                "label_studio_sam2",
+                "preannotate",
+                "--project",
+                str(project.id),
+                "--queue",
+            ],
             env={**env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token, "REDIS_URL": redis.url},
             cwd=lsserver.REPO_ROOT,
             stdout=subprocess.PIPE,
@@ -287,7 +295,7 @@ def test_the_images_worker_finishes_a_queued_task(label_studio, image_config, mo
         assert lsserver.prediction_counts(ls, project.id) == {task["id"]: 0}
 
         worker = container.run(
-            ["python", "-m", "backend", "worker", "--burst"],
+            ["python", "-m", "label_studio_sam2", "worker", "--burst"],
             {**ls_env(ls), "REDIS_URL": redis.url},
             [f"{model_dir}:{MODEL_IN_IMAGE}:ro"],
             log_path,

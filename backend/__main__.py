@@ -1,4 +1,0 @@
-from backend.cli import main
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""The tool-neutral service: settings, the runtime, segmentation, video, bulk jobs, media, metrics."""

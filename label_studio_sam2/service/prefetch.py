@@ -1,0 +1,101 @@
+"""Pre-encoding the next tasks after a labeler's click (PREFETCH_TASKS).
+
+After a click the server starts `label-studio-sam2 warm --after-task T --limit N` (label_studio_sam2.service.warm)
+as a separate process at the lowest CPU priority (nice 19), so it only uses time the server
+leaves idle; at most one such job runs at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+
+from label_studio_sam2.service.settings import Settings
+
+log = logging.getLogger("label_studio_sam2")
+
+REMEMBERED = 10_000  # (project, task) pairs already prefetched after, least recently clicked dropped
+_MAX_ID = 2**63 - 1  # Label Studio's ids are 64-bit integers
+
+
+class Prefetcher:
+    """Starts `warm --after-task T --limit N` at nice 19 after a click; at most one at a time."""
+
+    def __init__(self, settings: Settings, model_source: str):
+        self.settings = settings
+        self.model_source = model_source
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._done: OrderedDict[tuple[int, int], None] = OrderedDict()  # bounded: REMEMBERED
+        self.started = 0
+
+    @property
+    def enabled(self) -> bool:
+        s = self.settings
+        return bool(s.prefetch_tasks > 0 and s.store_dir and s.label_studio_url and s.label_studio_api_key)
+
+    def after_click(self, project, task_id) -> bool:
+        """Start pre-encoding after this click; False when it is not started. Ids come from the
+        request: only integer ids Label Studio could have made are used (anything else never
+        reaches a command line or the memory of ids done), and at most REMEMBERED are kept."""
+        if not self.enabled or not (_plain_id(project) and _plain_id(task_id)):
+            return False
+        key = (project, task_id)
+        with self._lock:
+            if key in self._done:
+                self._done.move_to_end(key)
+                return False
+            if self._proc is not None and self._proc.poll() is None:
+                return False  # one job at a time; the next click will try again
+            self._done[key] = None
+            while len(self._done) > REMEMBERED:
+                self._done.popitem(last=False)
+            cmd = [
+                sys.executable,
+                "-m",
+                "label_studio_sam2",
+                "warm",
+                "--project",
+                str(project),
+                "--after-task",
+                str(task_id),
+                "--limit",
+                str(self.settings.prefetch_tasks),
+                "--quiet",
+            ]
+            env = {
+                **os.environ,
+                "SAM2_MODEL": self.model_source,
+                "EMBEDDING_STORE_DIR": self.settings.store_dir,
+            }
+            try:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=_lowest_priority,
+                )
+            except OSError as e:  # the click is answered anyway; pre-encoding is only a bonus
+                log.warning("prefetch: could not start the pre-encoding job: %s", type(e).__name__)
+                return False
+            # waited for as soon as it ends: never left <defunct> until the next click
+            threading.Thread(target=self._proc.wait, name="reap-warm", daemon=True).start()
+            self.started += 1
+            return True
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        proc = self._proc
+        return None if proc is None else proc.wait(timeout_s)
+
+
+def _plain_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_ID
+
+
+def _lowest_priority() -> None:
+    os.nice(19)  # only CPU time the server leaves idle; a click never waits for pre-encoding

@@ -1,0 +1,213 @@
+"""The composition root: the model and everything built around it, once per process.
+
+`Runtime` owns what lives as long as the process: the settings it was given, the metrics, the
+media client, the prompt memory (shared through Redis with REDIS_URL), the loaded image model
+with its embedding cache and store, the video tracker (built on the first video task), the
+prefetcher, the task-time history of "Retrieve predictions" and its background job. The server
+(`label_studio_sam2.labelstudio.app`), the pre-encoding job (`label_studio_sam2.service.warm`) and the bulk CLI
+(`label_studio_sam2.cli.preannotate`) all build one; nothing else keeps per-process state in module globals.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from label_studio_sam2.engine.gpu import memory_gauges
+from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
+from label_studio_sam2.engine.models import LoadedModel, load_image_model, load_video_model
+from label_studio_sam2.engine.store import EmbeddingStore
+from label_studio_sam2.engine.tracker import VideoTracker
+from label_studio_sam2.labelstudio.api import LabelStudioAPI, describe
+from label_studio_sam2.labelstudio.protocol import PromptMemory
+from label_studio_sam2.labelstudio.retrieve import BackgroundJob, TaskTimes
+from label_studio_sam2.service.errors import Unavailable
+from label_studio_sam2.service.finetuned import ProjectSegmenters, TrainingLauncher
+from label_studio_sam2.service.inflight import Coalescer
+from label_studio_sam2.service.jobqueue import JobQueue
+from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits
+from label_studio_sam2.service.metrics import Metrics
+from label_studio_sam2.service.prefetch import Prefetcher
+from label_studio_sam2.service.redismemory import RedisPromptMemory
+from label_studio_sam2.service.segment import ImageSegmenter
+from label_studio_sam2.service.settings import Settings
+
+log = logging.getLogger("label_studio_sam2")
+
+
+def load_configured_model(settings: Settings):
+    """The image model `settings` name, as every process loads it (server, worker, CLI): model,
+    device, CPU precision and encoder runtime, with the runtime's cache beside the store."""
+    return load_image_model(
+        settings.model,
+        settings.device,
+        settings.cpu_precision,
+        settings.encoder_runtime,
+        settings.encoder_cache_dir,
+    )
+
+
+class Runtime:
+    """The model and everything built around it, loaded once per process.
+
+    `loaded`: an already loaded model (tests, the CLIs), used as is. Otherwise, with
+    `load_in_background`, the model loads in a thread so /health answers while weights load;
+    without, call `load()`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        loaded: LoadedModel | None = None,
+        *,
+        load_in_background: bool = True,
+    ):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.segmenter: ImageSegmenter | None = None
+        self.image_model: LoadedModel | None = None
+        self.store: EmbeddingStore | None = None
+        self.prefetcher: Prefetcher | None = None
+        self.project_segmenters: ProjectSegmenters | None = None  # once the model is loaded
+        self._trainer: TrainingLauncher | None = None
+        self.task_times = TaskTimes()  # "Retrieve predictions": recent seconds per task, by mode
+        self._video_tracker: VideoTracker | None = None
+        self._video_lock = threading.Lock()
+        self.video_calls = Coalescer()  # Label Studio's concurrent identical video requests
+        self._job: BackgroundJob | None = None
+        self._job_lock = threading.Lock()
+        self._queue: JobQueue | None = None
+        limits = MediaLimits(
+            max_bytes=settings.max_download_mb << 20,
+            max_pixels=int(settings.max_image_mp * 1e6),
+            timeout_s=settings.download_timeout_s,
+            allowed_hosts=settings.media_allowed_hosts,
+            deadline_s=settings.predict_deadline_s,  # no download outlives its request
+        )
+        self.media = MediaClient(
+            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
+        )
+        # the box a labeler drew, for the clicks that follow: shared by every worker and replica
+        # through Redis when there is one, else this process's own
+        memory_bytes = int(settings.prompt_memory_mb * (1 << 20))
+        self.memory: PromptMemory | RedisPromptMemory = (
+            RedisPromptMemory(settings.redis_url, settings.prompt_memory_s, max_bytes=memory_bytes)
+            if settings.redis_url
+            else PromptMemory(settings.prompt_memory_s, max_bytes=memory_bytes)
+        )
+        if settings.redis_url:  # queue depth, jobs and per-worker counts, read from Redis at scrape time
+            self.metrics.watch_fleet(self.job_queue().snapshot)
+        if loaded is not None:
+            self._build(loaded)
+        elif load_in_background:
+            threading.Thread(target=self.load, name="model-loader", daemon=True).start()
+
+    @property
+    def model_version(self) -> str:
+        if self.image_model is None:
+            return "sam2"
+        mid = self.image_model.model_id
+        return mid if mid.startswith("sam2") else f"sam2-{mid}"
+
+    def load(self) -> None:
+        try:
+            start = time.perf_counter()
+            loaded = load_configured_model(self.settings)
+            log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
+            self._build(loaded)
+        except Exception as e:  # ModelUnavailable and anything else: /predict reports it
+            self.error = str(e)
+            log.error("model not loaded: %s", e)
+            self.ready.set()
+
+    def _build(self, loaded: LoadedModel) -> None:
+        self.image_model = loaded
+        cache = EmbeddingCache(self.settings.cache_mb << 20)
+        store = None
+        if self.settings.store_dir:
+            try:
+                store = EmbeddingStore(self.settings.store_dir, int(self.settings.store_gb * (1 << 30)))
+            except OSError as e:  # on by default: an unwritable cache directory only costs re-encoding
+                log.warning("embedding store %s unusable, running without it: %s", self.settings.store_dir, e)
+        if store is not None:
+            self.metrics.watch_store(store)
+        self.store = store
+        # the default is measured on CPU only (nice 19 yields the CPU; a GPU has no such priority)
+        chosen = "prefetch_tasks" in self.settings.model_fields_set or loaded.device.type == "cpu"
+        if store is not None and self.settings.prefetch_tasks > 0 and chosen:
+            self.prefetcher = Prefetcher(self.settings, loaded.source)
+        predictor = ImagePredictor(loaded, cache, store, decode_batch=self.settings.decode_batch)
+        predictor.on_timing = lambda part, s: self.metrics.model_seconds.labels(part).observe(s)
+        self.metrics.watch_cache(cache)
+        self.segmenter = ImageSegmenter(
+            predictor, self.media, self.model_version, self.memory, self.settings.max_regions_per_task
+        )
+        self.project_segmenters = ProjectSegmenters(self.segmenter, self.settings)
+        if loaded.device.type == "cuda":
+            self.metrics.watch(lambda: memory_gauges(loaded.device))
+        self.ready.set()
+
+    def require(self, timeout_s: float = 20.0) -> ImageSegmenter:
+        # well inside Label Studio's 100 s: a 503 with Retry-After beats a dropped request
+        if not self.ready.wait(timeout_s):
+            raise Unavailable("the SAM2 model is still loading; try again in a moment")
+        if self.segmenter is None:
+            raise Unavailable(f"the SAM2 model could not be loaded: {self.error}")
+        return self.segmenter
+
+    def segmenter_for(self, project: int | None) -> ImageSegmenter:
+        """The project's fine-tuned decoder if it has an active one (its own model_version),
+        else the base model's segmenter."""
+        base = self.require()
+        return self.project_segmenters.get(project) if self.project_segmenters else base
+
+    def start_training(self, project: int) -> dict:
+        """Label Studio's "Start Training": fine-tune this project's decoder in the background."""
+        if self._trainer is None:
+            self._trainer = TrainingLauncher(self.settings)
+        source = self.image_model.source if self.image_model is not None else self.settings.model
+        return self._trainer.start(project, source)
+
+    def video_tracker(self) -> VideoTracker:
+        """The video model, loaded on the first video task (sharing the image encoder and the
+        embedding store: a re-track of a video runs no encoder on frames tracked before)."""
+        with self._video_lock:
+            if self._video_tracker is None:
+                loaded = load_video_model(
+                    self.image_model.source, self.settings.device, share_with=self.image_model
+                )
+                self._video_tracker = VideoTracker(loaded, store=self.store)
+            return self._video_tracker
+
+    def background_job(self, api: LabelStudioAPI | None = None) -> BackgroundJob | None:
+        """The process's background job for "Retrieve predictions", created on first use (with
+        `api`, else a client for the configured Label Studio); None when it is switched off or
+        Label Studio's API is not configured."""
+        settings = self.settings
+        if not (settings.background_job and settings.label_studio_url and settings.label_studio_api_key):
+            return None
+        with self._job_lock:
+            if self._job is None:
+                try:
+                    api = api or LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+                except Exception as e:  # an expired token, say: say so, answer what can be answered
+                    logging.getLogger("label_studio_sam2.bulk").warning(
+                        "no background job: cannot use the Label Studio API (%s)", describe(e)
+                    )
+                    return None
+                self._job = BackgroundJob(self, api)
+            return self._job
+
+    def job_queue(self) -> JobQueue | None:
+        """The RQ job queue in Redis (REDIS_URL), or None: background work stays in-process. No
+        connection is made here: the first enqueue finds out whether Redis is up."""
+        if not self.settings.redis_url:
+            return None
+        with self._job_lock:
+            if self._queue is None:
+                self._queue = JobQueue(self.settings.redis_url, self.settings.queue_chunk_tasks)
+            return self._queue
