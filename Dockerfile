@@ -71,7 +71,12 @@ RUN groupadd --gid 10001 sam2 \
     && mkdir -p /models/hf /models/embeddings \
     && chown -R 10001:10001 /models
 
+COPY pyproject.toml README.md ./
 COPY label_studio_sam2/ label_studio_sam2/
+# the package itself, for the `label-studio-sam2` command (its requirements are installed above)
+RUN pip install --no-deps --no-build-isolation . \
+    && label-studio-sam2 --help > /dev/null \
+    && rm -rf build ./*.egg-info
 COPY deploy/gunicorn.conf.py deploy/gunicorn.conf.py
 
 USER 10001:10001
