@@ -113,3 +113,41 @@ def test_the_readme_links_every_docs_page():
     }
     missing = [p.name for p in DOCS if p.resolve() not in linked]
     assert not missing, f"README.md does not link docs/{missing}"
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| `")
+    ]
+
+
+def test_the_readme_settings_have_the_defaults_of_the_code():
+    """The README's short table of settings gives each the default the generated table (the code) has;
+    a renamed setting is found under the name it replaced ("was `OLD`") until the code has the new one."""
+    generated = {}
+    table = re.search(
+        r"<!-- env-table:start -->\n(.*?)\n<!-- env-table:end -->",
+        (REPO / "docs" / "configuration.md").read_text(),
+        re.S,
+    )
+    for cells in _rows(table.group(1)):
+        for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0]):
+            generated[name] = cells[1].strip("`")
+    readme_rows = [
+        cells for cells in _rows(README.read_text()) if re.fullmatch(r"(`[A-Z][A-Z0-9_]+`(, )?)+", cells[0])
+    ]
+    assert len(readme_rows) >= 10, "the README's table of the commonest settings is gone"
+    wrong = []
+    for cells in readme_rows:
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
+        defaults = re.findall(r"`([^`]*)`", cells[1]) or [""] * len(names)
+        former = re.findall(r"\(was `([A-Z][A-Z0-9_]+)`\)", cells[2])
+        for name, default in zip(names, defaults, strict=True):
+            known = next((n for n in [name, *former] if n in generated), None)
+            if known is None:
+                wrong.append(f"{name}: not a setting")
+            elif generated[known] != default:
+                wrong.append(f"{name}: README says {default!r}, the code {generated[known]!r}")
+    assert not wrong, wrong
