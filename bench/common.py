@@ -15,7 +15,7 @@ from devkit.media_server import MediaServer
 def serve_directory(directory: str) -> tuple[MediaServer, str]:
     """Serve `directory` on 127.0.0.1 (a free port) in a thread; returns (server, base URL).
 
-    The backend refuses loopback media by default (README "Security model"): the benchmark's own
+    The backend refuses loopback media by default (docs/deployment.md, "Security model"): the benchmark's own
     host is listed in MEDIA_ALLOWED_HOSTS for the settings built, and the servers started, after
     this call, as an operator would list it."""
     server = MediaServer(directory).serve_files()

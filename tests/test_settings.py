@@ -1,4 +1,4 @@
-"""Settings come from the environment, typed and validated; the README documents every variable
+"""Settings come from the environment, typed and validated; docs/configuration.md documents every variable
 the code reads."""
 
 from __future__ import annotations
@@ -81,18 +81,18 @@ def test_a_bad_variable_stops_the_cli_with_its_name():
     assert "RETRIEVE_MODE='boxs'" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_the_readme_table_is_the_settings_class():
-    readme = (REPO / "README.md").read_text()
-    table = re.search(r"<!-- env-table:start -->\n(.*?)\n<!-- env-table:end -->", readme, re.S)
-    assert table, "README.md lost its env-table markers"
+def test_the_configuration_table_is_the_settings_class():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    table = re.search(r"<!-- env-table:start -->\n(.*?)\n<!-- env-table:end -->", page, re.S)
+    assert table, "docs/configuration.md lost its env-table markers"
     assert table.group(1) == env_table(), (
-        "README's table is stale: paste `python -m label_studio_sam2.service.settings`"
+        "docs/configuration.md's table is stale: run `python tools/env_table.py`"
     )
 
 
 def test_every_variable_the_code_reads_is_documented():
-    """Environment variables read directly (not through Settings) are named in the README."""
-    readme = (REPO / "README.md").read_text()
+    """Environment variables read directly (not through Settings) are named in docs/configuration.md."""
+    page = (REPO / "docs" / "configuration.md").read_text()
     pattern = re.compile(
         r"""(?:environ\.get|getenv)\(\s*["']([A-Z][A-Z0-9_]+)["']|environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
     )
@@ -101,8 +101,8 @@ def test_every_variable_the_code_reads_is_documented():
         for path in (REPO / folder).rglob("*.py"):
             for m in pattern.finditer(path.read_text()):
                 read.add(m.group(1) or m.group(2))
-    missing = sorted(name for name in read if f"`{name}`" not in readme)
-    assert not missing, f"read by the code but not in README.md: {missing}"
+    missing = sorted(name for name in read if f"`{name}`" not in page)
+    assert not missing, f"read by the code but not in docs/configuration.md: {missing}"
 
 
 def test_prefetch_is_on_by_default_on_cpu_and_off_when_set_to_0(app_factory, monkeypatch, tmp_path):

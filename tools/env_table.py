@@ -1,5 +1,5 @@
-"""Rewrite the README's environment-variable table from `label_studio_sam2.service.settings` (between its
-`<!-- env-table:start -->` / `<!-- env-table:end -->` markers): `python tools/env_table.py`."""
+"""Rewrite the environment-variable table of docs/configuration.md from `label_studio_sam2.service.settings`
+(between its `<!-- env-table:start -->` / `<!-- env-table:end -->` markers): `python tools/env_table.py`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from label_studio_sam2.service.settings import env_table  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGURATION = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 if __name__ == "__main__":
-    text = README.read_text()
+    text = CONFIGURATION.read_text()
     new, count = re.subn(
         r"(<!-- env-table:start -->\n).*?(\n<!-- env-table:end -->)",
         lambda m: m.group(1) + env_table() + m.group(2),
@@ -22,5 +22,5 @@ if __name__ == "__main__":
         flags=re.S,
     )
     if count != 1:
-        sys.exit("README.md lost its env-table markers")
-    README.write_text(new)
+        sys.exit("docs/configuration.md lost its env-table markers")
+    CONFIGURATION.write_text(new)
