@@ -127,3 +127,26 @@ def test_native_bf16_is_read_from_the_cpu():
     if not flags:
         pytest.skip("no /proc/cpuinfo")
     assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_a_checkpoint_in_a_read_only_folder_is_converted_where_the_caller_says(tmp_path, monkeypatch):
+    """SAM2_CONVERTED_DIR reaches `resolve` as an argument (Settings.converted_dir); the engine
+    itself never reads the variable."""
+    ckpt = tmp_path / "ro" / "sam2.1_hiera_tiny.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not read: conversion is recorded, not run")
+    converted = []
+    monkeypatch.setattr(models, "convert_checkpoint", lambda src, out: converted.append(Path(out)))
+    monkeypatch.setattr(
+        models.os, "access", lambda path, mode: False
+    )  # a read-only mount (root writes anywhere)
+    monkeypatch.setenv("SAM2_CONVERTED_DIR", str(tmp_path / "from-env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default: ~/.cache/label-studio-sam2
+    assert models.resolve(str(ckpt), tmp_path / "given") == str(tmp_path / "given" / "sam2.1_hiera_tiny-hf")
+    assert models.resolve(str(ckpt)) == str(
+        Path.home() / ".cache" / "label-studio-sam2" / "sam2.1_hiera_tiny-hf"
+    )
+    assert converted == [
+        tmp_path / "given" / "sam2.1_hiera_tiny-hf",
+        Path.home() / ".cache" / "label-studio-sam2" / "sam2.1_hiera_tiny-hf",
+    ]
