@@ -286,7 +286,9 @@ def test_warm_jobs_encode_into_the_shared_store_once(
         assert runner.run(chunk_from_job(job.args[0])) == expected
     assert runtime.segmenter.predictor.cache.bytes == 0  # the worker does not keep them in memory
     # a server on that store, in the same precision, finds them without its encoder
-    server = ImagePredictor(load_image_model(runtime.image_model.source, "cpu"), store=runtime.store)
+    server = ImagePredictor(
+        load_image_model(runtime.image_model.source, "cpu", cpu_precision), store=runtime.store
+    )
     for i, url in enumerate(urls):
         image = runtime.media.load_image(url, i + 1)
         server.embedding(image.key, image.load)
