@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder-runtime",
         choices=["auto", "torch", "openvino"],
         default=None,
-        help="what runs the image encoder on CPU (default: ENCODER_RUNTIME, else auto: OpenVINO where installed)",
+        help="what runs the image encoder on CPU: auto (OpenVINO where installed), torch, openvino (default: ENCODER_RUNTIME, else torch)",
     )
     s.set_defaults(fn=cmd_serve)
 
