@@ -93,7 +93,7 @@ class Gunicorn:
             "PORT": str(self.port),
             "WORKERS": str(args.workers),
             "THREADS": str(args.threads),
-            "QUEUE_SIZE": str(args.queue),
+            "ADMISSION_QUEUE_SIZE": str(args.queue),
             "TORCH_THREADS": str(args.torch_threads),
             "OMP_NUM_THREADS": str(args.torch_threads),
             "EMBEDDING_CACHE_MB": "2048",
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--queue", type=int, default=6)
+    p.add_argument("--queue", type=int, default=6, help="ADMISSION_QUEUE_SIZE per worker")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--width", type=int, default=800)
     p.add_argument("--height", type=int, default=600)

@@ -57,7 +57,12 @@ def child(n_boxes: int, real: bool = False, decode_batch: int | None = None) -> 
         loaded = random_model(real_config(), "image")
         w, h = 1024, 1024
     else:
-        loaded = load_image_model(str(REPO / "devkit" / "sam2-shapes"), "cpu")
+        from label_studio_sam2.service.settings import Settings
+
+        # CPU_PRECISION as the server reads it (the engine reads no environment)
+        loaded = load_image_model(
+            str(REPO / "devkit" / "sam2-shapes"), "cpu", Settings.from_env().cpu_precision
+        )
         w, h = W, H
     uri = "data:image/jpeg;base64," + base64.b64encode(photo(w, h, 0)).decode()
     boxes = []

@@ -145,7 +145,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--chunk", type=int, default=2, help="tasks per job (QUEUE_CHUNK_TASKS)")
+    p.add_argument("--chunk", type=int, default=2, help="tasks per job (JOB_CHUNK_TASKS)")
     p.add_argument("--model", default="real-tiny", help="real-tiny | tiny | a directory / model name")
     args = p.parse_args()
     cpu, load_before = machine()

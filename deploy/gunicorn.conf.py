@@ -2,9 +2,9 @@
 
 Shape: WORKERS processes x THREADS threads. Each worker holds one SAM2 model (loaded after fork,
 in the worker) and serialises requests around it; threads let /health, /metrics and quick 503s be
-answered while a request runs. Each worker admits QUEUE_SIZE /predict requests (running +
+answered while a request runs. Each worker admits ADMISSION_QUEUE_SIZE /predict requests (running +
 waiting, see label_studio_sam2/service/admission.py) and answers the next with 503 + Retry-After instead of letting
-them pile up past Label Studio's 100 s timeout. QUEUE_SIZE must stay below THREADS.
+them pile up past Label Studio's 100 s timeout. ADMISSION_QUEUE_SIZE must stay below THREADS.
 
 One GPU: WORKERS=1 (a second copy of the model buys little: the GPU is the bottleneck).
 CPU box: WORKERS = cores / TORCH_THREADS, e.g. 16 cores -> WORKERS=4 with 4 torch threads each.
@@ -125,17 +125,17 @@ def _cuda_initialised() -> bool:
 
 def when_ready(server):
     server.log.info(
-        "label-studio-sam2: %d worker(s) x %d thread(s), queue %s per worker, timeout %ds, model %s",
+        "label-studio-sam2: %d worker(s) x %d thread(s), admission queue %s per worker, timeout %ds, model %s",
         server.cfg.workers,
         server.cfg.threads,
-        settings.queue_size,
+        settings.admission_queue_size,
         server.cfg.timeout,
         settings.model,
     )
-    queue = settings.queue_size
+    queue = settings.admission_queue_size
     if queue <= 0 or queue >= server.cfg.threads:
         server.log.warning(
-            "QUEUE_SIZE=%d with THREADS=%d: keep QUEUE_SIZE between 1 and THREADS-1 so busy workers "
+            "ADMISSION_QUEUE_SIZE=%d with THREADS=%d: keep ADMISSION_QUEUE_SIZE between 1 and THREADS-1 so busy workers "
             "answer 503 at once instead of queueing connections without bound",
             queue,
             server.cfg.threads,

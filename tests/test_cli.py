@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from label_studio_sam2.cli.main import build_parser, exposure_warning
-from label_studio_sam2.service.settings import Settings
+from label_studio_sam2.cli.main import build_parser, exposure_warning, listen_address, serve_settings
+from label_studio_sam2.service.settings import Settings, SettingsError
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -45,13 +45,29 @@ def test_every_option_of_every_command_is_explained_with_its_default(name, capsy
     assert parser.description.split()[0] in capsys.readouterr().out
 
 
+def _listens_on(*argv: str) -> tuple[str, int]:
+    return listen_address(serve_settings(build_parser().parse_args(["serve", *argv])))
+
+
 def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch):
     monkeypatch.delenv("HOST", raising=False)
-    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
+    monkeypatch.delenv("PORT", raising=False)
+    assert _listens_on() == ("127.0.0.1", 9090)
     monkeypatch.setenv("HOST", "0.0.0.0")  # what the Docker image sets
-    assert build_parser().parse_args(["serve"]).host == "0.0.0.0"
+    monkeypatch.setenv("PORT", "9191")
+    assert _listens_on() == ("0.0.0.0", 9191)
+    assert _listens_on("--host", "127.0.0.1", "--port", "9292") == ("127.0.0.1", 9292)  # flags win
     dockerfile = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
     assert re.search(r"^\s+HOST=0\.0\.0\.0 \\$", dockerfile, re.M), "the image must listen on every interface"
+
+
+def test_a_bad_port_is_a_setting_error_naming_port_not_a_crash_of_every_command(monkeypatch):
+    """HOST and PORT are read by Settings (validated), not by the parser: `PORT=abc` used to make
+    every command, `--help` included, die in a ValueError traceback."""
+    monkeypatch.setenv("PORT", "abc")
+    args = build_parser().parse_args(["serve"])
+    with pytest.raises(SettingsError, match="PORT='abc'"):
+        serve_settings(args)
 
 
 def test_listening_beyond_loopback_without_auth_is_warned_about():

@@ -120,7 +120,7 @@ def test_lazy_wsgi_app_builds_once_per_process(monkeypatch):
 
 
 def test_full_queue_answers_503_with_retry_after_and_recovers(app_factory, media_server):
-    app = app_factory(queue_size=1)
+    app = app_factory(admission_queue_size=1)
     predictor = app.extensions["sam2"].segmenter.predictor
     entered, release = threading.Event(), threading.Event()
     original = predictor.predict
@@ -145,29 +145,29 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(app_factory, media
     assert 1 <= int(busy.headers["Retry-After"]) <= 30
     assert "busy" in busy.get_json()["error"]
     assert client.get("/health").status_code == 200  # never queued
-    assert "sam2_queue_depth 1.0" in client.get("/metrics").get_data(as_text=True)
+    assert "sam2_admission_depth 1.0" in client.get("/metrics").get_data(as_text=True)
     release.set()
     t.join(10)
     assert first["resp"].status_code == 200
     assert client.post("/predict", json=body).status_code == 200  # the slot was given back
     text = client.get("/metrics").get_data(as_text=True)
-    assert "sam2_queue_depth 0.0" in text and "sam2_queue_rejected_total 1.0" in text
+    assert "sam2_admission_depth 0.0" in text and "sam2_admission_rejected_total 1.0" in text
     assert 'sam2_request_seconds_count{endpoint="/predict",outcome="503"} 1.0' in text
 
 
 def test_a_request_that_fails_gives_its_slot_back(app_factory):
-    client = app_factory(queue_size=1).test_client()
+    client = app_factory(admission_queue_size=1).test_client()
     for _ in range(3):
         assert client.post("/predict", data="not json", content_type="application/json").status_code == 400
-    assert "sam2_queue_depth 0.0" in client.get("/metrics").get_data(as_text=True)
+    assert "sam2_admission_depth 0.0" in client.get("/metrics").get_data(as_text=True)
 
 
 def test_unauthenticated_requests_never_take_a_slot(app_factory):
-    client = app_factory(queue_size=1, basic_auth_user="u", basic_auth_pass="p").test_client()
+    client = app_factory(admission_queue_size=1, basic_auth_user="u", basic_auth_pass="p").test_client()
     for _ in range(3):
         assert client.post("/predict", json={}).status_code == 401
     text = client.get("/metrics", headers=_basic("u", "p")).get_data(as_text=True)
-    assert "sam2_queue_rejected_total 0.0" in text
+    assert "sam2_admission_rejected_total 0.0" in text
 
 
 def test_request_body_over_the_cap_is_413(app_factory):
@@ -251,7 +251,7 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
     # at LOG_LEVEL=DEBUG: its DEBUG lines hold full URLs, presigned query strings included
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    setup_logging("DEBUG")
+    setup_logging(Settings.from_env(), "DEBUG")
     root.handlers[:] = handlers
     root.setLevel(level)
     assert logging.getLogger("urllib3").getEffectiveLevel() >= logging.INFO
@@ -351,7 +351,7 @@ def test_gunicorn_serves_sheds_load_and_shuts_down_gracefully(tiny_model_dir, sl
         log,
         WORKERS="1",
         THREADS="3",
-        QUEUE_SIZE="1",
+        ADMISSION_QUEUE_SIZE="1",
         TORCH_THREADS="1",
         GRACEFUL_TIMEOUT="20",
         BASIC_AUTH_USER="ml",

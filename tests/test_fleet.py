@@ -208,7 +208,7 @@ def test_metrics_add_up_every_gunicorn_worker(tmp_path):
         "%(p)s %(r)s %(s)s",
         WORKERS="2",
         THREADS="2",
-        QUEUE_SIZE="1",
+        ADMISSION_QUEUE_SIZE="1",
         TORCH_THREADS="1",
     )
     base = f"http://127.0.0.1:{port}"
@@ -229,7 +229,9 @@ def test_metrics_add_up_every_gunicorn_worker(tmp_path):
         for _ in range(3):  # whichever worker answers the scrape counts every worker's requests
             text = requests.get(f"{base}/metrics", timeout=10).text
             assert _metric(text, "sam2_requests_total", endpoint="/health", outcome="ok") == sent
-            assert _metric(text, "sam2_queue_capacity") == 2  # QUEUE_SIZE=1 per worker, both alive
+            assert (
+                _metric(text, "sam2_admission_capacity") == 2
+            )  # ADMISSION_QUEUE_SIZE=1 per worker, both alive
         metrics_dir = re.search(r"workers keep their metrics in (\S+)", log_path.read_text()).group(1)
         assert Path(metrics_dir).is_dir()
         proc.send_signal(signal.SIGTERM)

@@ -159,20 +159,20 @@ def test_retrieve_with_redis_down_answers_503_saying_why(app_factory, redis_serv
 
 
 def test_metrics_show_queue_depth_and_jobs_per_worker_read_from_redis(app_factory, redis_server):
-    client = app_factory(redis_url=redis_server.url, queue_chunk_tasks=2).test_client()
+    client = app_factory(redis_url=redis_server.url, job_chunk_tasks=2).test_client()
     queue = JobQueue(redis_server.url, chunk_tasks=2)
     start(queue, [1, 2, 3])
     queue.worker_finished_job("gpu0", 2.5, failed=False)
     queue.worker_finished_job("gpu0", 1.0, failed=True)
     text = client.get("/metrics").get_data(as_text=True)
-    assert "sam2_queue_up 1.0" in text
-    assert 'sam2_queue_jobs{state="queued"} 2.0' in text and "sam2_queue_workers 0.0" in text
+    assert "sam2_jobqueue_up 1.0" in text
+    assert 'sam2_jobqueue_jobs{state="queued"} 2.0' in text and "sam2_jobqueue_workers 0.0" in text
     assert 'sam2_worker_jobs_total{outcome="ok",worker="gpu0"} 1.0' in text
     assert 'sam2_worker_jobs_total{outcome="failed",worker="gpu0"} 1.0' in text
     assert 'sam2_worker_job_seconds_total{worker="gpu0"} 3.5' in text
     redis_server.stop()
     resp = client.get("/metrics")
-    assert resp.status_code == 200 and "sam2_queue_up 0.0" in resp.get_data(as_text=True)
+    assert resp.status_code == 200 and "sam2_jobqueue_up 0.0" in resp.get_data(as_text=True)
 
 
 VIDEO_FRAMES, VIDEO_FPS = 12, 24  # the deadline is made to cut the track by a stalled frame
@@ -286,7 +286,9 @@ def test_warm_jobs_encode_into_the_shared_store_once(
         assert runner.run(chunk_from_job(job.args[0])) == expected
     assert runtime.segmenter.predictor.cache.bytes == 0  # the worker does not keep them in memory
     # a server on that store, in the same precision, finds them without its encoder
-    server = ImagePredictor(load_image_model(runtime.image_model.source, "cpu"), store=runtime.store)
+    server = ImagePredictor(
+        load_image_model(runtime.image_model.source, "cpu", cpu_precision), store=runtime.store
+    )
     for i, url in enumerate(urls):
         image = runtime.media.load_image(url, i + 1)
         server.embedding(image.key, image.load)

@@ -90,18 +90,36 @@ def test_make_test_model_writes_a_loadable_model_random_or_trained(tmp_path):
 
 def test_cpu_precision_auto_uses_bf16_only_where_the_cpu_has_it(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("CPU_PRECISION", raising=False)
     for native in (True, False):
         monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
-        assert models.cpu_encoder_dtype(cpu) == (torch.bfloat16 if native else None)
+        assert models.cpu_encoder_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
         assert models.cpu_encoder_dtype(cpu, "fp32") is None
         assert models.cpu_encoder_dtype(cpu, "bf16") == torch.bfloat16
-        assert models.cpu_encoder_dtype(cuda) is None  # GPUs: autocast_dtype decides
-    monkeypatch.setenv("CPU_PRECISION", "fp32")
-    assert models.cpu_encoder_dtype(cpu) is None
-    monkeypatch.setenv("CPU_PRECISION", "fp16")
+        assert models.cpu_encoder_dtype(cuda, "auto") is None  # GPUs: autocast_dtype decides
     with pytest.raises(ValueError, match="CPU_PRECISION"):
-        models.cpu_encoder_dtype(cpu)
+        models.cpu_encoder_dtype(cpu, "fp16")
+
+
+def test_the_engine_takes_its_precision_as_an_argument_not_from_the_environment(monkeypatch):
+    """The engine reads no environment: CPU_PRECISION reaches it through Settings and the service
+    (load_configured_model); a direct caller gets fp32 unless it asks."""
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("CPU_PRECISION", "bf16")
+    assert models.cpu_encoder_dtype(torch.device("cpu")) is None
+
+
+def test_the_service_passes_cpu_precision_and_the_hub_settings_to_the_engine(tiny_model_dir, monkeypatch):
+    from label_studio_sam2.service.runtime import load_configured_model
+    from label_studio_sam2.service.settings import Settings
+
+    monkeypatch.setenv("CPU_PRECISION", "bf16")
+    loaded = load_configured_model(Settings.from_env(model=str(tiny_model_dir), device="cpu"))
+    assert loaded.cpu_encoder_autocast == torch.bfloat16
+    # HF_HUB_OFFLINE=1: a model missing locally fails at once, the hub never contacted
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: pytest.fail("contacted the hub"))
+    with pytest.raises(models.ModelUnavailable):
+        load_configured_model(Settings.from_env(model="facebook/sam2.1-hiera-nonexistent", device="cpu"))
 
 
 def test_native_bf16_is_read_from_the_cpu():
@@ -109,3 +127,26 @@ def test_native_bf16_is_read_from_the_cpu():
     if not flags:
         pytest.skip("no /proc/cpuinfo")
     assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_a_checkpoint_in_a_read_only_folder_is_converted_where_the_caller_says(tmp_path, monkeypatch):
+    """SAM2_CONVERTED_DIR reaches `resolve` as an argument (Settings.converted_dir); the engine
+    itself never reads the variable."""
+    ckpt = tmp_path / "ro" / "sam2.1_hiera_tiny.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not read: conversion is recorded, not run")
+    converted = []
+    monkeypatch.setattr(models, "convert_checkpoint", lambda src, out: converted.append(Path(out)))
+    monkeypatch.setattr(
+        models.os, "access", lambda path, mode: False
+    )  # a read-only mount (root writes anywhere)
+    monkeypatch.setenv("SAM2_CONVERTED_DIR", str(tmp_path / "from-env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default: ~/.cache/label-studio-sam2
+    assert models.resolve(str(ckpt), tmp_path / "given") == str(tmp_path / "given" / "sam2.1_hiera_tiny-hf")
+    assert models.resolve(str(ckpt)) == str(
+        Path.home() / ".cache" / "label-studio-sam2" / "sam2.1_hiera_tiny-hf"
+    )
+    assert converted == [
+        tmp_path / "given" / "sam2.1_hiera_tiny-hf",
+        Path.home() / ".cache" / "label-studio-sam2" / "sam2.1_hiera_tiny-hf",
+    ]

@@ -62,7 +62,7 @@ def _slowloris(port: int, stop: threading.Event, cut: list) -> None:
 
 
 def start_gunicorn(tiny_model_dir, port: int, log_path: Path, **env) -> subprocess.Popen:
-    settings = dict(WORKERS="1", THREADS="3", QUEUE_SIZE="2", TORCH_THREADS="1", ACCESS_LOG="0")
+    settings = dict(WORKERS="1", THREADS="3", ADMISSION_QUEUE_SIZE="2", TORCH_THREADS="1", ACCESS_LOG="0")
     settings |= dict(BASIC_AUTH_USER="ml", BASIC_AUTH_PASS=PASS, MEDIA_ALLOWED_HOSTS="127.0.0.1")
     return devkit_gunicorn.start_gunicorn(tiny_model_dir, port, log_path, **(settings | env))
 

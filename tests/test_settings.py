@@ -113,3 +113,67 @@ def test_prefetch_is_on_by_default_on_cpu_and_off_when_set_to_0(app_factory, mon
     assert runtime.prefetcher is not None and runtime.prefetcher.enabled
     assert runtime.settings.prefetch_tasks == 3
     assert app_factory(**creds, prefetch_tasks=0).extensions["sam2"].prefetcher is None
+
+
+# --- renamed variables: the admission queue and the job queue ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("QUEUE_SIZE", "ADMISSION_QUEUE_SIZE", "admission_queue_size"),
+        ("QUEUE_CHUNK_TASKS", "JOB_CHUNK_TASKS", "job_chunk_tasks"),
+    ],
+)
+def test_an_old_name_still_works_with_a_warning_and_the_new_name_wins(monkeypatch, caplog, old, new, field):
+    monkeypatch.delenv(new, raising=False)
+    monkeypatch.setenv(old, "3")
+    with caplog.at_level("WARNING", "label_studio_sam2"):
+        assert getattr(Settings.from_env(), field) == 3
+    assert f"{old} is deprecated: rename it {new}" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(new, "5")
+    with caplog.at_level("WARNING", "label_studio_sam2"):
+        assert getattr(Settings.from_env(), field) == 5
+    assert f"{old} is ignored: {new}" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv(old)
+    with caplog.at_level("WARNING", "label_studio_sam2"):
+        assert getattr(Settings.from_env(), field) == 5
+    assert old not in caplog.text  # the new name alone: nothing to say
+
+
+def test_a_bad_value_under_an_old_name_is_named_as_the_user_wrote_it(monkeypatch):
+    monkeypatch.delenv("ADMISSION_QUEUE_SIZE", raising=False)
+    monkeypatch.setenv("QUEUE_SIZE", "six")
+    with pytest.raises(SettingsError, match="QUEUE_SIZE='six'"):
+        Settings.from_env()
+
+
+def test_a_bad_redis_url_read_from_the_environment_never_shows_its_password(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "http://:hunter2-secret@redis:6379/0")
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env()
+    assert "REDIS_URL" in str(e.value) and "hunter2-secret" not in str(e.value)
+
+
+# --- what the engine used to read from the environment itself ----------------------------------
+
+
+def test_the_engines_directories_and_hub_access_come_from_settings(monkeypatch, tmp_path):
+    """SAM2_FINETUNE_DIR, SAM2_CONVERTED_DIR, XDG_CACHE_HOME, HF_HUB_OFFLINE and HF_ENDPOINT are
+    read here, once; the engine is given them (label_studio_sam2.service.runtime)."""
+    for name in ("SAM2_FINETUNE_DIR", "SAM2_CONVERTED_DIR", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s = Settings.from_env()
+    assert s.finetune_dir == str(tmp_path / "cache" / "label-studio-sam2" / "finetuned")
+    assert s.converted_dir == str(tmp_path / "cache" / "label-studio-sam2")
+    assert s.hub_offline is False and s.hub_endpoint == "https://huggingface.co"
+    monkeypatch.setenv("SAM2_FINETUNE_DIR", str(tmp_path / "ft"))
+    monkeypatch.setenv("SAM2_CONVERTED_DIR", str(tmp_path / "converted"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
+    s = Settings.from_env()
+    assert s.finetune_dir == str(tmp_path / "ft") and s.converted_dir == str(tmp_path / "converted")
+    assert s.hub_offline is True and s.hub_endpoint == "https://hf-mirror.example"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -38,23 +37,40 @@ def exposure_warning(host: str, port: int, settings) -> str | None:
     )
 
 
+def serve_settings(args) -> Settings:
+    """The settings `serve` runs with: the environment, its flags winning."""
+    return Settings.from_env(
+        model=args.model,
+        device=args.device,
+        encoder_runtime=args.encoder_runtime,
+        host=args.host,
+        port=args.port,
+    )
+
+
+def listen_address(settings: Settings) -> tuple[str, int]:
+    """Where `serve` listens: --host/HOST (else loopback only) and --port/PORT."""
+    return settings.host or "127.0.0.1", settings.port
+
+
 def cmd_serve(args) -> None:
     from werkzeug.serving import run_simple
 
     from label_studio_sam2.engine.models import set_cpu_threads
     from label_studio_sam2.labelstudio.app import create_app
 
-    settings = Settings.from_env(model=args.model, device=args.device, encoder_runtime=args.encoder_runtime)
-    setup_logging(settings.log_level)
-    warning = exposure_warning(args.host, args.port, settings)
+    settings = serve_settings(args)
+    setup_logging(settings)
+    host, port = listen_address(settings)
+    warning = exposure_warning(host, port, settings)
     if warning:
         logging.getLogger("label_studio_sam2").warning(warning)
     set_cpu_threads(args.threads)
     app = create_app(settings)
     logging.getLogger("label_studio_sam2").info(
-        "serving on http://%s:%d (model %s)", args.host, args.port, settings.model
+        "serving on http://%s:%d (model %s)", host, port, settings.model
     )
-    run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
+    run_simple(host, port, app, threaded=True, use_reloader=False)
 
 
 def cmd_make_test_model(args) -> None:
@@ -104,19 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--host",
-        default=os.environ.get("HOST", "127.0.0.1"),
+        default=None,
         help="address to listen on: 0.0.0.0 for every interface (default: HOST, else 127.0.0.1)",
     )
-    s.add_argument(
-        "--port", type=int, default=int(os.environ.get("PORT", "9090")), help="(default: PORT, else 9090)"
-    )
+    s.add_argument("--port", type=int, default=None, help="(default: PORT, else 9090)")
     add_model_options(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument(
         "--encoder-runtime",
         choices=["auto", "torch", "openvino"],
         default=None,
-        help="what runs the image encoder on CPU (default: ENCODER_RUNTIME, else auto: OpenVINO where installed)",
+        help="what runs the image encoder on CPU: auto (OpenVINO where installed), torch, openvino (default: ENCODER_RUNTIME, else torch)",
     )
     s.set_defaults(fn=cmd_serve)
 

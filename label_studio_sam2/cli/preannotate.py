@@ -27,7 +27,7 @@ def cmd_preannotate(args) -> None:
     settings = Settings.from_env(
         model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
     )
-    setup_logging(settings.log_level)
+    setup_logging(settings)
     if not (args.status or args.cancel) and not (settings.label_studio_url and settings.label_studio_api_key):
         sys.exit("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key) to reach Label Studio")
     try:
@@ -95,7 +95,7 @@ def _queued(args, settings: Settings, options: PreannotateOptions, selection: Se
         sys.exit(
             "preannotate: --queue, --status and --cancel need REDIS_URL (the Redis the workers listen on)"
         )
-    queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
+    queue = JobQueue(settings.redis_url, settings.job_chunk_tasks)
     try:
         if args.status:
             queued.print_status(queue, args.project)

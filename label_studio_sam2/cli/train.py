@@ -29,7 +29,7 @@ def cmd_train(args) -> None:
         finetune_min_gain=args.min_gain,
     )
     settings = Settings.from_env(**overrides)
-    setup_logging(settings.log_level)
+    setup_logging(settings)
     versions = DecoderVersions(settings.finetune_dir, args.project)
     if args.rollback:
         previous = versions.rollback()

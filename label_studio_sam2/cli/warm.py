@@ -24,7 +24,7 @@ def cmd_warm(args) -> None:
         label_studio_url=args.url,
         label_studio_api_key=args.api_key,
     )
-    setup_logging("WARNING" if args.quiet else settings.log_level)
+    setup_logging(settings, "WARNING" if args.quiet else None)
     try:
         if args.queue:
             return _queue_warm(settings, args)
@@ -51,7 +51,7 @@ def _queue_warm(settings: Settings, args) -> None:
     if not settings.redis_url:
         raise SystemExit("warm --queue needs REDIS_URL (the Redis the workers listen on)")
     api = _api(settings)
-    queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
+    queue = JobQueue(settings.redis_url, settings.job_chunk_tasks)
     try:
         xml = api.label_config(args.project)
         images = parse_label_config(xml).images()

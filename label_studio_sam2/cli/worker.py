@@ -20,12 +20,12 @@ def cmd_worker(args) -> None:
     settings = Settings.from_env(
         model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
     )
-    setup_logging(settings.log_level)
+    setup_logging(settings)
     if not settings.redis_url:
         raise SystemExit("worker: set REDIS_URL (the Redis the server queues its work in)")
     if not settings.label_studio_url or not settings.label_studio_api_key:
         raise SystemExit("worker: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / --api-key)")
-    queue = JobQueue(settings.redis_url, settings.queue_chunk_tasks)
+    queue = JobQueue(settings.redis_url, settings.job_chunk_tasks)
     try:
         queue.workers()  # Redis reachable: say so now, before the model loads
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)

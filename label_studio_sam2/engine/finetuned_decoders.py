@@ -1,7 +1,8 @@
 """Fine-tuned decoders on disk, per project, and the server's view of them.
 
-Layout under the root (SAM2_FINETUNE_DIR, default ~/.cache/label-studio-sam2/finetuned, so the
-server and the CLI find the same place without configuration):
+Layout under the root (the caller's: the service passes SAM2_FINETUNE_DIR, default
+~/.cache/label-studio-sam2/finetuned, so the server and the CLI find the same place without
+configuration; here, without a root, ~/.cache/label-studio-sam2/finetuned):
 
     project-<id>/v0001/decoder.safetensors   prompt encoder + mask decoder weights
     project-<id>/v0001/manifest.json         base model, project, data size, metrics, date
@@ -40,11 +41,9 @@ _VERSION = re.compile(r"^v\d{4,}$")
 
 
 def default_root() -> Path:
-    env = os.environ.get("SAM2_FINETUNE_DIR")
-    if env:
-        return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "label-studio-sam2" / "finetuned"
+    """~/.cache/label-studio-sam2/finetuned, when the caller names no root (the engine reads no
+    environment: the service passes Settings.finetune_dir, which honours XDG_CACHE_HOME)."""
+    return Path.home() / ".cache" / "label-studio-sam2" / "finetuned"
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -32,11 +32,12 @@ _SHORT = re.compile(
 )
 
 
-def resolve(spec: str | os.PathLike | None) -> str:
+def resolve(spec: str | os.PathLike | None, converted_dir: str | os.PathLike | None = None) -> str:
     """Turn what a user wrote into something `from_pretrained` understands.
 
     Accepted: an existing directory; a Meta `.pt` checkpoint (converted once into a directory next
-    to it); a hub id (`facebook/sam2.1-hiera-tiny`); a short name (`tiny`, `sam2.1-large`,
+    to it, or under `converted_dir` when its folder is read-only: default ~/.cache/label-studio-sam2,
+    the service passes SAM2_CONVERTED_DIR); a hub id (`facebook/sam2.1-hiera-tiny`); a short name (`tiny`, `sam2.1-large`,
     `sam2-base-plus`, `sam2.1_hiera_small`). A bare size means SAM2.1.
     """
     spec = str(spec or DEFAULT_MODEL).strip()
@@ -49,7 +50,7 @@ def resolve(spec: str | os.PathLike | None) -> str:
         out = path.parent / (path.stem + "-hf")
         if not (out / "config.json").is_file() and not os.access(path.parent, os.W_OK):
             # a read-only mount: convert into our cache instead of next to the checkpoint
-            cache = Path(os.environ.get("SAM2_CONVERTED_DIR", Path.home() / ".cache" / "label-studio-sam2"))
+            cache = Path(converted_dir or Path.home() / ".cache" / "label-studio-sam2")
             out = cache / (path.stem + "-hf")
         if not (out / "config.json").is_file():
             log.info("converting Meta checkpoint %s -> %s", path, out)
@@ -105,15 +106,16 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def cpu_encoder_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
-    """The image encoder's autocast dtype on CPU: `CPU_PRECISION` auto | fp32 | bf16.
+def cpu_encoder_dtype(device: torch.device, precision: str | None = "fp32") -> torch.dtype | None:
+    """The image encoder's autocast dtype on CPU: `CPU_PRECISION` auto | fp32 | bf16 (None: fp32;
+    the engine reads no environment: the service passes the setting, whose default is auto).
 
     auto: bf16 where the CPU has native bf16 (measured: encoder 1.47x faster on an AVX-512 BF16
     EPYC, feature maps within 0.5-1.6 % relative L2, masks IoU >= 0.98 with fp32), fp32 elsewhere.
     bf16 forces it (on a CPU without native bf16 it is slow: for tests and measurements).
     The decoder stays fp32: it is small and where the masks' edges are decided.
     """
-    precision = (precision or os.environ.get("CPU_PRECISION") or "auto").lower()
+    precision = (precision or "fp32").lower()
     if precision not in CPU_PRECISIONS:
         raise ValueError(f"CPU_PRECISION={precision!r}: expected one of {', '.join(CPU_PRECISIONS)}")
     if device.type != "cpu" or precision == "fp32":
@@ -121,6 +123,15 @@ def cpu_encoder_dtype(device: torch.device, precision: str | None = None) -> tor
     if precision == "bf16" or cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+@dataclass(frozen=True)
+class HubAccess:
+    """May the Hugging Face hub be contacted for weights missing locally, and where is it
+    (HF_HUB_OFFLINE, HF_ENDPOINT: the service passes its settings; the default is the public hub)."""
+
+    offline: bool = False
+    endpoint: str = "https://huggingface.co"
 
 
 @dataclass
@@ -217,15 +228,16 @@ def _model_id(source: str) -> str:
     return source.split("/")[-1]
 
 
-def _from_pretrained(cls, source: str, **kwargs):
+def _from_pretrained(cls, source: str, hub: HubAccess | None = None, **kwargs):
     """Load offline first (the HF cache or a directory); go to the hub only when allowed."""
+    hub = hub or HubAccess()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the sam2_video -> sam2 type note is expected here
     try:
         return cls.from_pretrained(source, local_files_only=True, **kwargs)
     except OSError as offline_error:
-        if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        if Path(source).is_dir() or hub.offline or not _hub_reachable(hub.endpoint):
             raise _unavailable(source, offline_error) from offline_error
     try:
         return cls.from_pretrained(source, **kwargs)
@@ -233,13 +245,13 @@ def _from_pretrained(cls, source: str, **kwargs):
         raise _unavailable(source, online_error) from online_error
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def _hub_reachable(endpoint_url: str = "https://huggingface.co", timeout_s: float = 3.0) -> bool:
     """Can the hub be reached at all? Without this, an offline machine waits through the hub
     client's retries (~25 s) before the user learns that weights are missing."""
     import socket
     from urllib.parse import urlparse
 
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = urlparse(endpoint_url)
     try:
         with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
             return True
@@ -261,22 +273,26 @@ def _unavailable(source: str, error: Exception) -> ModelUnavailable:
 def load_image_model(
     spec: str | None = None,
     device: str | None = "auto",
-    cpu_precision: str | None = None,
-    encoder_runtime: str | None = None,
+    cpu_precision: str | None = "fp32",
+    encoder_runtime: str | None = "torch",
     encoder_cache_dir: str | os.PathLike | None = None,
+    converted_dir: str | os.PathLike | None = None,
+    hub: HubAccess | None = None,
 ) -> LoadedModel:
     """Load a `Sam2Model` (image predictor) in eval mode on the chosen device.
 
-    cpu_precision: auto | fp32 | bf16 for the encoder on CPU (default: $CPU_PRECISION, else auto;
-    see `cpu_encoder_dtype`). encoder_runtime: auto | torch | openvino (default: $ENCODER_RUNTIME,
-    else torch; see `use_encoder_runtime`), its converted encoder cached under encoder_cache_dir.
+    Every option is an argument (the engine reads no environment; the service's
+    `load_configured_model` passes the settings). cpu_precision: auto | fp32 | bf16 for the encoder
+    on CPU (default fp32; see `cpu_encoder_dtype`). encoder_runtime: auto | torch | openvino
+    (default torch; see `use_encoder_runtime`), its converted encoder cached under
+    encoder_cache_dir. converted_dir: see `resolve`; hub: may the hub be contacted, and where.
     Raises `ModelUnavailable` with instructions when the weights cannot be had.
     """
     from transformers import Sam2Model
 
-    source = resolve(spec)
+    source = resolve(spec, converted_dir)
     dev = pick_device(device)
-    model = _from_pretrained(Sam2Model, source).eval().to(dev)
+    model = _from_pretrained(Sam2Model, source, hub).eval().to(dev)
     image_size = int(model.config.prompt_encoder_config.image_size)
     loaded = LoadedModel(model, source, _model_id(source), dev, image_size, autocast_dtype(dev))
     loaded.cpu_encoder_autocast = cpu_encoder_dtype(dev, cpu_precision)
@@ -286,7 +302,7 @@ def load_image_model(
 
 
 def use_encoder_runtime(
-    loaded: LoadedModel, runtime: str | None = None, cache_dir: str | os.PathLike | None = None
+    loaded: LoadedModel, runtime: str | None = "torch", cache_dir: str | os.PathLike | None = None
 ) -> LoadedModel:
     """Put `loaded`'s image encoder on the runtime `ENCODER_RUNTIME` picks (label_studio_sam2.engine.openvino_encoder:
     OpenVINO on a CPU where it is installed, for `auto`). OpenVINO computes in the precision
@@ -311,9 +327,13 @@ def use_encoder_runtime(
 
 
 def load_video_model(
-    spec: str | None = None, device: str | None = "auto", share_with: LoadedModel | None = None
+    spec: str | None = None,
+    device: str | None = "auto",
+    share_with: LoadedModel | None = None,
+    converted_dir: str | os.PathLike | None = None,
+    hub: HubAccess | None = None,
 ) -> LoadedModel:
-    """Load a `Sam2VideoModel` for tracking.
+    """Load a `Sam2VideoModel` for tracking (converted_dir, hub: as `load_image_model`).
 
     `share_with`: an image model loaded from the same weights; its vision encoder is reused so
     the encoder's weights are held in memory once, and both share one lock (one model in use at a
@@ -321,9 +341,9 @@ def load_video_model(
     """
     from transformers import Sam2VideoModel
 
-    source = resolve(spec)
+    source = resolve(spec, converted_dir)
     dev = pick_device(device)
-    model = _from_pretrained(Sam2VideoModel, source).eval().to(dev)
+    model = _from_pretrained(Sam2VideoModel, source, hub).eval().to(dev)
     loaded = LoadedModel(
         model, source, _model_id(source), dev, int(model.config.image_size), autocast_dtype(dev)
     )

@@ -47,13 +47,13 @@ def openvino_available() -> bool:
     return True
 
 
-def pick_runtime(device: torch.device, runtime: str | None = None) -> str:
+def pick_runtime(device: torch.device, runtime: str | None = "torch") -> str:
     """`ENCODER_RUNTIME` auto | torch | openvino -> the runtime that runs: `torch` or `openvino`.
 
     auto: OpenVINO on a CPU when the package imports, PyTorch otherwise. GPUs always PyTorch (a
     forced `openvino` on a GPU too: it names the CPU runtime).
     """
-    runtime = (runtime or os.environ.get("ENCODER_RUNTIME") or "torch").lower()
+    runtime = (runtime or "torch").lower()
     if runtime not in ENCODER_RUNTIMES:
         raise ValueError(f"ENCODER_RUNTIME={runtime!r}: expected one of {', '.join(ENCODER_RUNTIMES)}")
     if device.type != "cpu" or runtime == "torch":
@@ -232,10 +232,10 @@ def load_openvino_encoder(
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME (else ~/.cache) / label-studio-sam2 / openvino: beside the embedding store's
-    default (the backend passes the directory beside the configured store)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "label-studio-sam2" / "openvino"
+    """~/.cache/label-studio-sam2/openvino, when the caller names no directory (the engine reads no
+    environment: the service passes the directory beside the configured store, XDG_CACHE_HOME
+    included)."""
+    return Path.home() / ".cache" / "label-studio-sam2" / "openvino"
 
 
 def image_embeddings(model, fpn_hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:

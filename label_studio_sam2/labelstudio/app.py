@@ -152,8 +152,8 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
             return None
         return _check_basic_auth(settings) or _refuse_cross_site(settings)
 
-    queue = AdmissionQueue(settings.queue_size)
-    metrics.watch_queue(queue)
+    queue = AdmissionQueue(settings.admission_queue_size)
+    metrics.watch_admission(queue)
 
     @app.before_request
     def _admit():
@@ -161,7 +161,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
         if request.path != "/predict" or request.method != "POST":
             return None
         if not queue.try_enter():
-            metrics.queue_rejected.inc()
+            metrics.admission_rejected.inc()
             resp = jsonify(error="the SAM2 backend is busy (its request queue is full); try again shortly")
             resp.status_code = 503
             resp.headers["Retry-After"] = str(queue.retry_after_s())

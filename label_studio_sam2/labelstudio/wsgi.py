@@ -52,7 +52,7 @@ def _build() -> Flask:
     )  # imports torch: only in the worker, never the master
 
     settings = Settings.from_env()
-    setup_logging(settings.log_level)
+    setup_logging(settings)
     return create_app(settings)
 
 

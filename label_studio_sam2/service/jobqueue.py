@@ -3,7 +3,7 @@ progress and outcomes of every run counted in Redis.
 
 A *run* is one selection handed to the queue at once: a `preannotate --queue`, or the tasks a
 "Retrieve predictions" request could not answer before its deadline. Its task ids are split into
-chunks of QUEUE_CHUNK_TASKS, each one RQ job (`label_studio_sam2.service.worker.run_chunk`) that a `python -m
+chunks of JOB_CHUNK_TASKS, each one RQ job (`label_studio_sam2.service.worker.run_chunk`) that a `python -m
 backend worker` takes. Writes are idempotent (check-before-write in `LabelStudioAPI`), so a chunk
 retried after its worker died writes only what the dead worker had not. Redis holds, per run:
 

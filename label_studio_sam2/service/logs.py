@@ -4,8 +4,11 @@ configured secret ever reaches a log line."""
 from __future__ import annotations
 
 import logging
-import os
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from label_studio_sam2.service.settings import Settings
 
 
 class _SecretFilter(logging.Filter):
@@ -25,17 +28,20 @@ class _SecretFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(settings: Settings, level: str | None = None) -> None:
+    """One handler on the root logger, at `level` (default: LOG_LEVEL), that masks the secrets
+    `settings` hold (the Label Studio token, the basic auth password, REDIS_URL's password)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     secrets = [
-        os.environ.get(k, "")
-        for k in ("LABEL_STUDIO_API_KEY", "BASIC_AUTH_PASS", "LABEL_STUDIO_ACCESS_TOKEN")
+        settings.label_studio_api_key or "",
+        settings.basic_auth_pass or "",
+        url_password(settings.redis_url or ""),
     ]
-    handler.addFilter(_SecretFilter([*secrets, url_password(os.environ.get("REDIS_URL", ""))]))
+    handler.addFilter(_SecretFilter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel((level or settings.log_level).upper())
     # werkzeug logs request lines only (never headers); urllib3 at DEBUG would log URLs with tokens
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
 

@@ -68,8 +68,10 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
-        self.queue_rejected = Counter(
-            "sam2_queue_rejected", "/predict requests answered 503 because the queue was full", registry=r
+        self.admission_rejected = Counter(
+            "sam2_admission_rejected",
+            "/predict requests answered 503 because the admission queue was full",
+            registry=r,
         )
         # "Retrieve predictions" handed to the background job (label_studio_sam2.labelstudio.retrieve)
         self.background_tasks = Counter(
@@ -143,13 +145,14 @@ class Metrics:
             ]
         )
 
-    def watch_queue(self, queue) -> None:
-        """A worker's /predict admission queue (label_studio_sam2.service.admission.AdmissionQueue)."""
+    def watch_admission(self, queue) -> None:
+        """A worker's /predict admission queue (label_studio_sam2.service.admission.AdmissionQueue);
+        not the job queue (`watch_fleet`)."""
         self.watch(
             lambda: [
-                ("sam2_queue_depth", "/predict requests in this worker, running or waiting", queue.depth),
+                ("sam2_admission_depth", "/predict requests in this worker, running or waiting", queue.depth),
                 (
-                    "sam2_queue_capacity",
+                    "sam2_admission_capacity",
                     "/predict requests a worker admits before answering 503",
                     queue.capacity,
                 ),
@@ -174,7 +177,7 @@ class _FleetCollector:
         self.snapshot = snapshot
 
     def collect(self):
-        up = GaugeMetricFamily("sam2_queue_up", "1 if Redis (REDIS_URL) answered this scrape")
+        up = GaugeMetricFamily("sam2_jobqueue_up", "1 if Redis (REDIS_URL) answered this scrape")
         try:
             snap = self.snapshot()
         except Exception:  # Redis down: /metrics still answers, and says so
@@ -184,12 +187,12 @@ class _FleetCollector:
         up.add_metric([], 1.0)
         yield up
         jobs = GaugeMetricFamily(
-            "sam2_queue_jobs", "Jobs of the queue by state (queued = depth)", labels=["state"]
+            "sam2_jobqueue_jobs", "Jobs of the job queue by state (queued = depth)", labels=["state"]
         )
         for state, n in snap["jobs"].items():
             jobs.add_metric([state], float(n))
         yield jobs
-        workers = GaugeMetricFamily("sam2_queue_workers", "Workers listening on the queue")
+        workers = GaugeMetricFamily("sam2_jobqueue_workers", "Workers listening on the job queue")
         workers.add_metric([], float(snap["workers"]))
         yield workers
         done = CounterMetricFamily(

@@ -16,7 +16,7 @@ import time
 
 from label_studio_sam2.engine.gpu import memory_gauges
 from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
-from label_studio_sam2.engine.models import LoadedModel, load_image_model, load_video_model
+from label_studio_sam2.engine.models import HubAccess, LoadedModel, load_image_model, load_video_model
 from label_studio_sam2.engine.store import EmbeddingStore
 from label_studio_sam2.engine.tracker import VideoTracker
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, describe
@@ -38,14 +38,22 @@ log = logging.getLogger("label_studio_sam2")
 
 def load_configured_model(settings: Settings):
     """The image model `settings` name, as every process loads it (server, worker, CLI): model,
-    device, CPU precision and encoder runtime, with the runtime's cache beside the store."""
+    device, CPU precision and encoder runtime, with the runtime's cache beside the store (the
+    engine reads no environment: every option is passed here)."""
     return load_image_model(
         settings.model,
         settings.device,
         settings.cpu_precision,
         settings.encoder_runtime,
         settings.encoder_cache_dir,
+        settings.converted_dir,
+        hub_access(settings),
     )
+
+
+def hub_access(settings: Settings) -> HubAccess:
+    """HF_HUB_OFFLINE and HF_ENDPOINT, as the engine takes them."""
+    return HubAccess(settings.hub_offline, settings.hub_endpoint)
 
 
 class Runtime:
@@ -178,7 +186,10 @@ class Runtime:
         with self._video_lock:
             if self._video_tracker is None:
                 loaded = load_video_model(
-                    self.image_model.source, self.settings.device, share_with=self.image_model
+                    self.image_model.source,
+                    self.settings.device,
+                    share_with=self.image_model,
+                    hub=hub_access(self.settings),
                 )
                 self._video_tracker = VideoTracker(loaded, store=self.store)
             return self._video_tracker
@@ -209,5 +220,5 @@ class Runtime:
             return None
         with self._job_lock:
             if self._queue is None:
-                self._queue = JobQueue(self.settings.redis_url, self.settings.queue_chunk_tasks)
+                self._queue = JobQueue(self.settings.redis_url, self.settings.job_chunk_tasks)
             return self._queue

@@ -8,6 +8,7 @@ as unset. The README's table of environment variables is `env_table()` (a test k
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -29,14 +30,24 @@ def without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+log = logging.getLogger("label_studio_sam2")
+
+# Renamed variables: the old name still works (a warning names the new one); the new one wins.
+DEPRECATED_NAMES = {"QUEUE_SIZE": "ADMISSION_QUEUE_SIZE", "QUEUE_CHUNK_TASKS": "JOB_CHUNK_TASKS"}
+
 STORE_OFF = ("off", "none", "false", "0", "no")  # EMBEDDING_STORE_DIR values that disable the store
 
 
+def cache_home() -> Path:
+    """The project's directory in the user's cache: $XDG_CACHE_HOME (else ~/.cache) /
+    label-studio-sam2. The defaults of the store, converted checkpoints, OpenVINO encoders and
+    fine-tuned decoders live under it (the engine reads no environment: it is given these)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "label-studio-sam2"
+
+
 def default_store_dir() -> str:
-    """The embedding store's home when nothing is configured: the user's cache directory
-    ($XDG_CACHE_HOME, else ~/.cache) / label-studio-sam2 / embeddings."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(cache) / "label-studio-sam2" / "embeddings")
+    """The embedding store's home when nothing is configured: cache_home() / embeddings."""
+    return str(cache_home() / "embeddings")
 
 
 # The tiny SAM2 trained on synthetic shapes: part of the source checkout's development kit, not of
@@ -97,6 +108,22 @@ class Settings(BaseSettings):
         "ENCODER_RUNTIME",
         default="torch",
         description="what runs the image encoder on CPU: `torch` (the default); `openvino` (opt-in: `pip install 'label-studio-sam2[openvino]'`, or `openvino==2026.4.1`; on the shared 2-core EPYC it was 1.5-2x faster in bf16 and no faster in f32, see bench.encoder); `auto` = OpenVINO where the package is installed, PyTorch otherwise. OpenVINO computes in the precision `CPU_PRECISION` picks, on `TORCH_THREADS`/`--threads` threads; its converted encoder is made on the first start and cached in `openvino/` beside the embedding store. GPUs always run PyTorch; a failed conversion falls back to PyTorch with a warning",
+    )
+    converted_dir: str | None = _env(
+        "SAM2_CONVERTED_DIR",
+        default=None,
+        validate_default=True,
+        description="where a Meta `.pt` checkpoint in a read-only folder is converted to (default: `~/.cache/label-studio-sam2`, `XDG_CACHE_HOME` if set); a writable folder gets it next to the checkpoint",
+    )
+    hub_offline: bool = _env(
+        "HF_HUB_OFFLINE",
+        default=False,
+        description="Hugging Face's own switch: `1` never contacts the hub (weights must be in the HF cache, a directory or a `.pt`); also read by `huggingface_hub` itself",
+    )
+    hub_endpoint: str = _env(
+        "HF_ENDPOINT",
+        default="https://huggingface.co",
+        description="Hugging Face's own hub address (a mirror); the backend checks it answers before downloading weights, so an offline machine fails at once instead of after the hub client's retries",
     )
     # --- Label Studio -----------------------------------------------------------------------------
     label_studio_url: str | None = _env(
@@ -183,11 +210,12 @@ class Settings(BaseSettings):
         gt=0,
         description="answer before Label Studio's 100 s timeout: bounds every download, and tasks not started by then get an error entry (interactive) or are handed to the background job (Retrieve)",
     )
-    queue_size: int = _env(
+    admission_queue_size: int = _env(
+        "ADMISSION_QUEUE_SIZE",
         "QUEUE_SIZE",
         default=6,
         ge=0,
-        description="`/predict` requests a worker admits (running + waiting); the next gets **503 with `Retry-After`** at once instead of waiting past Label Studio's 100 s. Keep it below `THREADS`",
+        description="the admission queue: `/predict` requests a worker admits (running + waiting); the next gets **503 with `Retry-After`** at once instead of waiting past Label Studio's 100 s. Keep it below `THREADS`",
     )
     max_body_mb: int = _env("MAX_BODY_MB", default=64, gt=0, description="request body cap (413)")
     max_regions_per_task: int = _env(
@@ -283,12 +311,13 @@ class Settings(BaseSettings):
         description='finish a "Retrieve predictions" too large for one request in a background job that writes through the LS API',
     )
     # --- the job queue (REDIS_URL set: `label-studio-sam2 worker`, `preannotate --queue`) -----------
-    queue_chunk_tasks: int = _env(
+    job_chunk_tasks: int = _env(
+        "JOB_CHUNK_TASKS",
         "QUEUE_CHUNK_TASKS",
         default=20,
         ge=1,
         le=10000,
-        description="tasks per queued job: a worker takes a chunk at a time; smaller chunks spread a project over more workers, larger ones cost fewer Redis round trips",
+        description="tasks per job of the job queue: a worker takes a chunk at a time; smaller chunks spread a project over more workers, larger ones cost fewer Redis round trips",
     )
     job_lease_s: float = _env(
         "JOB_LEASE_S",
@@ -300,6 +329,7 @@ class Settings(BaseSettings):
     finetune_dir: str | None = _env(
         "SAM2_FINETUNE_DIR",
         default=None,
+        validate_default=True,
         description='fine-tuned decoders per project (default: `~/.cache/label-studio-sam2/finetuned`; see "It learns your project")',
     )
     finetune_refresh_s: float = _env(
@@ -407,6 +437,16 @@ class Settings(BaseSettings):
             value = value.split(",")
         return tuple(h.strip().lower().removesuffix(".") for h in value if h.strip())
 
+    @field_validator("converted_dir", mode="after")
+    @classmethod
+    def _converted_default(cls, value):
+        return value or str(cache_home())
+
+    @field_validator("finetune_dir", mode="after")
+    @classmethod
+    def _finetune_default(cls, value):
+        return str(Path(value).expanduser()) if value else str(cache_home() / "finetuned")
+
     @field_validator("store_dir", mode="after")
     @classmethod
     def _store_off(cls, value):
@@ -464,6 +504,7 @@ class Settings(BaseSettings):
         except ValidationError as e:
             raise SettingsError(_describe(e)) from None
         settings.check()
+        warn_deprecated_names()
         return settings
 
     def check(self) -> None:
@@ -478,18 +519,52 @@ class Settings(BaseSettings):
             raise SettingsError("BASIC_AUTH_PASS is empty: set a password (e.g. `openssl rand -hex 20`)")
 
 
+def warn_deprecated_names() -> list[str]:
+    """Warn about each renamed variable set under its old name (see DEPRECATED_NAMES); returns
+    the warnings."""
+    said = []
+    for old, new in DEPRECATED_NAMES.items():
+        if not os.environ.get(old):
+            continue
+        if os.environ.get(new):
+            said.append(f"{old} is ignored: {new}, its new name, is set too; unset {old}")
+        else:
+            said.append(f"{old} is deprecated: rename it {new} (the old name still works for now)")
+    for message in said:
+        log.warning(message)
+    return said
+
+
 def _env_name(field: str) -> str:
+    """The variable a field was read from: the first of its names set (non-empty) in the
+    environment, else its primary name."""
     alias = Settings.model_fields[field].validation_alias
-    return alias.choices[0] if isinstance(alias, AliasChoices) else field
+    if not isinstance(alias, AliasChoices):
+        return field
+    names = [str(n) for n in alias.choices]
+    return next((n for n in names if os.environ.get(n)), names[0])
+
+
+def _field_of(loc: str) -> str | None:
+    """The field an error's location names: a field name (an override) or one of its variables
+    (read from the environment)."""
+    if loc in Settings.model_fields:
+        return loc
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices) and loc in [str(n) for n in alias.choices]:
+            return name
+    return None
 
 
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         name = str(item["loc"][0]) if item["loc"] else "?"
-        field = Settings.model_fields.get(name)
-        if field is not None:
-            name = _env_name(name)
+        key = _field_of(name)
+        field = Settings.model_fields[key] if key else None
+        if key is not None:
+            name = _env_name(key)
         shown = "" if field is not None and not field.repr else f"={item.get('input')!r}"  # no secrets
         lines.append(f"{name}{shown}: {item['msg']}")
     return "invalid setting: " + "; ".join(lines)

@@ -126,7 +126,7 @@ def test_two_workers_one_killed_mid_run_every_task_predicted_once(
     project, task_ids = make_project(ls, media, "queue kill", 40)
     cli = subprocess.Popen(
         [sys.executable, "-m", "label_studio_sam2", "preannotate", "--project", str(project.id), "--queue"],
-        env=env(ls, redis_server.url, QUEUE_CHUNK_TASKS="4"),
+        env=env(ls, redis_server.url, JOB_CHUNK_TASKS="4"),
         cwd=lsserver.REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
