@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the ML backend protocol (development server; gunicorn for teams)",
         description="Serve /health, /setup, /predict, /webhook and /metrics for Label Studio with the "
-        "threaded development server (a team deployment runs gunicorn: see the README). Listens on "
+        "threaded development server (a team deployment runs gunicorn: see docs/deployment.md). Listens on "
         "127.0.0.1 unless --host says otherwise; beyond loopback, set BASIC_AUTH_USER and "
         "BASIC_AUTH_PASS. Media are fetched from LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY.",
     )

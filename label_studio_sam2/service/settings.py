@@ -3,7 +3,7 @@
 One class for the server, the CLIs (`label-studio-sam2 ...`) and deploy/gunicorn.conf.py. A value
 that does not parse or is out of range (a misspelt RETRIEVE_MODE, a negative size, a word in a
 number field) stops start-up with a `SettingsError` naming the variable. An empty variable counts
-as unset. The README's table of environment variables is `env_table()` (a test keeps them equal).
+as unset. The table of environment variables in docs/configuration.md is `env_table()` (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[tuple[str, ...], NoDecode] = _env(
         "ALLOWED_HOSTS",
         default=(),
-        description='without basic auth: the comma-separated host names Label Studio reaches the backend by (the `Host` header; `sam2` in docker-compose), besides `localhost`, `127.0.0.1` and `::1`. `/predict`, `/setup` and `/webhook` refuse any other `Host` with 403 (DNS rebinding, see "Security model"); `*` accepts any (only where nothing but Label Studio can reach the port)',
+        description="without basic auth: the comma-separated host names Label Studio reaches the backend by (the `Host` header; `sam2` in docker-compose), besides `localhost`, `127.0.0.1` and `::1`. `/predict`, `/setup` and `/webhook` refuse any other `Host` with 403 (DNS rebinding, see docs/deployment.md, security model); `*` accepts any (only where nothing but Label Studio can reach the port)",
     )
     # --- embeddings -------------------------------------------------------------------------------
     cache_mb: int = _env(
@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     store_dir: str | None = Field(
         default_factory=lambda: default_store_dir(),
         validation_alias=AliasChoices("EMBEDDING_STORE_DIR"),
-        description='persistent embedding store, on by default (see "Zero-wait first click") under `~/.cache/label-studio-sam2/embeddings` (`XDG_CACHE_HOME` if set; `/models/embeddings` in Docker); `off` disables it',
+        description="persistent embedding store, on by default (see docs/bulk.md, the embedding store) under `~/.cache/label-studio-sam2/embeddings` (`XDG_CACHE_HOME` if set; `/models/embeddings` in Docker); `off` disables it",
     )
     store_gb: float = _env(
         "EMBEDDING_STORE_GB",
@@ -202,7 +202,7 @@ class Settings(BaseSettings):
     media_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = _env(
         "MEDIA_ALLOWED_HOSTS",
         default=(),
-        description='comma-separated hosts media may come from besides Label Studio\'s host; empty: any host whose addresses are all public (see "Security model")',
+        description="comma-separated hosts media may come from besides Label Studio's host; empty: any host whose addresses are all public (see docs/deployment.md, security model)",
     )
     predict_deadline_s: float = _env(
         "PREDICT_DEADLINE_S",
@@ -300,7 +300,7 @@ class Settings(BaseSettings):
     auto_fast: bool = _env(
         "AUTO_FAST",
         default=False,
-        description="automatic masks, fast mode: decode every other grid point of every other row first, then only the points next to one that found a candidate and outside the confident masks found (`preannotate --fast`; on the test images it decoded 36-60 % of the grid points and found 96-98 % of the full run's masks, see Benchmarks)",
+        description="automatic masks, fast mode: decode every other grid point of every other row first, then only the points next to one that found a candidate and outside the confident masks found (`preannotate --fast`; on the test images it decoded 36-60 % of the grid points and found 96-98 % of the full run's masks, see docs/benchmarks.md)",
     )
     polygon_tolerance: float = _env(
         "POLYGON_TOLERANCE", default=1.0, ge=0, description="polygon simplification, pixels"
@@ -330,7 +330,7 @@ class Settings(BaseSettings):
         "SAM2_FINETUNE_DIR",
         default=None,
         validate_default=True,
-        description='fine-tuned decoders per project (default: `~/.cache/label-studio-sam2/finetuned`; see "It learns your project")',
+        description="fine-tuned decoders per project (default: `~/.cache/label-studio-sam2/finetuned`; see docs/fine-tuning.md)",
     )
     finetune_refresh_s: float = _env(
         "FINETUNE_REFRESH_S", default=30.0, ge=0, description="how often a server looks for a new version"
@@ -398,7 +398,7 @@ class Settings(BaseSettings):
         "HEADER_TIMEOUT_S",
         default=10.0,
         gt=0,
-        description='a client must send its request headers within this; until then it holds no thread (see "Security model")',
+        description="a client must send its request headers within this; until then it holds no thread (see docs/deployment.md, security model)",
     )
     keepalive_s: int = _env(
         "KEEPALIVE",
@@ -571,7 +571,7 @@ def _describe(error: ValidationError) -> str:
 
 
 def env_table() -> str:
-    """The README's table: every environment variable, its default and what it does."""
+    """The table of docs/configuration.md: every environment variable, its default and what it does."""
     rows = ["| Variable | Default | What it does |", "|---|---|---|"]
     for field in Settings.model_fields.values():
         alias = field.validation_alias
@@ -589,5 +589,5 @@ def env_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m label_studio_sam2.service.settings: the README's table
+if __name__ == "__main__":  # python -m label_studio_sam2.service.settings: docs/configuration.md's table
     print(env_table())
