@@ -303,6 +303,8 @@ def test_service_errors_carry_a_kind_and_only_the_adapter_knows_http_statuses():
                     numbered.append(f"{path.name}:{node.lineno}")
     assert not numbered
     assert not hasattr(BackendError("x"), "status")
+    with pytest.raises(TypeError):  # a caller still passing a status number fails at once
+        BackendError("x", 502)
     assert set(HTTP_STATUS) == set(Kind)
 
 

@@ -34,6 +34,8 @@ class BackendError(Exception):
         super().__init__(message)
         self.message = message
         if kind is not None:
+            if not isinstance(kind, Kind):  # a status number, say: the service does not speak HTTP
+                raise TypeError(f"an error's kind is a Kind, not {kind!r}")
             self.kind = kind
 
 
