@@ -14,6 +14,7 @@ import pytest
 
 from devkit.lsserver import REPO_ROOT, free_port
 from devkit.media_server import MediaServer
+from label_studio_sam2.labelstudio.middleware import http_status
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from tests.conftest import BOTH_PRECISIONS, noise_image, predict_body, rect_px
 
@@ -64,7 +65,7 @@ def test_enqueue_with_redis_down_fails_at_once_with_a_message_that_hides_the_pas
     with pytest.raises(QueueUnavailable) as e:
         start(queue, [1, 2])
     assert time.monotonic() - started < 3
-    assert e.value.status == 503
+    assert http_status(e.value) == 503
     assert "cannot queue the work" in e.value.message and f"127.0.0.1:{redis_server.port}" in e.value.message
     assert "s3cret" not in e.value.message
 

@@ -32,7 +32,7 @@ from label_studio_sam2.labelstudio.project_job import Progress, Selection, Summa
 from label_studio_sam2.labelstudio.protocol import Control, parse_label_config
 from label_studio_sam2.labelstudio.regions import polygon_results
 from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
-from label_studio_sam2.service.errors import BadRequest, MediaError
+from label_studio_sam2.service.errors import BadRequest, Kind, MediaError
 from label_studio_sam2.service.media import LabelStudioAuth, MediaClient
 from label_studio_sam2.service.segment import ImageSegmenter
 from tests.conftest import IMAGE_CONFIG, decode_brush, encode_image, noise_image, predict_body, rect_px
@@ -622,7 +622,7 @@ def test_label_studio_errors_are_retried_with_exponential_backoff(caplog):
     with pytest.raises(ApiError):
         retry.call(not_found, "reading")
     assert len(not_found.calls) == 1  # a 4xx is not retried
-    gone = flaky([MediaError("HTTP 502 fetching x", 502)] * 5)
+    gone = flaky([MediaError("HTTP 502 fetching x", Kind.UPSTREAM_FAILED)] * 5)
     with pytest.raises(MediaError):
         Retry(attempts=3, sleep=lambda s: None).call(gone, "fetching")
     assert len(gone.calls) == 3

@@ -344,7 +344,7 @@ def test_setup_cache_is_bounded_least_recently_used_first(app_factory, media_ser
     assert click(200).status_code == 200  # the latest is remembered
     forgotten = click(1)  # the first was dropped: Label Studio sends the config again with its requests
     assert forgotten.status_code == 400 and "label_config is missing" in forgotten.get_json()["error"]
-    cache = client.application.extensions["sam2.schemas"]
+    cache = client.application.extensions["sam2"].schemas
     assert cache.bytes <= 0.05 * (1 << 20) and 10 < len(cache) < 200
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from label_studio_sam2.labelstudio.middleware import http_status
 from label_studio_sam2.service import media as media_module
 from label_studio_sam2.service.errors import MediaError
 from label_studio_sam2.service.media import (
@@ -86,7 +87,7 @@ def test_default_policy_refuses_non_public_addresses_naming_the_rule(host, rule)
     media = MediaClient(LabelStudioAuth(None, None), MediaLimits(timeout_s=1))
     with pytest.raises(MediaError) as e:
         media.fetch(f"http://{host}:8080/a.png")
-    assert e.value.status == 403 and rule in e.value.message
+    assert http_status(e.value) == 403 and rule in e.value.message
 
 
 def test_a_name_is_refused_if_any_of_its_addresses_is(servers):
@@ -329,7 +330,7 @@ def test_label_studio_is_trusted_on_its_own_port_only_and_refused_ports_look_ali
         for port in (listening.port, closed):
             with pytest.raises(MediaError) as caught:
                 media.fetch(f"http://127.0.0.2:{port}{UPLOAD}")
-            errors.append((caught.value.status, caught.value.message))
+            errors.append((http_status(caught.value), caught.value.message))
         assert errors[0] == errors[1] and errors[0][0] == 403, errors
         assert "loopback" in errors[0][1] and str(listening.port) not in errors[0][1]
         assert listening.connections == 0
@@ -360,7 +361,7 @@ def test_label_studio_is_asked_for_media_paths_only(servers, path):
     for url in (path, ls.url(path)):
         with pytest.raises(MediaError, match="only its media paths") as caught:
             media.fetch(url)
-        assert caught.value.status == 403 and "HTTP" not in caught.value.message
+        assert http_status(caught.value) == 403 and "HTTP" not in caught.value.message
     assert ls.seen == []
 
 
@@ -448,7 +449,7 @@ def test_trickling_server_is_cut_off_by_the_download_deadline(servers, what):
     with pytest.raises(MediaError) as e:
         media.fetch(s.url("/slow"))
     elapsed = time.monotonic() - t0
-    assert e.value.status == 504 and elapsed < 3.0, (e.value.message, elapsed)
+    assert http_status(e.value) == 504 and elapsed < 3.0, (e.value.message, elapsed)
 
 
 def test_request_deadline_bounds_every_download(servers):
@@ -491,7 +492,7 @@ def test_malformed_urls_are_media_errors(url):
     media = MediaClient(LabelStudioAuth(None, None), MediaLimits(timeout_s=1))
     with pytest.raises(MediaError) as e:
         media.fetch(url)
-    assert 400 <= e.value.status < 500
+    assert 400 <= http_status(e.value) < 500
 
 
 def test_refusals_never_repeat_credentials_from_the_url():

@@ -16,7 +16,7 @@ import requests
 
 from devkit import gunicorn as devkit_gunicorn
 from devkit.lsserver import free_port
-from label_studio_sam2.labelstudio.app import parse_json_body
+from label_studio_sam2.labelstudio.views import parse_json_body, parse_project_id
 from label_studio_sam2.service.settings import Settings, SettingsError
 from tests.conftest import keypoint, noise_image, predict_body, rectangle
 from tests.test_deploy import _basic, wait_loaded
@@ -362,10 +362,16 @@ def test_project_ids_are_ascii_digits_of_bounded_length(client, project):
 
 
 def test_label_studio_s_project_ids_are_accepted():
-    from label_studio_sam2.service.finetuned import project_id
-
-    assert project_id("12.1795498385") == 12 and project_id(12) == 12 and project_id({"id": 12}) == 12
-    assert project_id(str(10**18 - 1)) == 10**18 - 1 and project_id(None) is None and project_id("") is None
+    assert (
+        parse_project_id("12.1795498385") == 12
+        and parse_project_id(12) == 12
+        and parse_project_id({"id": 12}) == 12
+    )
+    assert (
+        parse_project_id(str(10**18 - 1)) == 10**18 - 1
+        and parse_project_id(None) is None
+        and parse_project_id("") is None
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from label_studio_sdk import LabelStudio
 
-from label_studio_sam2.service.errors import BackendError, MediaError
+from label_studio_sam2.service.errors import BackendError, Kind, MediaError
 
 log = logging.getLogger("label_studio_sam2.bulk")
 
@@ -48,7 +48,7 @@ def _retryable(e: BaseException) -> bool:
     if isinstance(e, httpx.TransportError):  # connection refused / reset, timeouts
         return True
     if isinstance(e, MediaError):
-        return e.status in (502, 503, 504)
+        return e.kind in (Kind.UPSTREAM_FAILED, Kind.UNAVAILABLE, Kind.TIMED_OUT)
     status = getattr(e, "status_code", None)
     if type(e).__name__ == "ApiError":
         return status is None or status == 429 or status >= 500

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -67,33 +66,6 @@ class ProjectSegmenters:
             return made[1]
 
 
-MAX_ID_DIGITS = 18  # Label Studio's ids are 64-bit; 18 digits always fit one (and a file name)
-_ID = re.compile(f"[0-9]{{1,{MAX_ID_DIGITS}}}")
-
-
-def project_id(value) -> int | None:
-    """Label Studio's project field ("12.1700000000" in /predict and /setup, 12 or {"id": 12} in
-    webhooks) as an int: the one place a request's project id is parsed. None when there is none
-    (missing or empty); BadRequest (400) for anything else that is not a positive id of ASCII
-    digits, at most MAX_ID_DIGITS of them ("²" is a digit to str.isdigit, not to int)."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    if value is None or value == "":
-        return None
-    if type(value) is int:
-        number = value if 0 < value < 10**MAX_ID_DIGITS else None
-    elif isinstance(value, str) and _ID.fullmatch(value.split(".")[0]):
-        number = int(value.split(".")[0]) or None
-    else:
-        number = None
-    if number is None:
-        raise BadRequest(
-            f"project {str(value)[:40]!r} is not a Label Studio project id "
-            f"(a positive integer, ASCII digits, at most {MAX_ID_DIGITS})"
-        )
-    return number
-
-
 class TrainingLauncher:
     """Runs `label-studio-sam2 train --project ID` in the background, one per project."""
 
@@ -120,7 +92,6 @@ class TrainingLauncher:
                 raise TrainingBusy(
                     f"{len(self._running)} training run(s) already running here "
                     f"(MAX_TRAININGS={s.max_trainings}): start this one when one ends, or raise MAX_TRAININGS",
-                    429,
                     project_busy=False,
                 )
             versions = DecoderVersions(s.finetune_dir, project)

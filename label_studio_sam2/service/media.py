@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from label_studio_sam2.service.errors import MediaError
+from label_studio_sam2.service.errors import Kind, MediaError
 from label_studio_sam2.service.settings import without_userinfo
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class LabelStudioAuth:
     def _refresh(self) -> None:
         if not self.url:
             raise MediaError(
-                "LABEL_STUDIO_API_KEY is a personal access token but LABEL_STUDIO_URL is not set", 424
+                "LABEL_STUDIO_API_KEY is a personal access token but LABEL_STUDIO_URL is not set",
+                Kind.DEPENDENCY_FAILED,
             )
         try:
             # never redirected: the refresh token goes to LABEL_STUDIO_URL's origin or nowhere
@@ -126,26 +127,28 @@ class LabelStudioAuth:
         except requests.RequestException as e:
             raise MediaError(
                 f"cannot reach Label Studio at {self.url} to exchange the access token: {type(e).__name__}",
-                424,
+                Kind.DEPENDENCY_FAILED,
             ) from None
         if r.is_redirect:
             raise MediaError(
                 f"Label Studio redirected the token exchange (HTTP {r.status_code}); it is not followed: "
                 "set LABEL_STUDIO_URL to the address Label Studio answers on (scheme, host and port)",
-                424,
+                Kind.DEPENDENCY_FAILED,
             )
         if r.status_code != 200:
             raise MediaError(
                 f"Label Studio refused the personal access token (HTTP {r.status_code} from /api/token/refresh/): "
                 "check LABEL_STUDIO_API_KEY",
-                424,
+                Kind.DEPENDENCY_FAILED,
             )
         try:
             access = r.json().get("access", "")
         except (ValueError, AttributeError):
             access = ""
         if not isinstance(access, str) or not access:
-            raise MediaError("Label Studio's /api/token/refresh/ answered without an access token", 424)
+            raise MediaError(
+                "Label Studio's /api/token/refresh/ answered without an access token", Kind.DEPENDENCY_FAILED
+            )
         payload = _jwt_payload(access) or {}
         self._access = access
         self._expires_at = float(payload.get("exp", time.time() + 240))
@@ -324,7 +327,7 @@ def resolve_host(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise MediaError(f"cannot resolve media host {host[:80]!r}", 502) from None
+        raise MediaError(f"cannot resolve media host {host[:80]!r}", Kind.UPSTREAM_FAILED) from None
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
@@ -420,7 +423,7 @@ class MediaClient:
             if not self.auth.url:
                 raise MediaError(
                     f"media path {url[:80]!r} is relative to Label Studio: set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY)",
-                    424,
+                    Kind.DEPENDENCY_FAILED,
                 )
             return urljoin(self.auth.url + "/", url.lstrip("/"))
         raise MediaError(
@@ -457,7 +460,7 @@ class MediaClient:
             raise MediaError(
                 f"refusing media URL {target}: on Label Studio only its media paths are fetched "
                 f"({LS_MEDIA_PATHS})",
-                403,
+                Kind.REFUSED,
             )
         # Label Studio's exact origin is trusted (its address may be private); its host on
         # another port is not: that is checked like any host, and refused before connecting
@@ -465,17 +468,17 @@ class MediaClient:
         allowed = self.limits.allowed_hosts
         listed = host in allowed
         if allowed and not (listed or trusted):
-            raise MediaError(f"refusing media host {host!r}: it is not in MEDIA_ALLOWED_HOSTS", 403)
+            raise MediaError(f"refusing media host {host!r}: it is not in MEDIA_ALLOWED_HOSTS", Kind.REFUSED)
         addresses = self.limits.resolver(host, target.port)
         if not addresses:
-            raise MediaError(f"cannot resolve media host {host!r}", 502)
+            raise MediaError(f"cannot resolve media host {host!r}", Kind.UPSTREAM_FAILED)
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
             why = address_refusal(ip)
             if why is None or trusted or (listed and "metadata" not in why):
                 continue
             hint = "" if allowed else " (list the host in MEDIA_ALLOWED_HOSTS if it is yours)"
-            raise MediaError(f"refusing media host {host!r}: {address} is {why}{hint}", 403)
+            raise MediaError(f"refusing media host {host!r}: {address} is {why}{hint}", Kind.REFUSED)
         return dataclasses.replace(target, address=addresses[0])
 
     def _connection(self, target: Target, timeout_s: float) -> HTTPConnection:
@@ -513,14 +516,18 @@ class MediaClient:
         return resp
 
     def _too_slow(self, target: Target) -> MediaError:
-        return MediaError(f"download of {target} took longer than {self.limits.deadline_s:g} s", 504)
+        return MediaError(
+            f"download of {target} took longer than {self.limits.deadline_s:g} s", Kind.TIMED_OUT
+        )
 
     def _network_error(self, target: Target, e: Exception, deadline: _Deadline) -> MediaError:
         if deadline.expired.is_set():
             return self._too_slow(target)
         if isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError)):
-            return MediaError(f"timed out after {self.limits.timeout_s:g} s fetching {target}", 504)
-        return MediaError(f"cannot fetch {target}: {type(e).__name__}", 502)
+            return MediaError(
+                f"timed out after {self.limits.timeout_s:g} s fetching {target}", Kind.TIMED_OUT
+            )
+        return MediaError(f"cannot fetch {target}: {type(e).__name__}", Kind.UPSTREAM_FAILED)
 
     def _open(self, url: str, deadline: _Deadline) -> urllib3.BaseHTTPResponse:
         """GET with auth for Label Studio, following redirects by hand so that every hop is
@@ -545,21 +552,26 @@ class MediaClient:
                 location = resp.headers.get("Location", "")
                 _close(resp)
                 if not location:
-                    raise MediaError(f"HTTP {resp.status} without a Location fetching {target}", 502)
+                    raise MediaError(
+                        f"HTTP {resp.status} without a Location fetching {target}", Kind.UPSTREAM_FAILED
+                    )
                 base = f"{target.scheme}://{target.host_header}{target.request_uri}"
                 try:
                     url = urljoin(base, location)
                 except ValueError:
-                    raise MediaError(f"malformed redirect Location fetching {target}", 502) from None
+                    raise MediaError(
+                        f"malformed redirect Location fetching {target}", Kind.UPSTREAM_FAILED
+                    ) from None
                 continue
             if resp.status != 200:
                 _close(resp)
                 hint = " (check LABEL_STUDIO_API_KEY)" if resp.status in (401, 403) and to_ls else ""
                 raise MediaError(
-                    f"HTTP {resp.status} fetching {target}{hint}", 404 if resp.status == 404 else 502
+                    f"HTTP {resp.status} fetching {target}{hint}",
+                    Kind.NOT_FOUND if resp.status == 404 else Kind.UPSTREAM_FAILED,
                 )
             return resp
-        raise MediaError(f"too many redirects fetching {_shown(url)}", 502)
+        raise MediaError(f"too many redirects fetching {_shown(url)}", Kind.UPSTREAM_FAILED)
 
     def _chunks(self, url: str) -> Iterator[bytes]:
         seconds = self.limits.deadline_s
@@ -575,28 +587,34 @@ class MediaClient:
                 if declared.isdigit() and int(declared) > self.limits.max_bytes:
                     raise MediaError(
                         f"media is {int(declared) >> 20} MB, over the {self.limits.max_bytes >> 20} MB limit",
-                        413,
+                        Kind.TOO_LARGE,
                     )
                 total = 0
                 for chunk in resp.stream(1 << 16):
                     total += len(chunk)
                     if total > self.limits.max_bytes:
-                        raise MediaError(f"media is over the {self.limits.max_bytes >> 20} MB limit", 413)
+                        raise MediaError(
+                            f"media is over the {self.limits.max_bytes >> 20} MB limit", Kind.TOO_LARGE
+                        )
                     if deadline.expired.is_set():
                         break
                     yield chunk
                 if deadline.expired.is_set():  # a body without a length just ends when cut
-                    raise MediaError(f"download of {target_text} took longer than {seconds:g} s", 504)
+                    raise MediaError(
+                        f"download of {target_text} took longer than {seconds:g} s", Kind.TIMED_OUT
+                    )
             except _NETWORK_ERRORS as e:
                 if deadline.expired.is_set():
                     raise MediaError(
-                        f"download of {target_text} took longer than {seconds:g} s", 504
+                        f"download of {target_text} took longer than {seconds:g} s", Kind.TIMED_OUT
                     ) from None
                 if isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError)):
                     raise MediaError(
-                        f"timed out after {self.limits.timeout_s:g} s fetching {target_text}", 504
+                        f"timed out after {self.limits.timeout_s:g} s fetching {target_text}", Kind.TIMED_OUT
                     ) from None
-                raise MediaError(f"download of {target_text} broke off: {type(e).__name__}", 502) from None
+                raise MediaError(
+                    f"download of {target_text} broke off: {type(e).__name__}", Kind.UPSTREAM_FAILED
+                ) from None
             finally:
                 _close(resp)
         finally:
@@ -659,7 +677,7 @@ def _data_uri(url: str, max_bytes: int) -> bytes:
     if ";base64" not in header:
         raise MediaError("only base64 data: URIs are supported")
     if len(payload) * 3 // 4 > max_bytes:
-        raise MediaError("data: URI is over the size limit", 413)
+        raise MediaError("data: URI is over the size limit", Kind.TOO_LARGE)
     try:
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError):
@@ -712,13 +730,14 @@ def open_image(data: bytes, max_pixels: int = MediaLimits.max_pixels) -> ImageFi
             w, h = im.size
             if w * h > max_pixels:
                 raise MediaError(
-                    f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit", 413
+                    f"image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP limit",
+                    Kind.TOO_LARGE,
                 )
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     except MediaError:
         raise
     except Image.DecompressionBombError:
-        raise MediaError(f"image is over the {max_pixels / 1e6:.0f} MP limit", 413) from None
+        raise MediaError(f"image is over the {max_pixels / 1e6:.0f} MP limit", Kind.TOO_LARGE) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"the media is not an image Pillow can read ({type(e).__name__})") from None
     if orientation in _TRANSPOSED:

@@ -30,6 +30,7 @@ from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaL
 from label_studio_sam2.service.metrics import Metrics
 from label_studio_sam2.service.prefetch import Prefetcher
 from label_studio_sam2.service.redismemory import RedisPromptMemory
+from label_studio_sam2.service.schemas import SchemaCache
 from label_studio_sam2.service.segment import ImageSegmenter
 from label_studio_sam2.service.settings import Settings
 
@@ -86,6 +87,7 @@ class Runtime:
         self._video_tracker: VideoTracker | None = None
         self._video_lock = threading.Lock()
         self.video_calls = Coalescer()  # Label Studio's concurrent identical video requests
+        self.schemas = SchemaCache(int(settings.setup_cache_mb * (1 << 20)))  # project id -> label config
         self._job: BackgroundJob | None = None
         self._job_lock = threading.Lock()
         self._queue: JobQueue | None = None

@@ -20,18 +20,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from label_studio_sam2.service.errors import BackendError
+from label_studio_sam2.service.errors import BackendError, Kind
 
 SLOTS_DIR = ".trainings"
 
 
 class TrainingBusy(BackendError):
-    """The project is training already, or MAX_TRAININGS runs are (409 / 429, with what to do)."""
+    """The project is training already (a conflict), or MAX_TRAININGS runs are (busy): with what
+    to do."""
 
-    status = 429
-
-    def __init__(self, message: str, status: int, project_busy: bool):
-        super().__init__(message, status)
+    def __init__(self, message: str, project_busy: bool):
+        super().__init__(message, Kind.CONFLICT if project_busy else Kind.BUSY)
         self.project_busy = project_busy
 
 
@@ -74,7 +73,6 @@ def training_slot(root: str | os.PathLike, project: int, max_trainings: int) -> 
             raise TrainingBusy(
                 f"project {int(project)} is already training{_holder(project_lock)}; "
                 "its run must end before another starts",
-                409,
                 project_busy=True,
             )
         fds.append(fd)
@@ -87,7 +85,6 @@ def training_slot(root: str | os.PathLike, project: int, max_trainings: int) -> 
             raise TrainingBusy(
                 f"{max_trainings} training run(s) already running here (MAX_TRAININGS={max_trainings}): "
                 "start this one when one ends, or raise MAX_TRAININGS",
-                429,
                 project_busy=False,
             )
         yield

@@ -48,7 +48,7 @@ from label_studio_sam2.engine.frames import FramesTooLarge, UnreadableVideo, Vid
 from label_studio_sam2.engine.tracks import Box, ObjectPrompt, ObjectTrack, TrackResult
 from label_studio_sam2.labelstudio.protocol import parse_label_config
 from label_studio_sam2.labelstudio.regions import box_to_rect_pct, latest, rect_to_box_px
-from label_studio_sam2.service.errors import TaskError
+from label_studio_sam2.service.errors import Kind, TaskError
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def predict_video_task(
     try:
         reader = VideoReader(video_path, max_pixels=max_pixels)
     except FramesTooLarge as e:
-        raise VideoError(f"{e} (MAX_IMAGE_MP)", 413) from None
+        raise VideoError(f"{e} (MAX_IMAGE_MP)", Kind.TOO_LARGE) from None
     except UnreadableVideo as e:
         raise VideoError(f"cannot read the video: {e}") from None
     with reader:
@@ -176,7 +176,7 @@ def predict_video_task(
                 lost_after=lost_after,
             )
         except FramesTooLarge as e:  # a frame larger than the stream declared
-            raise VideoError(f"{e} (MAX_IMAGE_MP)", 413) from None
+            raise VideoError(f"{e} (MAX_IMAGE_MP)", Kind.TOO_LARGE) from None
         except UnreadableVideo as e:  # a prompted frame that does not decode
             raise VideoError(f"cannot read the video: {e}") from None
         results = [o.to_result(result.tracks[o.obj_id], clock) for o in objects]
