@@ -94,7 +94,7 @@ def test_every_variable_the_code_reads_is_documented():
     """Environment variables read directly (not through Settings) are named in docs/configuration.md."""
     page = (REPO / "docs" / "configuration.md").read_text()
     pattern = re.compile(
-        r"""(?:environ\.get|getenv)\(\s*["']([A-Z][A-Z0-9_]+)["']|environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
+        r"""(?:os\.environ\.get|getenv)\(\s*["']([A-Z][A-Z0-9_]+)["']|os\.environ\[["']([A-Z][A-Z0-9_]+)["']\]"""
     )
     read = set()
     for folder in ("label_studio_sam2", "deploy"):
