@@ -30,7 +30,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from label_studio_sam2.labelstudio.protocol import (
+    answer_each,
     check_task_ids,
+    interactive,
     parse_context,
     parse_label_config,
     task_data_url,
@@ -42,7 +44,6 @@ from label_studio_sam2.service.finetuned import project_id
 from label_studio_sam2.service.media import request_deadline
 from label_studio_sam2.service.metrics import Metrics
 from label_studio_sam2.service.runtime import Runtime
-from label_studio_sam2.service.segment import answer_each
 from label_studio_sam2.service.settings import Settings
 from label_studio_sam2.service.video import predict_video_task
 
@@ -465,7 +466,7 @@ def _task_worker(
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline, project)
         # no objects: an empty entry
-        return segmenter.interactive(task, config, objects, project=project, deadline=deadline)
+        return interactive(segmenter, task, config, objects, project=project, deadline=deadline)
 
     return work, False
 

@@ -1,6 +1,6 @@
 """Bulk pre-annotation: boxes to masks or automatic masks for one task, with its options.
 
-Boxes mode is `ImageSegmenter.boxes_to_masks` (one encoder pass per image, the boxes of the image
+Boxes mode is `label_studio_sam2.labelstudio.protocol.boxes_to_masks` (one encoder pass per image, the boxes of the image
 in decoder calls of DECODE_BATCH); auto mode is `label_studio_sam2.engine.automask.AutoMaskGenerator`
 on the same predictor and media client. The output format (brush RLE or polygons) follows the label
 config, or the `output` option.
@@ -26,15 +26,16 @@ import numpy as np
 
 from label_studio_sam2.engine.automask import AutoMaskConfig, AutoMaskGenerator
 from label_studio_sam2.labelstudio.protocol import (
-    MAX_REGIONS,
     LabelConfig,
     ObjectRequest,
+    boxes_to_masks,
     rectangles_of_annotation,
     task_data_url,
 )
 from label_studio_sam2.labelstudio.regions import OUTPUT_TAGS, mask_result, task_entry
 from label_studio_sam2.service.bulk_options import MODES, OUTPUTS, SOURCES
 from label_studio_sam2.service.errors import BadRequest, TaskError
+from label_studio_sam2.service.segment import MAX_REGIONS
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class Outcome:
 class Preannotator:
     """Boxes to masks or automatic masks for one task at a time.
 
-    `segmenter` is the backend's ImageSegmenter: boxes mode is its `boxes_to_masks` (one encoder
+    `segmenter` is the backend's ImageSegmenter: boxes mode is `boxes_to_masks` on it (one encoder
     pass, the boxes of the image in decoder calls of DECODE_BATCH); auto mode uses its predictor
     and media client. Raises TaskError for what is wrong with one task, BadRequest for what is wrong
     with the label config or the options (every task would fail).
@@ -202,8 +203,13 @@ class Preannotator:
         if self.options.mode == "boxes":
             tolerance = self.options.polygon_tolerance_px
             return Outcome(
-                self.segmenter.boxes_to_masks(
-                    task, view, self.options.boxes_from, deadline=deadline, tolerance_px=tolerance
+                boxes_to_masks(
+                    self.segmenter,
+                    task,
+                    view,
+                    self.options.boxes_from,
+                    deadline=deadline,
+                    tolerance_px=tolerance,
                 )
             )
         return Outcome(self._auto(task, view, plan))
