@@ -80,7 +80,7 @@ def test_a_video_request_with_too_many_regions_is_a_400_naming_the_setting(app_f
 
 
 def test_a_video_task_with_too_many_regions_to_track_is_refused_naming_the_setting(small_video):
-    from label_studio_sam2.service.video import VideoError, predict_video_task
+    from label_studio_sam2.labelstudio.video import VideoError, predict_video_task
     from tests.test_video import CONFIG, FakeTracker, region
 
     regions = [region(f"r{i}", {"frame": 1, "x": 1, "y": 1, "width": 5, "height": 5}) for i in range(4)]

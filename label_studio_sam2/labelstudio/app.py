@@ -38,6 +38,7 @@ from label_studio_sam2.labelstudio.protocol import (
     task_data_url,
 )
 from label_studio_sam2.labelstudio.retrieve import retrieve_worker
+from label_studio_sam2.labelstudio.video import predict_video_task
 from label_studio_sam2.service.admission import AdmissionQueue
 from label_studio_sam2.service.errors import BackendError, BadRequest, Unavailable
 from label_studio_sam2.service.finetuned import project_id
@@ -45,7 +46,6 @@ from label_studio_sam2.service.media import request_deadline
 from label_studio_sam2.service.metrics import Metrics
 from label_studio_sam2.service.runtime import Runtime
 from label_studio_sam2.service.settings import Settings
-from label_studio_sam2.service.video import predict_video_task
 
 log = logging.getLogger("label_studio_sam2")
 
