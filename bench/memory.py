@@ -48,8 +48,9 @@ def child(n_boxes: int, real: bool = False, decode_batch: int | None = None) -> 
     from label_studio_sam2.engine.image import ImagePredictor
     from label_studio_sam2.engine.models import load_image_model, random_model, real_config
     from label_studio_sam2.labelstudio import protocol
+    from label_studio_sam2.labelstudio.auth import LabelStudioAuth
     from label_studio_sam2.labelstudio.protocol import parse_label_config
-    from label_studio_sam2.service.media import LabelStudioAuth, MediaClient
+    from label_studio_sam2.service.media import MediaClient
     from label_studio_sam2.service.segment import ImageSegmenter
 
     torch.set_num_threads(2)
