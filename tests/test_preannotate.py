@@ -28,11 +28,12 @@ from label_studio_sam2.engine.image import ImagePredictor
 from label_studio_sam2.engine.models import LoadedModel
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, Retry, predicted_versions
 from label_studio_sam2.labelstudio.auth import LabelStudioAuth
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.polygons import mask_polygons
 from label_studio_sam2.labelstudio.project_job import Progress, Selection, Summary, run_project
 from label_studio_sam2.labelstudio.protocol import Control, parse_label_config
 from label_studio_sam2.labelstudio.regions import polygon_results
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BadRequest, MediaError
 from label_studio_sam2.service.media import MediaClient
 from label_studio_sam2.service.segment import ImageSegmenter
