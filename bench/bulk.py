@@ -91,9 +91,10 @@ def run(
     from label_studio_sam2.engine.automask import AutoMaskConfig, AutoMaskGenerator
     from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
     from label_studio_sam2.engine.models import random_model, real_config
+    from label_studio_sam2.labelstudio.auth import LabelStudioAuth
     from label_studio_sam2.labelstudio.project_job import run_project
     from label_studio_sam2.service.bulk import PreannotateOptions
-    from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
+    from label_studio_sam2.service.media import MediaClient, MediaLimits, open_image
     from label_studio_sam2.service.segment import ImageSegmenter
 
     loaded = random_model(real_config(), "image")

@@ -6,7 +6,7 @@
     python -m bench.memory --boxes --decode-batch 1000   # the same, every box in one decoder call
 
 Each run is a child process that turns N rectangles into brush masks through
-ImageSegmenter.boxes_to_masks, the path of "Retrieve predictions" and the CLI. Peak RSS is the
+`label_studio_sam2.labelstudio.protocol.boxes_to_masks`, the path of "Retrieve predictions" and the CLI. Peak RSS is the
 child's ru_maxrss.
 
 Default mode: the shape-trained tiny SAM2 (devkit/sam2-shapes) on one 4000x3000 JPEG. Target:
@@ -47,8 +47,10 @@ def child(n_boxes: int, real: bool = False, decode_batch: int | None = None) -> 
     from bench.common import photo
     from label_studio_sam2.engine.image import ImagePredictor
     from label_studio_sam2.engine.models import load_image_model, random_model, real_config
+    from label_studio_sam2.labelstudio import protocol
+    from label_studio_sam2.labelstudio.auth import LabelStudioAuth
     from label_studio_sam2.labelstudio.protocol import parse_label_config
-    from label_studio_sam2.service.media import LabelStudioAuth, MediaClient
+    from label_studio_sam2.service.media import MediaClient
     from label_studio_sam2.service.segment import ImageSegmenter
 
     torch.set_num_threads(2)
@@ -85,7 +87,10 @@ def child(n_boxes: int, real: bool = False, decode_batch: int | None = None) -> 
         predictor, MediaClient(LabelStudioAuth(None, None)), "bench", max_regions=10_000
     )
     start = time.perf_counter()
-    entry = segmenter.boxes_to_masks(task, parse_label_config(CONFIG))
+    if hasattr(segmenter, "boxes_to_masks"):  # a checkout from before the service was tool-neutral
+        entry = segmenter.boxes_to_masks(task, parse_label_config(CONFIG))
+    else:
+        entry = protocol.boxes_to_masks(segmenter, task, parse_label_config(CONFIG))
     took = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(

@@ -289,7 +289,7 @@ def test_tokens_and_passwords_never_reach_logs_or_error_messages(tiny_model, cap
             def explode(*args, _settings=settings, **kwargs):
                 raise RuntimeError(repr(_settings))
 
-            segmenter.interactive = explode
+            segmenter.load_image = explode  # the first step of every image task
             r = client.post("/predict", json=predict_body(tasks[:1], [keypoint(5, 5)]), headers=auth)
             assert r.status_code == 200 and "RuntimeError" in r.get_json()["results"][0]["error"]
             bodies.append(r.get_data(as_text=True))

@@ -245,9 +245,9 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     assert chunk.kind == "video" and chunk.task_ids == [5] and run.total == 1 and queue.holds(5)
 
     ls = FakeLabelStudio(config=VIDEO_CONFIG, tasks=[task])
-    with caplog.at_level("INFO", "label_studio_sam2.service.video"):
+    with caplog.at_level("INFO", "label_studio_sam2.labelstudio.video"):
         assert JobRunner(runtime, ls, queue).run(chunk) == {"done": 1}
-    line = [r.getMessage() for r in caplog.records if r.name == "label_studio_sam2.service.video"][-1]
+    line = [r.getMessage() for r in caplog.records if r.name == "label_studio_sam2.labelstudio.video"][-1]
     assert "partial" not in line, line  # the worker tracked to the end
     [prediction] = ls.tasks[5]["predictions"]
     frames = [k["frame"] for k in prediction["result"][0]["value"]["sequence"]]

@@ -12,8 +12,9 @@ import pytest
 from flask import Flask, abort, request
 from werkzeug.serving import make_server
 
+from label_studio_sam2.labelstudio.auth import LabelStudioAuth
 from label_studio_sam2.service.errors import MediaError
-from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits, open_image
+from label_studio_sam2.service.media import MediaClient, MediaLimits, open_image
 from tests.conftest import encode_image, noise_image
 
 
@@ -80,6 +81,38 @@ def test_personal_access_token_is_exchanged_and_reused(fake_ls):
     assert open_image(media.fetch("/data/upload/1/a.png")).width == 20
     media.fetch("/data/upload/1/a.png")
     assert fake_ls.refreshes == 1  # one exchange serves many downloads
+
+
+class InjectedAuth:
+    """Credentials of some other tool: the media client's `MediaAuth` interface, nothing of
+    Label Studio's token handling."""
+
+    configured = True
+    refreshable = False
+
+    def __init__(self, url: str, header: str):
+        self.url, self.header, self.asked = url, header, 0
+
+    def headers(self) -> dict[str, str]:
+        self.asked += 1
+        return {"Authorization": self.header}
+
+    def invalidate(self) -> None:
+        pass
+
+
+def test_the_media_client_sends_the_credentials_it_is_given_to_their_origin_only(fake_ls, media_server):
+    auth = InjectedAuth(fake_ls.url, f"Token {LEGACY}")
+    media = MediaClient(auth)
+    assert media.fetch("/data/upload/1/a.png") == fake_ls.image  # relative: the given origin
+    assert auth.asked == 1 and fake_ls.refreshes == 0
+    other = media_server.add_image("b.png", noise_image(4, 4))  # another origin gets no credentials
+    media.fetch(other)
+    assert auth.asked == 1
+    with pytest.raises(MediaError, match="401"):
+        MediaClient(InjectedAuth(fake_ls.url, "Token wrong")).fetch("/data/upload/1/a.png")
+    with pytest.raises(MediaError, match="LABEL_STUDIO_URL"):
+        MediaClient().fetch("/data/upload/1/a.png")  # no credentials given: no home origin either
 
 
 def test_expired_access_token_is_refreshed(fake_ls):

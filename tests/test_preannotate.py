@@ -27,13 +27,15 @@ from label_studio_sam2.cli.parsers import task_ids
 from label_studio_sam2.engine.image import ImagePredictor
 from label_studio_sam2.engine.models import LoadedModel
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, Retry, predicted_versions
+from label_studio_sam2.labelstudio.auth import LabelStudioAuth
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.polygons import mask_polygons
 from label_studio_sam2.labelstudio.project_job import Progress, Selection, Summary, run_project
 from label_studio_sam2.labelstudio.protocol import Control, parse_label_config
 from label_studio_sam2.labelstudio.regions import polygon_results
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BadRequest, Kind, MediaError
-from label_studio_sam2.service.media import LabelStudioAuth, MediaClient
+from label_studio_sam2.service.media import MediaClient
 from label_studio_sam2.service.segment import ImageSegmenter
 from tests.conftest import IMAGE_CONFIG, decode_brush, encode_image, noise_image, predict_body, rect_px
 from tests.test_auto import ColourSam, shapes_image

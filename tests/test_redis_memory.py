@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from label_studio_sam2.labelstudio.protocol import Remembered
-from label_studio_sam2.service.redismemory import PREFIX, RedisPromptMemory, decode, encode, redis_key
+from label_studio_sam2.service.promptmemory import Remembered
+from label_studio_sam2.service.redismemory import FORMAT, PREFIX, RedisPromptMemory, decode, encode, redis_key
 from label_studio_sam2.service.settings import Settings, SettingsError
 
 KEY = (7, "image", "car")
@@ -23,15 +23,12 @@ KEY = (7, "image", "car")
 def remembered(seed: int = 0, box=(10.0, 20.5, 30.0, 40.25)) -> Remembered:
     logits = np.random.default_rng(seed).normal(0, 5, (1, 64, 64)).astype(np.float32)
     points = frozenset({(12.5, 30.1234, 1), (50.0, 50.0, 0)})
-    return Remembered(box, 15.0, points, logits, time.monotonic())
+    return Remembered(box, points, logits, time.monotonic())
 
 
 def same(a: Remembered, b: Remembered) -> bool:
     return (
-        a.box_pct == b.box_pct
-        and a.rotation == b.rotation
-        and a.points == b.points
-        and np.array_equal(np.asarray(a.logits), np.asarray(b.logits))
+        a.box == b.box and a.points == b.points and np.array_equal(np.asarray(a.logits), np.asarray(b.logits))
     )
 
 
@@ -48,9 +45,9 @@ def test_a_box_remembered_by_one_process_is_read_by_another(redis_server):
     (name,) = client.keys(PREFIX + "*")
     assert name.decode() == redis_key(KEY) and 0 < client.pttl(name) <= 60_000
     # a click on a task with no box: no box, no logits (and the clicks it was computed from)
-    one.put(KEY, Remembered(None, 0.0, frozenset({(1.0, 2.0, 1)}), None, time.monotonic()))
+    one.put(KEY, Remembered(None, frozenset({(1.0, 2.0, 1)}), None, time.monotonic()))
     got = other.get(KEY)
-    assert got.box_pct is None and got.logits is None and got.points == {(1.0, 2.0, 1)}
+    assert got.box is None and got.logits is None and got.points == {(1.0, 2.0, 1)}
 
 
 @pytest.mark.parametrize(
@@ -62,7 +59,7 @@ def test_a_box_remembered_by_one_process_is_read_by_another(redis_server):
         encode(remembered(), 1.0)[:-3],  # truncated logits
         encode(remembered(), 1.0).replace(b'"<f4"', b'"|O8"'),  # object arrays would unpickle
         encode(remembered(), 1.0).replace(b"[1,64,64]", b"[1,64,65]"),
-        encode(remembered(), 1.0).replace(b'"v":1', b'"v":9'),
+        encode(remembered(), 1.0).replace(b'"v":%d' % FORMAT, b'"v":9'),
         encode(remembered(), 1.0).replace(b"10.0,", b"NaN, "),
     ],
 )
@@ -118,9 +115,9 @@ def test_the_newest_copy_wins_after_an_outage_that_kept_redis_data(redis_server)
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
     time.sleep(0.25)
-    assert memory.get(KEY).box_pct == (5.0, 5.0, 9.0, 9.0)  # not Redis's older box
+    assert memory.get(KEY).box == (5.0, 5.0, 9.0, 9.0)  # not Redis's older box
     other.put(KEY, remembered(2, box=(3.0, 3.0, 4.0, 4.0)))  # a later box, drawn on another replica
-    assert memory.get(KEY).box_pct == (3.0, 3.0, 4.0, 4.0)
+    assert memory.get(KEY).box == (3.0, 3.0, 4.0, 4.0)
 
 
 def test_a_redis_that_never_answers_costs_one_second_then_nothing(caplog):

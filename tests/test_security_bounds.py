@@ -16,9 +16,10 @@ import pytest
 from devkit.videos import Shape, moving_shapes, write_video
 from label_studio_sam2.engine.frames import VideoReader
 from label_studio_sam2.engine.image import ImagePredictor, Prompt
-from label_studio_sam2.labelstudio.protocol import PromptMemory, Remembered, parse_label_config
+from label_studio_sam2.labelstudio.protocol import boxes_to_masks, parse_label_config
 from label_studio_sam2.service import prefetch
 from label_studio_sam2.service.errors import TaskError
+from label_studio_sam2.service.promptmemory import PromptMemory, Remembered
 from tests.conftest import IMAGE_CONFIG, keypoint, noise_image, predict_body, rectangle
 
 # --- regions and points per task -------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_a_task_of_retrieve_with_too_many_rectangles_gets_an_error_naming_the_se
     ]
     segmenter = client.application.extensions["sam2"].segmenter
     with pytest.raises(TaskError, match="MAX_REGIONS_PER_TASK"):
-        segmenter.boxes_to_masks(tasks[0], parse_label_config(IMAGE_CONFIG))
+        boxes_to_masks(segmenter, tasks[0], parse_label_config(IMAGE_CONFIG))
     first, second = client.post("/predict", json=predict_body(tasks, None)).get_json()["results"]
     assert first == []  # Label Studio stores nothing for it (the log names the setting)
     assert len(second["result"]) == 2  # the other task is answered
@@ -79,7 +80,7 @@ def test_a_video_request_with_too_many_regions_is_a_400_naming_the_setting(app_f
 
 
 def test_a_video_task_with_too_many_regions_to_track_is_refused_naming_the_setting(small_video):
-    from label_studio_sam2.service.video import VideoError, predict_video_task
+    from label_studio_sam2.labelstudio.video import VideoError, predict_video_task
     from tests.test_video import CONFIG, FakeTracker, region
 
     regions = [region(f"r{i}", {"frame": 1, "x": 1, "y": 1, "width": 5, "height": 5}) for i in range(4)]
@@ -254,7 +255,7 @@ def test_a_video_whose_frames_exceed_max_image_mp_is_refused_naming_it(
 
 def _remembered(at: float | None = None, kb: int = 256) -> Remembered:
     logits = np.zeros((1, kb, 256), np.float32)  # kb * 1 KB
-    return Remembered((1.0, 1.0, 5.0, 5.0), 0.0, frozenset(), logits, time.monotonic() if at is None else at)
+    return Remembered((1.0, 1.0, 5.0, 5.0), frozenset(), logits, time.monotonic() if at is None else at)
 
 
 def test_prompt_memory_is_bounded_in_bytes(app_factory):
@@ -268,7 +269,7 @@ def test_prompt_memory_is_bounded_in_bytes(app_factory):
 
 
 def test_prompt_memory_drops_expired_entries_on_write(monkeypatch):
-    import label_studio_sam2.labelstudio.protocol
+    import label_studio_sam2.service.promptmemory
 
     memory = PromptMemory(300.0)
     for task in range(100):  # one-click tasks, never opened again
@@ -276,7 +277,7 @@ def test_prompt_memory_drops_expired_entries_on_write(monkeypatch):
     assert len(memory) == 100
     later = _Clock()
     later.offset = 301  # PROMPT_MEMORY_S later
-    monkeypatch.setattr(label_studio_sam2.labelstudio.protocol, "time", later)
+    monkeypatch.setattr(label_studio_sam2.service.promptmemory, "time", later)
     memory.put((1, 1000, "image", "object"), _remembered(at=later.monotonic()))  # any write, no read
     assert len(memory) == 1 and memory.bytes < 300 << 10
 

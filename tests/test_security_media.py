@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from label_studio_sam2.labelstudio.auth import LabelStudioAuth
 from label_studio_sam2.labelstudio.middleware import http_status
 from label_studio_sam2.service import media as media_module
 from label_studio_sam2.service.errors import MediaError
 from label_studio_sam2.service.media import (
-    LabelStudioAuth,
     MediaClient,
     MediaLimits,
     parse_target,

@@ -21,7 +21,7 @@ from label_studio_sam2.engine.models import random_model, tiny_config
 from label_studio_sam2.engine.store import EmbeddingStore
 from label_studio_sam2.engine.tracker import VideoTracker
 from label_studio_sam2.engine.tracks import ObjectPrompt, ObjectTrack, TrackResult
-from label_studio_sam2.service.video import (
+from label_studio_sam2.labelstudio.video import (
     SIGNATURE_KEY,
     FrameClock,
     VideoError,

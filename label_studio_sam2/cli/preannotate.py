@@ -11,9 +11,10 @@ from label_studio_sam2.cli.options import stop_on_signals
 from label_studio_sam2.engine.models import set_cpu_threads
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, Retry, describe
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.project_job import Selection, run_project
 from label_studio_sam2.labelstudio.protocol import parse_label_config
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BadRequest
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from label_studio_sam2.service.logs import setup_logging

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from label_studio_sdk import LabelStudio
 
+from label_studio_sam2.labelstudio.auth import LabelStudioAuth  # noqa: F401 (its media credentials, for the runtime)
 from label_studio_sam2.service.errors import BackendError, Kind, MediaError
 
 log = logging.getLogger("label_studio_sam2.bulk")

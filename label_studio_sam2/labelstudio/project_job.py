@@ -31,8 +31,9 @@ from label_studio_sam2.labelstudio.api import (
     describe,
     predicted_versions,
 )
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.protocol import parse_label_config, task_data_url
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError
 from label_studio_sam2.service.media import ImageFile
 from label_studio_sam2.service.segment import ImageSegmenter

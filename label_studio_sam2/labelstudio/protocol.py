@@ -1,16 +1,18 @@
-"""Label Studio's side of a request: label config, regions, prompts.
+"""Label Studio's side of a request: label config, regions, prompts, and the answer.
 
 Label Studio sends coordinates in percent of the displayed (EXIF-rotated) image. This module
 parses the label config (which controls point at which image, which data key holds the URL),
-turns context regions into per-object requests, and converts percent to continuous pixels once
-the image size is known. It knows nothing about torch.
+turns context regions into per-object requests, converts percent to continuous pixels once the
+image size is known, and turns them into the service's neutral prompts
+(`label_studio_sam2.service.segment.ObjectPrompt`, remembered under (project, task, image,
+label)); the masks come back as brush-RLE or polygon regions in one results entry per task
+(`answer_each`: `[]` for a task Label Studio must store nothing for). It knows nothing about torch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -19,8 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from label_studio_sam2.labelstudio.regions import OUTPUT_TAGS, latest, rect_to_box_px
-from label_studio_sam2.service.errors import BadRequest, TaskError
+from label_studio_sam2.labelstudio.regions import OUTPUT_TAGS, latest, mask_result, rect_to_box_px, task_entry
+from label_studio_sam2.service.errors import BackendError, BadRequest, TaskError
+from label_studio_sam2.service.promptmemory import PromptMemory, Remembered  # noqa: F401 (moved there)
+from label_studio_sam2.service.segment import MAX_REGIONS, ImageSegmenter, ObjectPrompt
+
+log = logging.getLogger(__name__)
 
 INPUT_TAGS = ("keypointlabels", "rectanglelabels")
 OBJECT_TAGS = ("image", "video")
@@ -159,9 +165,9 @@ def _region_label(region: dict, control: Control | None) -> str | None:
     return control.labels[0] if control and control.labels else None
 
 
-# Defaults of MAX_REGIONS_PER_TASK and MAX_POINTS_PER_TASK (label_studio_sam2.service.settings) for callers that
-# pass none: nothing parses an unbounded number of regions.
-MAX_REGIONS = 500
+# Default of MAX_POINTS_PER_TASK (label_studio_sam2.service.settings) for callers that pass none
+# (MAX_REGIONS, of MAX_REGIONS_PER_TASK, is the service's): nothing parses an unbounded number of
+# regions.
 MAX_POINTS = 200
 
 
@@ -286,87 +292,6 @@ def rectangles_of_annotation(
     ]
 
 
-# --- short-lived memory of the last box and mask per object ----------------------------------
-
-
-@dataclass
-class Remembered:
-    box_pct: tuple[float, float, float, float] | None
-    rotation: float
-    points: frozenset  # the clicks the logits were computed from
-    logits: Any  # opaque to the backend: the predictor's low-res logits
-    at: float
-
-
-class PromptMemory:
-    """Per (project, task, image, label): the last box and the last mask logits, for a few minutes.
-
-    Label Studio never sends a box and clicks together (the context holds only regions of one
-    smart tool), so "draw a box, then click to fix it" needs the backend to remember the box.
-    Bounded in bytes (PROMPT_MEMORY_MB; the logits are most of an entry) and in entries, the
-    least recently written dropped first; entries older than `ttl_s` are dropped on every write,
-    not only when read, so memory a burst of clicks took is given back. Thread-safe.
-    """
-
-    def __init__(self, ttl_s: float = 300.0, max_entries: int = 10_000, max_bytes: int = 256 << 20):
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self.max_bytes = int(max_bytes)
-        self.bytes = 0
-        self._items: OrderedDict[tuple, tuple[Remembered, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    def get(self, key: tuple) -> Remembered | None:
-        with self._lock:
-            found = self._items.get(key)
-            if found is None:
-                return None
-            if time.monotonic() - found[0].at > self.ttl_s:
-                self._drop(key)
-                return None
-            return found[0]
-
-    def put(self, key: tuple, item: Remembered) -> None:
-        size = entry_bytes(item) + sum(sys.getsizeof(part) for part in key)  # ids come from requests
-        with self._lock:
-            if key in self._items:
-                self._drop(key)
-            now = time.monotonic()
-            while self._items:  # oldest first (written in time order): drop what has expired
-                oldest, (first, _) = next(iter(self._items.items()))
-                if now - first.at <= self.ttl_s:
-                    break
-                self._drop(oldest)
-            if size > self.max_bytes or self.ttl_s <= 0:
-                return  # would evict everything and still not fit
-            self._items[key] = (item, size)
-            self.bytes += size
-            while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
-                self._drop(next(iter(self._items)))
-
-    def _drop(self, key: tuple) -> None:
-        _, size = self._items.pop(key)
-        self.bytes -= size
-
-
-def entry_bytes(item: Remembered) -> int:
-    """What an entry holds, roughly: its logits' bytes and a fixed share for the rest."""
-    logits = item.logits
-    nbytes = getattr(logits, "nbytes", 0) if logits is not None else 0
-    return int(nbytes) + 256 + 64 * len(item.points)
-
-
-def points_key(obj: ObjectRequest) -> frozenset:
-    return frozenset(
-        (round(float(x), 4), round(float(y), 4), int(lbl))
-        for (x, y), lbl in zip(obj.points_pct, obj.point_labels, strict=True)
-    )
-
-
 def task_data_url(task: dict, config: LabelConfig, to_name: str) -> str:
     """The media URL of `to_name` in this task's data (the key comes from the label config)."""
     data = task.get("data")
@@ -395,3 +320,108 @@ def check_task_ids(tasks: Any) -> None:
                 f"task id {str(task_id)[:40]!r} is not a Label Studio task id "
                 "(an integer from 0 to 10**18 - 1)"
             )
+
+
+# --- segmenting: Label Studio tasks and regions <-> the service's prompts and masks -----------
+
+
+def memory_key(task: dict, obj: ObjectRequest, project: int | str | None) -> tuple:
+    """What the prompt memory keeps an object under: a box drawn in one project, task, image or
+    label never shapes a click in another."""
+    return (project, task.get("id"), obj.to_name, obj.label)
+
+
+def object_prompt(obj: ObjectRequest, width: int, height: int, key: tuple | None = None) -> ObjectPrompt:
+    """The service's prompt for one object on an image of `width` x `height` pixels: a rectangle
+    becomes a box (the enclosing one of a rotated rectangle), keypoints become clicks."""
+    if obj.rect_pct is not None:
+        return ObjectPrompt(box_xyxy=obj.box_px(width, height), memory_key=key)
+    return ObjectPrompt(points_xy=obj.points_px(width, height), point_labels=obj.point_labels, memory_key=key)
+
+
+def interactive(
+    segmenter: ImageSegmenter,
+    task: dict,
+    config: LabelConfig,
+    objects: list[ObjectRequest],
+    *,
+    project: int | str | None = None,
+    deadline: float | None = None,
+) -> dict:
+    """Masks for the regions a labeler just made (smart keypoints / rectangles), as the task's
+    results entry. `project` is part of what the prompt memory remembers them under;
+    `deadline` (time.monotonic()) is checked between decoder batches: past it, the task gets the
+    deadline's error (TaskError)."""
+    if not objects:
+        return task_entry([], segmenter.model_version)
+    image = segmenter.load_image(task_data_url(task, config, objects[0].to_name), task.get("id"))
+    prompts = [object_prompt(o, image.width, image.height, memory_key(task, o, project)) for o in objects]
+    preds = segmenter.segment(image, prompts, deadline=deadline)
+    result = []
+    for obj, pred in zip(objects, preds, strict=True):
+        control = config.output_control(obj.to_name, obj.label)
+        result += mask_result(pred.mask, obj.label, control, pred.score)
+    return task_entry(result, segmenter.model_version)
+
+
+def boxes_to_masks(
+    segmenter: ImageSegmenter,
+    task: dict,
+    config: LabelConfig,
+    use: str = "annotation",
+    *,
+    deadline: float | None = None,
+    **mask_kw,
+) -> dict:
+    """One mask per rectangle of the task's latest annotation (or prediction), the boxes of the
+    image decoded in batches of DECODE_BATCH after one encoder pass; nothing is remembered.
+    `mask_kw` goes to `mask_result` (e.g. `tolerance_px` for polygon output). `deadline`: as for
+    `interactive` (TaskDeadline, a TaskError, when it passes between batches)."""
+    objects = rectangles_of_annotation(task, config, use, segmenter.max_regions)
+    if not objects:
+        return task_entry([], segmenter.model_version)
+    image = segmenter.load_image(task_data_url(task, config, objects[0].to_name), task.get("id"))
+    preds = segmenter.segment(
+        image, [object_prompt(o, image.width, image.height) for o in objects], deadline=deadline
+    )
+    result = []
+    for obj, pred in zip(objects, preds, strict=True):
+        control = config.output_control(obj.to_name, obj.label)
+        result += mask_result(pred.mask, obj.label, control, pred.score, **mask_kw)
+    return task_entry(result, segmenter.model_version)
+
+
+def answer_each(
+    tasks: list, work, model_version: str, errors_as_entries: bool = True, deadline: float | None = None
+) -> list[dict | list]:
+    """Run `work(task)` for every task; a TaskError becomes that task's error entry (or `[]`,
+    which Label Studio stores no prediction for, with `errors_as_entries=False`), the other
+    tasks are still answered. Exactly one entry per task, in order. A task not started by
+    `deadline` (time.monotonic()) gets an error entry instead of running: the request answers in
+    time. Any other exception a hostile task provokes costs that task only (logged in full)."""
+    if not isinstance(tasks, list) or not tasks:
+        raise BadRequest("'tasks' must be a non-empty list of task objects")
+    if not all(isinstance(t, dict) for t in tasks):
+        raise BadRequest("every item of 'tasks' must be a task object")
+    entries = []
+    for task in tasks:
+        try:
+            if isinstance(task.get("id"), (list, dict, float)):
+                raise TaskError(f"task id must be an integer, got {type(task['id']).__name__}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TaskError("the request ran out of time (PREDICT_DEADLINE_S) before this task")
+            entries.append(work(task))
+        except TaskError as e:
+            log.log(e.log_level, "task %s: %s", _task_id(task), e.message)
+            entries.append(task_entry([], model_version, 0.0, error=e.message) if errors_as_entries else [])
+        except BackendError:
+            raise  # the request as a whole is wrong (BadRequest) or the model is unavailable
+        except Exception as e:
+            log.exception("task %s: unexpected error", _task_id(task))
+            message = f"this task could not be processed ({type(e).__name__}); see the backend's log"
+            entries.append(task_entry([], model_version, 0.0, error=message) if errors_as_entries else [])
+    return entries
+
+
+def _task_id(task: dict) -> str:
+    return repr(task.get("id"))[:40]  # a hostile id must not flood the log

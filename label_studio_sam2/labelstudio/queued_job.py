@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 from label_studio_sam2.labelstudio.api import LabelStudioAPI
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.project_job import Progress, Selection, duration, select_tasks
 from label_studio_sam2.labelstudio.protocol import parse_label_config
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.jobqueue import JobQueue, RunStatus
 
 log = logging.getLogger("label_studio_sam2.bulk")

@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, project_task
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.project_job import duration
 from label_studio_sam2.labelstudio.protocol import LabelConfig, parse_label_config
 from label_studio_sam2.labelstudio.regions import task_entry
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError, Unavailable
 from label_studio_sam2.service.segment import TaskDeadline
 

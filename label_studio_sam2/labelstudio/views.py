@@ -27,19 +27,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from label_studio_sam2.labelstudio.middleware import has_credentials
 from label_studio_sam2.labelstudio.protocol import (
     LabelConfig,
+    answer_each,
     check_task_ids,
+    interactive,
     parse_context,
     parse_label_config,
     task_data_url,
 )
 from label_studio_sam2.labelstudio.retrieve import retrieve_worker
+from label_studio_sam2.labelstudio.video import predict_video_task
 from label_studio_sam2.service.errors import BackendError, BadRequest, Kind, Unavailable
 from label_studio_sam2.service.media import request_deadline
 from label_studio_sam2.service.runtime import Runtime
 from label_studio_sam2.service.schemas import SchemaCache
-from label_studio_sam2.service.segment import answer_each
 from label_studio_sam2.service.settings import Settings
-from label_studio_sam2.service.video import predict_video_task
 
 log = logging.getLogger("label_studio_sam2")
 
@@ -337,7 +338,7 @@ def _task_worker(
         if videos:
             return _video_task(runtime, settings, task, config, xml, context, deadline, project)
         # no objects: an empty entry
-        return segmenter.interactive(task, config, objects, project=project, deadline=deadline)
+        return interactive(segmenter, task, config, objects, project=project, deadline=deadline)
 
     return work, False
 

@@ -2,9 +2,10 @@
 
 Resolves what Label Studio puts in task data (`/data/upload/...`, `/data/local-files/?d=...`,
 absolute http(s) URLs, cloud URIs like `s3://` through LS's presign endpoint, `data:` URIs),
-authenticates against Label Studio (personal access tokens exchanged for short-lived access
-tokens, or legacy tokens), enforces size limits and reads images with their EXIF orientation
-applied. One loader for the interactive path, bulk pre-annotation and the CLI.
+sends the credentials it is given (`MediaAuth`, injected: Label Studio's token handling is the
+adapter's, `label_studio_sam2.labelstudio.auth`) to that one origin only, enforces size limits and
+reads images with their EXIF orientation applied. One loader for the interactive path, bulk
+pre-annotation and the CLI.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import http.client
 import io
 import ipaddress
-import json
 import logging
 import re
 import socket
@@ -28,130 +28,63 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
 import numpy as np
-import requests
 import urllib3
 from PIL import Image, ImageOps
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from label_studio_sam2.service.errors import Kind, MediaError
-from label_studio_sam2.service.settings import without_userinfo
 
 log = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi", "gcs")
 
 
-# --- Label Studio authentication ---------------------------------------------------------------
+# --- credentials -------------------------------------------------------------------------------
 
 
-def _jwt_payload(token: str) -> dict | None:
-    """The payload of a JWT, or None if `token` is not one (a legacy token is 40 hex chars)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        padded = parts[1] + "=" * (-len(parts[1]) % 4)
-        payload = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, binascii.Error):
-        return None
-    return payload if isinstance(payload, dict) else None
+class MediaAuth(Protocol):
+    """The credentials the media client is given (injected: the service has none of its own).
+    Label Studio's adapter gives `label_studio_sam2.labelstudio.auth.LabelStudioAuth`.
 
-
-class LabelStudioAuth:
-    """Authorization headers for Label Studio.
-
-    A personal access token (a JWT refresh token) is exchanged at /api/token/refresh/ for an
-    access token (valid ~5 minutes), refreshed shortly before it expires or after a 401. A legacy
-    token is sent as `Token <key>`. The key never appears in logs or error messages.
+    `url`: the origin that gets the credentials, and that relative media paths and cloud URIs
+    are resolved against ("" for none); `configured`: there are credentials to send;
+    `refreshable`: after a 401, `invalidate()` and `headers()` again may succeed (a short-lived
+    access token); `headers()`: the Authorization headers (may raise MediaError when they cannot
+    be had). Secrets never appear in `repr` or in errors.
     """
 
-    def __init__(
-        self,
-        url: str | None,
-        api_key: str | None,
-        session: requests.Session | None = None,
-        timeout_s: float = 10,
-    ):
-        self.url = without_userinfo(url or "").rstrip("/")
-        self._key = (api_key or "").strip()
-        self._session = session or requests.Session()
-        self._session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # keep no cookies
-        self._timeout_s = timeout_s
-        self._access: str | None = None
-        self._expires_at = 0.0
-        self._lock = threading.Lock()
-        self.is_pat = _jwt_payload(self._key) is not None
-
-    def __repr__(self) -> str:  # never print the key
-        return f"LabelStudioAuth(url={self.url!r}, kind={'pat' if self.is_pat else 'legacy' if self._key else 'none'})"
+    url: str
 
     @property
-    def configured(self) -> bool:
-        return bool(self._key)
+    def configured(self) -> bool: ...
+
+    @property
+    def refreshable(self) -> bool: ...
+
+    def headers(self) -> dict[str, str]: ...
+
+    def invalidate(self) -> None: ...
+
+
+class NoAuth:
+    """No credentials and no home origin: only absolute http(s) and data: URLs are fetched."""
+
+    url = ""
+    configured = False
+    refreshable = False
 
     def headers(self) -> dict[str, str]:
-        if not self._key:
-            return {}
-        if not self.is_pat:
-            return {"Authorization": f"Token {self._key}"}
-        with self._lock:
-            if self._access is None or time.time() > self._expires_at - 30:
-                self._refresh()
-            return {"Authorization": f"Bearer {self._access}"}
+        return {}
 
     def invalidate(self) -> None:
-        with self._lock:
-            self._access = None
-
-    def _refresh(self) -> None:
-        if not self.url:
-            raise MediaError(
-                "LABEL_STUDIO_API_KEY is a personal access token but LABEL_STUDIO_URL is not set",
-                Kind.DEPENDENCY_FAILED,
-            )
-        try:
-            # never redirected: the refresh token goes to LABEL_STUDIO_URL's origin or nowhere
-            r = self._session.post(
-                f"{self.url}/api/token/refresh/",
-                json={"refresh": self._key},
-                timeout=self._timeout_s,
-                allow_redirects=False,
-            )
-        except requests.RequestException as e:
-            raise MediaError(
-                f"cannot reach Label Studio at {self.url} to exchange the access token: {type(e).__name__}",
-                Kind.DEPENDENCY_FAILED,
-            ) from None
-        if r.is_redirect:
-            raise MediaError(
-                f"Label Studio redirected the token exchange (HTTP {r.status_code}); it is not followed: "
-                "set LABEL_STUDIO_URL to the address Label Studio answers on (scheme, host and port)",
-                Kind.DEPENDENCY_FAILED,
-            )
-        if r.status_code != 200:
-            raise MediaError(
-                f"Label Studio refused the personal access token (HTTP {r.status_code} from /api/token/refresh/): "
-                "check LABEL_STUDIO_API_KEY",
-                Kind.DEPENDENCY_FAILED,
-            )
-        try:
-            access = r.json().get("access", "")
-        except (ValueError, AttributeError):
-            access = ""
-        if not isinstance(access, str) or not access:
-            raise MediaError(
-                "Label Studio's /api/token/refresh/ answered without an access token", Kind.DEPENDENCY_FAILED
-            )
-        payload = _jwt_payload(access) or {}
-        self._access = access
-        self._expires_at = float(payload.get("exp", time.time() + 240))
+        pass
 
 
 # --- the fetch policy ---------------------------------------------------------------------------
@@ -394,11 +327,11 @@ class MediaClient:
     address checked; the connection goes to the checked address with the URL's Host header and
     TLS server name. Only Label Studio's exact origin gets the token; no cookies are kept."""
 
-    def __init__(self, auth: LabelStudioAuth, limits: MediaLimits | None = None):
-        self.auth = auth
+    def __init__(self, auth: MediaAuth | None = None, limits: MediaLimits | None = None):
+        self.auth = auth if auth is not None else NoAuth()
         self.limits = limits or MediaLimits()
         self._ls: Target | None = None
-        if auth.url:
+        if self.auth.url:
             try:
                 self._ls = parse_target(auth.url)
             except MediaError as e:
@@ -543,7 +476,7 @@ class MediaClient:
             if to_ls:
                 headers.update(self.auth.headers())
             resp = self._get(target, headers, deadline)
-            if resp.status == 401 and to_ls and self.auth.is_pat:
+            if resp.status == 401 and to_ls and self.auth.refreshable:
                 _close(resp)
                 self.auth.invalidate()
                 headers.update(self.auth.headers())

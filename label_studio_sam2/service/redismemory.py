@@ -1,9 +1,9 @@
 """Prompt memory shared through Redis (`REDIS_URL`): the box and mask a labeler made on one
 gunicorn worker or replica are there for the click that reaches another.
 
-The same interface as `label_studio_sam2.labelstudio.protocol.PromptMemory` (get/put). Each entry is one Redis string
+The same interface as `label_studio_sam2.service.promptmemory.PromptMemory` (get/put). Each entry is one Redis string
 under `sam2:prompt:<sha256 of the key>` that Redis expires after PROMPT_MEMORY_S. A value is a
-small JSON header (box, rotation, clicks, dtype and shape of the logits) followed by the logits'
+small JSON header (box, clicks, dtype and shape of the logits) followed by the logits'
 raw bytes: nothing is unpickled, and a value that does not parse is a miss.
 
 Redis down: every entry is also kept in this process's `PromptMemory`, which answers while Redis
@@ -25,24 +25,24 @@ import time
 import numpy as np
 import redis
 
-from label_studio_sam2.labelstudio.protocol import PromptMemory, Remembered
 from label_studio_sam2.service import redisconn
 from label_studio_sam2.service.logs import url_password
+from label_studio_sam2.service.promptmemory import PromptMemory, Remembered
 
 log = logging.getLogger("label_studio_sam2.redis")
 
 PREFIX = "sam2:prompt:"
 TIMEOUT_S = 1.0  # one command; a Redis slower than this counts as down for the click
 RETRY_S = 3.0  # after a failure, the clicks of the next few seconds do not ask Redis
-FORMAT = 1
+FORMAT = 2  # 2: the box in pixels (1 held a Label Studio percent rectangle and its rotation)
 _LENGTH = struct.Struct(">I")  # bytes of the JSON header
 _DTYPES = ("<f4", "<f2")  # what logits may be stored as (little-endian floats)
 _MAX_DIMS = 4
 
 
 def redis_key(key: tuple) -> str:
-    """`sam2:prompt:` + sha256 of the memory key (project, task id, image, label): fixed length, and no
-    task field ever becomes part of a Redis command's structure."""
+    """`sam2:prompt:` + sha256 of the memory key (opaque; Label Studio's is project, task id, image,
+    label): fixed length, and no task field ever becomes part of a Redis command's structure."""
     text = json.dumps(list(key), default=str, separators=(",", ":"))
     return PREFIX + hashlib.sha256(text.encode()).hexdigest()
 
@@ -54,8 +54,7 @@ def encode(item: Remembered, written_at: float) -> bytes:
     header = {
         "v": FORMAT,
         "t": float(written_at),
-        "box": None if item.box_pct is None else [float(v) for v in item.box_pct],
-        "rotation": float(item.rotation),
+        "box": None if item.box is None else [float(v) for v in item.box],
         "points": sorted([float(x), float(y), int(label)] for x, y, label in item.points),
         "dtype": None if logits is None else logits.dtype.str,
         "shape": None if logits is None else list(logits.shape),
@@ -78,13 +77,12 @@ def decode(data: bytes) -> tuple[Remembered, float] | None:
             box = tuple(_finite(v) for v in box)
             if len(box) != 4:
                 return None
-        rotation = _finite(header["rotation"])
         written_at = _finite(header["t"])
         points = frozenset((_finite(x), _finite(y), int(label)) for x, y, label in header["points"])
         logits = _array(header["dtype"], header["shape"], body)
     except (struct.error, ValueError, TypeError, KeyError):  # JSONDecodeError is a ValueError
         return None
-    return Remembered(box, rotation, points, logits, time.monotonic()), written_at
+    return Remembered(box, points, logits, time.monotonic()), written_at
 
 
 def _finite(value) -> float:

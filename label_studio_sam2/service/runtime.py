@@ -19,16 +19,16 @@ from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
 from label_studio_sam2.engine.models import HubAccess, LoadedModel, load_image_model, load_video_model
 from label_studio_sam2.engine.store import EmbeddingStore
 from label_studio_sam2.engine.tracker import VideoTracker
-from label_studio_sam2.labelstudio.api import LabelStudioAPI, describe
-from label_studio_sam2.labelstudio.protocol import PromptMemory
+from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAuth, describe
 from label_studio_sam2.labelstudio.retrieve import BackgroundJob, TaskTimes
 from label_studio_sam2.service.errors import Unavailable
 from label_studio_sam2.service.finetuned import ProjectSegmenters, TrainingLauncher
 from label_studio_sam2.service.inflight import Coalescer
 from label_studio_sam2.service.jobqueue import JobQueue
-from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits
+from label_studio_sam2.service.media import MediaClient, MediaLimits
 from label_studio_sam2.service.metrics import Metrics
 from label_studio_sam2.service.prefetch import Prefetcher
+from label_studio_sam2.service.promptmemory import PromptMemory
 from label_studio_sam2.service.redismemory import RedisPromptMemory
 from label_studio_sam2.service.schemas import SchemaCache
 from label_studio_sam2.service.segment import ImageSegmenter

@@ -43,10 +43,12 @@ from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe, project_task
+from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.protocol import parse_label_config, task_data_url
 from label_studio_sam2.labelstudio.retrieve import predict_and_write_why
+from label_studio_sam2.labelstudio.video import predict_video_task
 from label_studio_sam2.service import redisconn
-from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
+from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError, BadRequest
 from label_studio_sam2.service.jobqueue import (
     CHUNK_TIMEOUT_S,
@@ -60,7 +62,6 @@ from label_studio_sam2.service.jobqueue import (
 )
 from label_studio_sam2.service.runtime import Runtime
 from label_studio_sam2.service.settings import Settings
-from label_studio_sam2.service.video import predict_video_task
 from label_studio_sam2.service.warm import UrlIndex, encode_into_store
 
 log = logging.getLogger("label_studio_sam2.service.worker")
