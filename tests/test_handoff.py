@@ -124,12 +124,12 @@ def test_an_rq_job_carries_the_servers_settings_and_a_worker_of_another_model_re
     from label_studio_sam2.service.handoff import job_refusal, job_settings
 
     settings = Settings.from_env(device="cpu", cpu_precision="fp32", video_max_frames=7, model="tiny")
-    carried = job_settings(settings, "/models/tiny")
-    assert carried["model"] == "/models/tiny" and carried["video_max_frames"] == 7
+    carried = job_settings(settings, "sam2.1-hiera-tiny")
+    assert carried["model"] == "sam2.1-hiera-tiny" and carried["video_max_frames"] == 7
     assert carried["device"] == "cpu" and carried["cpu_precision"] == "fp32"
     json.dumps(carried)  # it goes to Redis as JSON
     assert not any(TOKEN in str(v) for v in carried.values())
-    assert job_refusal(carried, "/models/tiny") is None
-    why = job_refusal(carried, "/models/large")
-    assert why and "/models/tiny" in why and "SAM2_MODEL" in why
-    assert job_refusal({}, "/models/large") is None  # a job queued before: the worker's own, as before
+    assert job_refusal(carried, "sam2.1-hiera-tiny") is None
+    why = job_refusal(carried, "sam2.1-hiera-large")
+    assert why and "sam2.1-hiera-tiny" in why and "SAM2_MODEL" in why
+    assert job_refusal({}, "sam2.1-hiera-large") is None  # a job queued before: the worker's own, as before

@@ -145,20 +145,38 @@ def spawn(
     return proc
 
 
-def job_settings(settings: Settings, model_source: str | None = None) -> dict:
-    """The non-secret effective settings an RQ job carries (`model`: the source the server loaded)."""
+def job_settings(settings: Settings, model_id: str | None = None) -> dict:
+    """The non-secret effective settings an RQ job carries; `model`: the id of the model the
+    server loaded (`LoadedModel.model_id`, what its predictions' model_version names; the same
+    model may sit at another path on a worker's machine), left out while none is loaded."""
     carried = {f: getattr(settings, f) for f in JOB_REPORTED + JOB_HONOURED}
-    carried["model"] = model_source or settings.model
+    if model_id:
+        carried["model"] = model_id
     return carried
 
 
-def job_refusal(carried: dict, model_source: str) -> str | None:
-    """Why a worker serving `model_source` must not run a job that carries `carried`, or None.
+def video_limits(settings: Settings, carried: dict | None = None) -> dict:
+    """predict_video_task's limits: the server's as its job carried them (JOB_HONOURED), each
+    one missing or not a positive number (a job queued before, or written by something else)
+    the worker's own."""
+    values = {f: getattr(settings, f) for f in JOB_HONOURED}
+    for f, v in (carried or {}).items():
+        if f in JOB_HONOURED and type(v) in (int, float) and v > 0:
+            values[f] = int(v) if f != "max_image_mp" else float(v)
+    return dict(
+        max_frames=values["video_max_frames"],
+        max_pixels=int(values["max_image_mp"] * 1e6),
+        max_regions=values["max_regions_per_task"],
+    )
+
+
+def job_refusal(carried: dict, model_id: str) -> str | None:
+    """Why a worker serving model `model_id` must not run a job that carries `carried`, or None.
     A job queued before jobs carried settings (empty) runs with the worker's own, as it did."""
     model = carried.get("model")
-    if model and model != model_source:
+    if model and model != model_id:
         return (
-            f"queued for model {str(model)[:200]!r}, this worker serves {model_source!r}: "
+            f"queued for model {str(model)[:200]!r}, this worker serves {model_id!r}: "
             "start the worker with the server's SAM2_MODEL"
         )
     return None

@@ -24,6 +24,7 @@ from label_studio_sam2.labelstudio.protocol import PromptMemory
 from label_studio_sam2.labelstudio.retrieve import BackgroundJob, TaskTimes
 from label_studio_sam2.service.errors import Unavailable
 from label_studio_sam2.service.finetuned import ProjectSegmenters, TrainingLauncher
+from label_studio_sam2.service.handoff import job_settings
 from label_studio_sam2.service.inflight import Coalescer
 from label_studio_sam2.service.jobqueue import JobQueue
 from label_studio_sam2.service.media import LabelStudioAuth, MediaClient, MediaLimits
@@ -202,6 +203,10 @@ class Runtime:
                 self._job = BackgroundJob(self, api)
             return self._job
 
+    def _carried(self) -> dict:
+        """What every job this server queues carries: its effective non-secret settings."""
+        return job_settings(self.settings, self.image_model.model_id if self.image_model else None)
+
     def job_queue(self) -> JobQueue | None:
         """The RQ job queue in Redis (REDIS_URL), or None: background work stays in-process. No
         connection is made here: the first enqueue finds out whether Redis is up."""
@@ -209,5 +214,7 @@ class Runtime:
             return None
         with self._job_lock:
             if self._queue is None:
-                self._queue = JobQueue(self.settings.redis_url, self.settings.queue_chunk_tasks)
+                self._queue = JobQueue(
+                    self.settings.redis_url, self.settings.queue_chunk_tasks, self._carried
+                )
             return self._queue

@@ -42,12 +42,19 @@ from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 
-from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe, project_task
+from label_studio_sam2.labelstudio.api import (
+    LabelStudioAPI,
+    LabelStudioAPIError,
+    describe,
+    project_task,
+    write_if_absent,
+)
 from label_studio_sam2.labelstudio.protocol import parse_label_config, task_data_url
 from label_studio_sam2.labelstudio.retrieve import predict_and_write_why
 from label_studio_sam2.service import redisconn
 from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
 from label_studio_sam2.service.errors import BackendError, BadRequest
+from label_studio_sam2.service.handoff import job_refusal, video_limits
 from label_studio_sam2.service.jobqueue import (
     CHUNK_TIMEOUT_S,
     QUEUE_NAME,
@@ -163,6 +170,13 @@ class JobRunner:
                 self.queue.record(chunk.run, task_id, "failed")
                 self.queue.release(task_id)
             return {"failed": len(chunk.task_ids)}
+        why = job_refusal(chunk.settings, self.runtime.image_model.model_id)
+        if why is not None:  # predictions of another model under this version: refused, said once
+            log.warning("run %s refused: %s", chunk.run, why)
+            for task_id in chunk.task_ids:
+                self.queue.record(chunk.run, task_id, "failed", why)
+                self.queue.release(task_id)
+            return {"failed": len(chunk.task_ids)}
         if chunk.kind == "video":
             return self._each(chunk, lambda task: self._track(task, config, chunk))
         if chunk.kind == "warm":
@@ -214,9 +228,9 @@ class JobRunner:
         prediction of this version already."""
         runtime, task_id = self.runtime, task["id"]
         version = chunk.model_version or runtime.model_version
-        try:
-            if version in self.api.prediction_versions(task_id):
-                return "skipped"
+        limits = video_limits(runtime.settings, chunk.settings)  # the server's, as the job carries them
+
+        def track():
             url = task_data_url(task, config, config.videos()[0].name)
             with runtime.media.lazy_file(url, task_id) as download:
                 entry = predict_video_task(
@@ -226,14 +240,13 @@ class JobRunner:
                     download,
                     runtime.video_tracker(),
                     deadline_s=CHUNK_TIMEOUT_S,
-                    max_frames=runtime.settings.video_max_frames,
                     model_version=version,
-                    max_pixels=int(runtime.settings.max_image_mp * 1e6),
-                    max_regions=runtime.settings.max_regions_per_task,
+                    **limits,
                 )
-            if not entry["result"]:
-                return "skipped"
-            return "done" if self.api.create_prediction(task_id, entry, version) else "skipped"
+            return entry, "nothing tracked"
+
+        try:
+            return write_if_absent(self.api, task_id, version, track)[0]
         except (BackendError, LabelStudioAPIError) as e:
             log.warning("video task %r failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
         except Exception:  # a bug must not cost the chunk's other tasks
