@@ -133,3 +133,48 @@ def test_an_rq_job_carries_the_servers_settings_and_a_worker_of_another_model_re
     why = job_refusal(carried, "sam2.1-hiera-large")
     assert why and "sam2.1-hiera-tiny" in why and "SAM2_MODEL" in why
     assert job_refusal({}, "sam2.1-hiera-large") is None  # a job queued before: the worker's own, as before
+
+
+def test_jobs_the_server_queues_carry_its_settings_and_a_worker_of_another_model_refuses_them(
+    app_factory, redis_server
+):
+    from dataclasses import replace
+
+    from label_studio_sam2.service.handoff import video_limits
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.worker import JobRunner
+    from tests.conftest import IMAGE_CONFIG
+    from tests.test_preannotate import FakeLabelStudio
+
+    app = app_factory(
+        redis_url=redis_server.url,
+        video_max_frames=7,
+        cpu_precision="fp32",
+        label_studio_url="http://ls.example:8080",
+        label_studio_api_key=TOKEN,
+    )
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    queue = runtime.job_queue()
+    queue.start_run(
+        [1, 2], project=1, label_config="", options={"mode": "boxes"}, model_version="", source="retrieve"
+    )
+    [job] = queue.queue.jobs
+    assert TOKEN not in json.dumps(job.args)  # the token never goes to Redis
+    chunk = chunk_from_job(job.args[0])
+    assert chunk.settings["model"] == runtime.image_model.model_id
+    assert chunk.settings["video_max_frames"] == 7 and chunk.settings["cpu_precision"] == "fp32"
+    # a worker started with the default VIDEO_MAX_FRAMES tracks as far as the server would
+    worker_settings = Settings.from_env()
+    assert worker_settings.video_max_frames != 7
+    assert video_limits(worker_settings, chunk.settings)["max_frames"] == 7
+    assert (
+        video_limits(worker_settings, {"video_max_frames": "9; rm"})["max_frames"] != 9
+    )  # not a number: its own
+    # a worker serving another model refuses the run: nothing written, the reason recorded
+    ls = FakeLabelStudio(config=IMAGE_CONFIG, tasks=[{"id": 1, "data": {}}, {"id": 2, "data": {}}])
+    other = replace(chunk, settings={**chunk.settings, "model": "sam2.1-hiera-large"})
+    assert JobRunner(runtime, ls, queue).run(other) == {"failed": 2}
+    assert ls.writes == 0 and not ls.posted
+    [(why, n)] = queue.status(chunk.run).why["failed"].items()
+    assert n == 2 and "sam2.1-hiera-large" in why and "SAM2_MODEL" in why

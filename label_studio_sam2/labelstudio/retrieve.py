@@ -69,7 +69,7 @@ def retrieve_worker(
     except ValueError as e:  # OUTPUT=svg, say: the server's configuration, said plainly
         raise BackendError(f"bulk pre-annotation settings: {e}") from None
     engine = Preannotator(segmenter, options)
-    queue = runtime.job_queue()
+    queue = runtime.handoff.queue  # RQ with REDIS_URL, else this process's background job
     if project is None:
         job = None  # nothing to check the tasks against: the rest stays unpredicted (logged below)
     elif queue is not None and runtime.settings.background_job:
@@ -256,9 +256,8 @@ class BackgroundJob:
                 return
             self._ids.add(task_id)
             self._queue.append(_Handed(task_id, project, options, segmenter))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="preannotate-job", daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():  # in-process: the server's model
+                self._thread = self.runtime.handoff.thread(self._run, "preannotate-job")
             self._cv.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:

@@ -2,7 +2,13 @@
 
 After a click the server starts `label-studio-sam2 warm --after-task T --limit N` (label_studio_sam2.service.warm)
 as a separate process at the lowest CPU priority (nice 19), so it only uses time the server
-leaves idle; at most one such job runs at a time.
+leaves idle; at most one such job runs at a time. It is the in-process backend's child of
+`label_studio_sam2.service.handoff`: it gets the server's effective settings (the model the server
+loaded, its device, CPU precision, encoder runtime, store, Label Studio URL and token) as its
+environment, never the token in argv. The child holds a model of its own (a second copy beside the
+server's: about 0.6 GB resident with hiera-tiny on CPU, 1.4 GB at its peak while encoding; measured
+by bench/prefetch_memory.py): the price of a priority the OS enforces, so a click never waits for
+pre-encoding (bench/prefetch.py); a thread of the server would share the model but not yield the CPU.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ model loads once, before the first job, and stays loaded: jobs run in this proce
 project. The worker reads the project's label config and each task from Label Studio with its own
 token, and a task that is not the project's is not predicted (`lsapi.project_task`; whoever
 queued the job may have had only a request's word for the ids). Each task is predicted and
-written through the Label Studio API with the check-before-write of `predict_and_write` (a video
-task is tracked to the end; a warm job encodes the image into the shared embedding store
-instead), and its outcome is counted in Redis.
+written through the Label Studio API only if absent (`label_studio_sam2.labelstudio.api.write_if_absent`;
+a video task is tracked to the end; a warm job encodes the image into the shared embedding store
+instead), and its outcome is counted in Redis. A job carries the server's non-secret effective
+settings (`label_studio_sam2.service.handoff.job_settings`): the worker tracks videos with the
+server's limits and refuses a job queued for another model (its tasks fail, saying why).
 
 Losing a worker loses nothing:
 - SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
