@@ -178,3 +178,24 @@ def test_jobs_the_server_queues_carry_its_settings_and_a_worker_of_another_model
     assert ls.writes == 0 and not ls.posted
     [(why, n)] = queue.status(chunk.run).why["failed"].items()
     assert n == 2 and "sam2.1-hiera-large" in why and "SAM2_MODEL" in why
+
+
+def test_a_worker_says_which_of_the_servers_settings_it_runs_with_its_own(app_factory, redis_server, caplog):
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.worker import JobRunner
+    from tests.test_preannotate import FakeLabelStudio
+
+    app = app_factory(redis_url=redis_server.url, cpu_precision="fp32")
+    runtime = app.extensions["sam2"]
+    runtime.require()
+    queue = runtime.job_queue()
+    run = queue.start_run(
+        [1], project=1, label_config="", options={}, model_version="", source="warm", kind="warm"
+    )
+    [job] = queue.queue.jobs
+    chunk = chunk_from_job(job.args[0])
+    chunk.settings["cpu_precision"] = "bf16"  # as a server on another CPU would have queued it
+    with caplog.at_level("INFO", "label_studio_sam2.service.worker"):
+        JobRunner(runtime, FakeLabelStudio(tasks=[{"id": 1, "data": {}}]), queue).run(chunk)
+    said = [r.getMessage() for r in caplog.records if run.id in r.getMessage()]
+    assert any("CPU_PRECISION=bf16 (worker: fp32)" in line for line in said), said

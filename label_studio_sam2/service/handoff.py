@@ -4,7 +4,7 @@ Work that must not hold up a request goes through a `Handoff` (one per Runtime):
 
 - **in-process**: a daemon thread of this process (Retrieve's overflow, `BackgroundJob`, which uses
   the server's loaded model and its Settings object as they are), or a child process where
-  isolation is worth one (`child`): pre-encoding after a click (`warm` at nice 19, see
+  isolation is worth one (`spawn`): pre-encoding after a click (`warm` at nice 19, see
   `label_studio_sam2.service.prefetch`) and fine-tuning (`train` at nice 10). A child gets the
   server's *effective* settings as its environment (`child_env`): model, device, CPU precision,
   encoder runtime, Label Studio URL and token, embedding store and fine-tune directory, as the
@@ -76,7 +76,8 @@ def child_env(settings: Settings, base: dict[str, str] | None = None, **values: 
 
 
 class Handoff:
-    """The hand-off of one process: `queue` (RQ, with REDIS_URL) or None, `thread` and `child`."""
+    """The hand-off of one process: `queue` (RQ, with REDIS_URL) or None, and `thread`; children
+    are started with `spawn(argv, child_env(settings))`."""
 
     def __init__(self, settings: Settings, queue_factory: Callable[[], object] | None = None):
         self.settings = settings
@@ -101,23 +102,6 @@ class Handoff:
         thread.start()
         return thread
 
-    def child(
-        self,
-        argv: list[str],
-        *,
-        niceness: int,
-        stdout=subprocess.DEVNULL,
-        on_exit: Callable[[subprocess.Popen], None] | None = None,
-        **values: str,
-    ) -> subprocess.Popen:
-        """Start `argv` as a child at `niceness` with the server's effective settings as its
-        environment (`child_env`; `values` override by field name), waited for as soon as it ends
-        (never left <defunct>), then `on_exit(proc)` in that waiting thread. OSError if it cannot
-        start."""
-        return spawn(
-            argv, child_env(self.settings, **values), niceness=niceness, stdout=stdout, on_exit=on_exit
-        )
-
 
 def spawn(
     argv: list[str],
@@ -127,6 +111,9 @@ def spawn(
     stdout=subprocess.DEVNULL,
     on_exit: Callable[[subprocess.Popen], None] | None = None,
 ) -> subprocess.Popen:
+    """The in-process backend's child: `argv` at `niceness` with `env` (`child_env`), waited for
+    as soon as it ends (never left <defunct>), then `on_exit(proc)` in that waiting thread.
+    OSError if it cannot start."""
     proc = subprocess.Popen(
         argv,
         env=env,
@@ -168,6 +155,16 @@ def video_limits(settings: Settings, carried: dict | None = None) -> dict:
         max_pixels=int(values["max_image_mp"] * 1e6),
         max_regions=values["max_regions_per_task"],
     )
+
+
+def job_differences(carried: dict, settings: Settings) -> list[str]:
+    """The carried settings a worker runs with its own values instead (JOB_REPORTED), as
+    `NAME=server's (worker: own)`, for the worker's log."""
+    return [
+        f"{env_names(f)[0]}={carried[f]} (worker: {getattr(settings, f)})"
+        for f in JOB_REPORTED
+        if f in carried and carried[f] != getattr(settings, f)
+    ]
 
 
 def job_refusal(carried: dict, model_id: str) -> str | None:

@@ -56,7 +56,7 @@ from label_studio_sam2.labelstudio.retrieve import predict_and_write_why
 from label_studio_sam2.service import redisconn
 from label_studio_sam2.service.bulk import PreannotateOptions, Preannotator
 from label_studio_sam2.service.errors import BackendError, BadRequest
-from label_studio_sam2.service.handoff import job_refusal, video_limits
+from label_studio_sam2.service.handoff import job_differences, job_refusal, video_limits
 from label_studio_sam2.service.jobqueue import (
     CHUNK_TIMEOUT_S,
     QUEUE_NAME,
@@ -157,6 +157,9 @@ class JobRunner:
         self.current_job: str | None = None  # the RQ job id of the chunk running
         self.handed_back: tuple[int, int] | None = None  # (done, handed back) when it stopped part way
         self._index: UrlIndex | None = None  # the store's URL index, for warm jobs
+        self._told: str | None = (
+            None  # the last run whose settings that differ from this worker's were logged
+        )
 
     def run(self, chunk: Chunk) -> dict:
         """Predict and write the chunk's tasks; returns the outcome counts. The label config is
@@ -179,6 +182,14 @@ class JobRunner:
                 self.queue.record(chunk.run, task_id, "failed", why)
                 self.queue.release(task_id)
             return {"failed": len(chunk.task_ids)}
+        differ = job_differences(chunk.settings, self.runtime.settings)
+        if differ and chunk.run != self._told:  # the worker's hardware is its own: said once a run
+            self._told = chunk.run
+            log.info(
+                "run %s: queued by a server with %s; this worker runs with its own",
+                chunk.run,
+                ", ".join(differ),
+            )
         if chunk.kind == "video":
             return self._each(chunk, lambda task: self._track(task, config, chunk))
         if chunk.kind == "warm":
