@@ -17,11 +17,14 @@ Work that must not hold up a request goes through a `Handoff` (one per Runtime):
   refuses a job queued for another model (`job_refusal`). Device, CPU precision and encoder runtime
   are the worker's own (a worker is started for its hardware, e.g. one per GPU): they are carried so
   the worker can say when they differ. The token never goes to Redis: a worker uses its own.
+
+Pre-encoding and fine-tuning stay children of the server even with REDIS_URL: pre-encoding fills
+the server's own store (a worker's may be another disk), and a training run takes its file locks
+in the server's fine-tune directory (`label_studio_sam2.service.trainlock`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import threading
@@ -30,8 +33,6 @@ from collections.abc import Callable
 from pydantic import AliasChoices
 
 from label_studio_sam2.service.settings import Settings
-
-log = logging.getLogger("label_studio_sam2")
 
 # What a child process is given from the server's Settings (field names), as environment
 CHILD_SETTINGS = (
