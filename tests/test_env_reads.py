@@ -15,10 +15,6 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "label_studio_sam2"
 THE_READER = "service/settings.py"
 
-# Child processes started with the server's environment (`**os.environ`): the hand-off work of
-# issue 21 gives them the server's settings explicitly. May only shrink: delete an entry you cut.
-NOT_YET_THROUGH_SETTINGS = {"service/prefetch.py", "service/finetuned.py"}
-
 ENV_NAMES = {"environ", "environb", "getenv", "getenvb"}
 
 
@@ -78,19 +74,11 @@ def test_the_scan_finds_what_reads_the_environment(source, reads):
 
 
 def test_no_module_reads_the_environment_but_settings():
-    reads = {
-        path: found for path, found in package_env_reads().items() if path not in NOT_YET_THROUGH_SETTINGS
-    }
+    reads = package_env_reads()
     assert not reads, (
         "read the environment outside label_studio_sam2/service/settings.py (add a Settings field, "
         f"pass the value down): {reads}"
     )
-
-
-def test_the_not_yet_list_only_names_modules_that_still_read_it():
-    """An entry whose module no longer reads the environment must go (the list only shrinks)."""
-    stale = sorted(NOT_YET_THROUGH_SETTINGS - set(package_env_reads()))
-    assert not stale, f"delete from NOT_YET_THROUGH_SETTINGS: {stale}"
 
 
 def test_the_reader_itself_is_where_the_environment_is_read():

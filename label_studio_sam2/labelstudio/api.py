@@ -102,6 +102,31 @@ def project_task(api: LabelStudioAPI, task_id: int, project: int | None) -> dict
     return task
 
 
+def write_if_absent(
+    api: LabelStudioAPI,
+    task_id: int,
+    model_version: str,
+    predict: Callable[[], tuple[dict | None, str | None]],
+) -> tuple[str, str | None]:
+    """The one "write the prediction only if absent": predict task `task_id` and write the entry
+    as `model_version` unless the task already has a (non-empty) prediction of that version,
+    checked before predicting (no work for a task done already) and again on the write itself
+    (`create_prediction`, on every retry). `predict()` -> (entry, why) with entry None or
+    without regions when there is nothing to write: an empty prediction is never stored (it would
+    hide the task from the next Retrieve). Returns ("done", None) or ("skipped", why); errors of
+    `predict` and of the API propagate. Retrieve's background job and the queue's workers (images
+    and videos) write through it."""
+    already = f"already has a prediction of {model_version}"
+    if model_version in api.prediction_versions(task_id):
+        return "skipped", already
+    entry, why = predict()
+    if entry is None or not entry.get("result"):
+        return "skipped", why or "no mask found"
+    if api.create_prediction(task_id, entry, model_version):
+        return "done", None
+    return "skipped", already
+
+
 class LabelStudioAPI:
     """The few Label Studio calls bulk pre-annotation makes, through label-studio-sdk (which
     exchanges a personal access token for access tokens itself), each retried with `retry`.

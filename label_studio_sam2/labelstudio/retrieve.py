@@ -22,7 +22,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, project_task
+from label_studio_sam2.labelstudio.api import (
+    LabelStudioAPI,
+    LabelStudioAPIError,
+    project_task,
+    write_if_absent,
+)
 from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.project_job import duration
 from label_studio_sam2.labelstudio.protocol import LabelConfig, parse_label_config
@@ -65,7 +70,7 @@ def retrieve_worker(
     except ValueError as e:  # OUTPUT=svg, say: the server's configuration, said plainly
         raise BackendError(f"bulk pre-annotation settings: {e}") from None
     engine = Preannotator(segmenter, options)
-    queue = runtime.job_queue()
+    queue = runtime.handoff.queue  # RQ with REDIS_URL, else this process's background job
     if project is None:
         job = None  # nothing to check the tasks against: the rest stays unpredicted (logged below)
     elif queue is not None and runtime.settings.background_job:
@@ -252,9 +257,8 @@ class BackgroundJob:
                 return
             self._ids.add(task_id)
             self._queue.append(_Handed(task_id, project, options, segmenter))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="preannotate-job", daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():  # in-process: the server's model
+                self._thread = self.runtime.handoff.thread(self._run, "preannotate-job")
             self._cv.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -354,20 +358,16 @@ def predict_and_write_why(
     """`predict_and_write`, with why a task was skipped or failed, in the in-process run's words
     (`no mask found`, `already has a prediction of V`, ...): a queued run reports them."""
     task_id = task["id"]
-    already = f"already has a prediction of {model_version}"
-    try:
-        if model_version in api.prediction_versions(task_id):
-            return "skipped", already
+
+    def predict():
         start = time.monotonic()
         outcome = engine.predict(task, config)
         if task_times is not None:
             task_times.record(engine.options.mode, time.monotonic() - start)
-        if outcome.entry is None or not outcome.entry["result"]:
-            # never store an empty prediction: it would hide the task
-            return "skipped", outcome.skip or "no mask found"
-        if api.create_prediction(task_id, outcome.entry, model_version):
-            return "done", None
-        return "skipped", already
+        return outcome.entry, outcome.skip
+
+    try:
+        return write_if_absent(api, task_id, model_version, predict)
     except BackendError as e:
         log.warning("background job: task %r failed: %s", task_id, e.message)
         return "failed", e.message

@@ -26,6 +26,7 @@ from pathlib import Path
 from label_studio_sam2.engine.finetuned_decoders import DecoderVersions, ProjectDecoders, model_version
 from label_studio_sam2.engine.image import ImagePredictor
 from label_studio_sam2.service.errors import BadRequest
+from label_studio_sam2.service.handoff import child_env, spawn
 from label_studio_sam2.service.segment import ImageSegmenter
 from label_studio_sam2.service.settings import Settings
 from label_studio_sam2.service.trainlock import TrainingBusy, check_free
@@ -64,6 +65,9 @@ class ProjectSegmenters:
                 )
                 made = self._made[project] = (version, segmenter)
             return made[1]
+
+
+TRAIN_PRIORITY = 10  # clicks come first; training takes the CPU time they leave
 
 
 class TrainingLauncher:
@@ -115,27 +119,19 @@ class TrainingLauncher:
             ]
             cmd += ["--device", s.device, "--epochs", str(s.finetune_epochs), "--lr", str(s.finetune_lr)]
             cmd += ["--min-gain", str(s.finetune_min_gain), "--dir", str(versions.dir.parent)]
-            env = dict(os.environ)
-            env.update(LABEL_STUDIO_URL=s.label_studio_url, LABEL_STUDIO_API_KEY=s.label_studio_api_key)
-            if s.store_dir:
-                env["EMBEDDING_STORE_DIR"] = s.store_dir
             log_path = Path(versions.dir) / "train.log"
             out = private_append(log_path)  # the run's log: only this user reads it
-            try:
-                proc = subprocess.Popen(
+            try:  # the server's effective settings as environment (the token never in argv)
+                proc = spawn(
                     cmd,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=_low_priority,
+                    child_env(s, model=model_source),
+                    niceness=TRAIN_PRIORITY,
+                    stdout=out,  # waited for as it ends (never <defunct>), then what it decided is logged
+                    on_exit=lambda p: self._report(project, p, versions.dir, log_path),
                 )
             finally:
                 os.close(out)
             self._running[project] = proc
-        threading.Thread(  # waits for the child: never left <defunct>
-            target=self._report, args=(project, proc, versions.dir, log_path), daemon=True
-        ).start()
         log.info(
             "project %s: fine-tuning started in the background (pid %d, log %s)", project, proc.pid, log_path
         )
@@ -178,7 +174,3 @@ def _last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1][:300] if lines else ""
-
-
-def _low_priority() -> None:
-    os.nice(10)  # clicks come first; training takes the CPU time they leave

@@ -26,7 +26,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import redis
@@ -141,6 +141,9 @@ class Chunk:
     model_version: str
     task_ids: list[int]
     kind: str = "preannotate"
+    # the server's non-secret effective settings (label_studio_sam2.service.handoff.job_settings):
+    # the worker honours the video limits and refuses a job of another model; {}: its own
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -193,8 +196,11 @@ class RunStatus:
 class JobQueue:
     """The RQ queue of background work in the Redis at `url`, and the runs' progress."""
 
-    def __init__(self, url: str, chunk_tasks: int = 20):
+    def __init__(self, url: str, chunk_tasks: int = 20, carry: Callable[[], dict] | None = None):
+        """`carry`: the settings every job of this queue carries (`handoff.job_settings`), asked
+        when a run starts (the server knows its model's source once it is loaded)."""
         self.url = url
+        self.carry = carry
         self.where = redisconn.describe(url)
         self.redis = redisconn.connect(url)
         self.chunk_tasks = chunk_tasks
@@ -249,8 +255,18 @@ class JobQueue:
                 pipe.rpush(_runs_key(project), run)
                 pipe.expire(_runs_key(project), RUN_TTL_S)
             pipe.execute()
+            carried = self.carry() if self.carry else {}
             chunks = [
-                Chunk(run, project, label_config, options, model_version, ids[i : i + self.chunk_tasks], kind)
+                Chunk(
+                    run,
+                    project,
+                    label_config,
+                    options,
+                    model_version,
+                    ids[i : i + self.chunk_tasks],
+                    kind,
+                    carried,
+                )
                 for i in range(0, len(ids), self.chunk_tasks)
             ]
             self.enqueue(chunks, at_front=at_front)
@@ -422,6 +438,8 @@ def chunk_from_job(data: dict) -> Chunk:
     try:
         chunk = Chunk(**data)
         chunk.task_ids = [int(t) for t in chunk.task_ids]
+        if not isinstance(chunk.settings, dict):
+            raise TypeError("settings must be an object")
         json.dumps(chunk.options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"not a job of this backend: {e}") from None

@@ -2,24 +2,31 @@
 
 After a click the server starts `label-studio-sam2 warm --after-task T --limit N` (label_studio_sam2.service.warm)
 as a separate process at the lowest CPU priority (nice 19), so it only uses time the server
-leaves idle; at most one such job runs at a time.
+leaves idle; at most one such job runs at a time. It is the in-process backend's child of
+`label_studio_sam2.service.handoff`: it gets the server's effective settings (the model the server
+loaded, its device, CPU precision, encoder runtime, store, Label Studio URL and token) as its
+environment, never the token in argv. The child holds a model of its own (a second copy beside the
+server's: about 0.6 GB resident with hiera-tiny on CPU, 1.4 GB at its peak while encoding; measured
+by bench/prefetch_memory.py): the price of a priority the OS enforces, so a click never waits for
+pre-encoding (bench/prefetch.py); a thread of the server would share the model but not yield the CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import threading
 from collections import OrderedDict
 
+from label_studio_sam2.service.handoff import child_env, spawn
 from label_studio_sam2.service.settings import Settings
 
 log = logging.getLogger("label_studio_sam2")
 
 REMEMBERED = 10_000  # (project, task) pairs already prefetched after, least recently clicked dropped
 _MAX_ID = 2**63 - 1  # Label Studio's ids are 64-bit integers
+LOWEST_PRIORITY = 19  # only CPU time the server leaves idle; a click never waits for pre-encoding
 
 
 class Prefetcher:
@@ -67,24 +74,14 @@ class Prefetcher:
                 str(self.settings.prefetch_tasks),
                 "--quiet",
             ]
-            env = {
-                **os.environ,
-                "SAM2_MODEL": self.model_source,
-                "EMBEDDING_STORE_DIR": self.settings.store_dir,
-            }
+            # the server's effective settings (device, precision, ...; the model it loaded), as
+            # environment: never a token in argv; waited for as soon as it ends (never <defunct>)
+            env = child_env(self.settings, model=self.model_source)
             try:
-                self._proc = subprocess.Popen(
-                    cmd,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    preexec_fn=_lowest_priority,
-                )
+                self._proc = spawn(cmd, env, niceness=LOWEST_PRIORITY)
             except OSError as e:  # the click is answered anyway; pre-encoding is only a bonus
                 log.warning("prefetch: could not start the pre-encoding job: %s", type(e).__name__)
                 return False
-            # waited for as soon as it ends: never left <defunct> until the next click
-            threading.Thread(target=self._proc.wait, name="reap-warm", daemon=True).start()
             self.started += 1
             return True
 
@@ -95,7 +92,3 @@ class Prefetcher:
 
 def _plain_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_ID
-
-
-def _lowest_priority() -> None:
-    os.nice(19)  # only CPU time the server leaves idle; a click never waits for pre-encoding

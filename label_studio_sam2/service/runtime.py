@@ -23,6 +23,7 @@ from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAuth, d
 from label_studio_sam2.labelstudio.retrieve import BackgroundJob, TaskTimes
 from label_studio_sam2.service.errors import Unavailable
 from label_studio_sam2.service.finetuned import ProjectSegmenters, TrainingLauncher
+from label_studio_sam2.service.handoff import Handoff, job_settings
 from label_studio_sam2.service.inflight import Coalescer
 from label_studio_sam2.service.jobqueue import JobQueue
 from label_studio_sam2.service.media import MediaClient, MediaLimits
@@ -90,7 +91,10 @@ class Runtime:
         self.schemas = SchemaCache(int(settings.setup_cache_mb * (1 << 20)))  # project id -> label config
         self._job: BackgroundJob | None = None
         self._job_lock = threading.Lock()
-        self._queue: JobQueue | None = None
+        # the one hand-off of background work: RQ with REDIS_URL, else threads and child processes
+        self.handoff = Handoff(
+            settings, lambda: JobQueue(settings.redis_url, settings.job_chunk_tasks, self._carried)
+        )
         limits = MediaLimits(
             max_bytes=settings.max_download_mb << 20,
             max_pixels=int(settings.max_image_mp * 1e6),
@@ -215,12 +219,11 @@ class Runtime:
                 self._job = BackgroundJob(self, api)
             return self._job
 
+    def _carried(self) -> dict:
+        """What every job this server queues carries: its effective non-secret settings."""
+        return job_settings(self.settings, self.image_model.model_id if self.image_model else None)
+
     def job_queue(self) -> JobQueue | None:
         """The RQ job queue in Redis (REDIS_URL), or None: background work stays in-process. No
         connection is made here: the first enqueue finds out whether Redis is up."""
-        if not self.settings.redis_url:
-            return None
-        with self._job_lock:
-            if self._queue is None:
-                self._queue = JobQueue(self.settings.redis_url, self.settings.job_chunk_tasks)
-            return self._queue
+        return self.handoff.queue

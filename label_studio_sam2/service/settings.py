@@ -72,6 +72,13 @@ def test_model_dir() -> str:
     )
 
 
+def inherited_environment() -> dict[str, str]:
+    """This process's environment as a child inherits it (PATH, HOME, ...): the one read of the
+    whole environment, here beside the settings; `service.handoff.child_env` then replaces every
+    setting in it by the server's effective value."""
+    return dict(os.environ)
+
+
 class SettingsError(ValueError):
     """A setting the server must not start with (invalid, out of range, or leaving it open by
     mistake); the message names the variable and says what to change."""

@@ -6,9 +6,11 @@ model loads once, before the first job, and stays loaded: jobs run in this proce
 project. The worker reads the project's label config and each task from Label Studio with its own
 token, and a task that is not the project's is not predicted (`lsapi.project_task`; whoever
 queued the job may have had only a request's word for the ids). Each task is predicted and
-written through the Label Studio API with the check-before-write of `predict_and_write` (a video
-task is tracked to the end; a warm job encodes the image into the shared embedding store
-instead), and its outcome is counted in Redis.
+written through the Label Studio API only if absent (`label_studio_sam2.labelstudio.api.write_if_absent`;
+a video task is tracked to the end; a warm job encodes the image into the shared embedding store
+instead), and its outcome is counted in Redis. A job carries the server's non-secret effective
+settings (`label_studio_sam2.service.handoff.job_settings`): the worker tracks videos with the
+server's limits and refuses a job queued for another model (its tasks fail, saying why).
 
 Losing a worker loses nothing:
 - SIGKILL (or a lost machine): the worker renews the lease on its job every JOB_LEASE_S / 3 (a
@@ -42,7 +44,13 @@ from rq import SimpleWorker
 from rq.exceptions import AbandonedJobError
 from rq.serializers import JSONSerializer
 
-from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe, project_task
+from label_studio_sam2.labelstudio.api import (
+    LabelStudioAPI,
+    LabelStudioAPIError,
+    describe,
+    project_task,
+    write_if_absent,
+)
 from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.protocol import parse_label_config, task_data_url
 from label_studio_sam2.labelstudio.retrieve import predict_and_write_why
@@ -50,6 +58,7 @@ from label_studio_sam2.labelstudio.video import predict_video_task
 from label_studio_sam2.service import redisconn
 from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError, BadRequest
+from label_studio_sam2.service.handoff import job_differences, job_refusal, video_limits
 from label_studio_sam2.service.jobqueue import (
     CHUNK_TIMEOUT_S,
     QUEUE_NAME,
@@ -149,6 +158,9 @@ class JobRunner:
         self.current_job: str | None = None  # the RQ job id of the chunk running
         self.handed_back: tuple[int, int] | None = None  # (done, handed back) when it stopped part way
         self._index: UrlIndex | None = None  # the store's URL index, for warm jobs
+        self._told: str | None = (
+            None  # the last run whose settings that differ from this worker's were logged
+        )
 
     def run(self, chunk: Chunk) -> dict:
         """Predict and write the chunk's tasks; returns the outcome counts. The label config is
@@ -164,6 +176,21 @@ class JobRunner:
                 self.queue.record(chunk.run, task_id, "failed")
                 self.queue.release(task_id)
             return {"failed": len(chunk.task_ids)}
+        why = job_refusal(chunk.settings, self.runtime.image_model.model_id)
+        if why is not None:  # predictions of another model under this version: refused, said once
+            log.warning("run %s refused: %s", chunk.run, why)
+            for task_id in chunk.task_ids:
+                self.queue.record(chunk.run, task_id, "failed", why)
+                self.queue.release(task_id)
+            return {"failed": len(chunk.task_ids)}
+        differ = job_differences(chunk.settings, self.runtime.settings)
+        if differ and chunk.run != self._told:  # the worker's hardware is its own: said once a run
+            self._told = chunk.run
+            log.info(
+                "run %s: queued by a server with %s; this worker runs with its own",
+                chunk.run,
+                ", ".join(differ),
+            )
         if chunk.kind == "video":
             return self._each(chunk, lambda task: self._track(task, config, chunk))
         if chunk.kind == "warm":
@@ -215,9 +242,9 @@ class JobRunner:
         prediction of this version already."""
         runtime, task_id = self.runtime, task["id"]
         version = chunk.model_version or runtime.model_version
-        try:
-            if version in self.api.prediction_versions(task_id):
-                return "skipped"
+        limits = video_limits(runtime.settings, chunk.settings)  # the server's, as the job carries them
+
+        def track():
             url = task_data_url(task, config, config.videos()[0].name)
             with runtime.media.lazy_file(url, task_id) as download:
                 entry = predict_video_task(
@@ -227,14 +254,13 @@ class JobRunner:
                     download,
                     runtime.video_tracker(),
                     deadline_s=CHUNK_TIMEOUT_S,
-                    max_frames=runtime.settings.video_max_frames,
                     model_version=version,
-                    max_pixels=int(runtime.settings.max_image_mp * 1e6),
-                    max_regions=runtime.settings.max_regions_per_task,
+                    **limits,
                 )
-            if not entry["result"]:
-                return "skipped"
-            return "done" if self.api.create_prediction(task_id, entry, version) else "skipped"
+            return entry, "nothing tracked"
+
+        try:
+            return write_if_absent(self.api, task_id, version, track)[0]
         except (BackendError, LabelStudioAPIError) as e:
             log.warning("video task %r failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
         except Exception:  # a bug must not cost the chunk's other tasks
