@@ -307,6 +307,11 @@ class _Deadline:
     def remaining(self) -> float:
         return self.at - time.monotonic()
 
+    def passed(self) -> bool:
+        """The limit has passed: cut by the timer, or a read that timed out at the limit before
+        the timer thread ran (under load it runs late; the error must still name the deadline)."""
+        return self.expired.is_set() or time.monotonic() >= self.at - 0.05
+
     def _cut(self) -> None:
         self.expired.set()
         sock = getattr(self.conn, "sock", None)
@@ -441,7 +446,7 @@ class MediaClient:
         except _NETWORK_ERRORS as e:
             conn.close()
             raise self._network_error(target, e, deadline) from None
-        if deadline.expired.is_set():
+        if deadline.passed():
             resp.close()
             conn.close()
             raise self._too_slow(target)
@@ -454,7 +459,7 @@ class MediaClient:
         )
 
     def _network_error(self, target: Target, e: Exception, deadline: _Deadline) -> MediaError:
-        if deadline.expired.is_set():
+        if deadline.passed():
             return self._too_slow(target)
         if isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError)):
             return MediaError(
@@ -529,15 +534,15 @@ class MediaClient:
                         raise MediaError(
                             f"media is over the {self.limits.max_bytes >> 20} MB limit", Kind.TOO_LARGE
                         )
-                    if deadline.expired.is_set():
+                    if deadline.passed():
                         break
                     yield chunk
-                if deadline.expired.is_set():  # a body without a length just ends when cut
+                if deadline.passed():  # a body without a length just ends when cut
                     raise MediaError(
                         f"download of {target_text} took longer than {seconds:g} s", Kind.TIMED_OUT
                     )
             except _NETWORK_ERRORS as e:
-                if deadline.expired.is_set():
+                if deadline.passed():
                     raise MediaError(
                         f"download of {target_text} took longer than {seconds:g} s", Kind.TIMED_OUT
                     ) from None
