@@ -330,7 +330,9 @@ def test_the_middleware_guards_another_adapter_s_wsgi_app():
 
     metrics = Metrics()
     settings = Settings.from_env(basic_auth_user="ml", basic_auth_pass="s3cret-pass")
-    client = Client(guard(other_tool, settings, metrics))
+    admission = AdmissionQueue(settings.admission_queue_size)
+    metrics.watch_admission(admission)
+    client = Client(guard(other_tool, settings, metrics, admission))
     release.set()
     assert client.post("/predict", json={}).status_code == 401
     auth = {"Authorization": "Basic " + base64.b64encode(b"ml:s3cret-pass").decode()}

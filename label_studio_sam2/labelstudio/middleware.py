@@ -63,11 +63,10 @@ def http_status(error: BackendError) -> int:
     return HTTP_STATUS.get(error.kind, 500)
 
 
-def guard(app: WSGIApp, settings: Settings, metrics: Metrics) -> WSGIApp:
-    """`app` behind auth, admission (ADMISSION_QUEUE_SIZE) and request metrics."""
-    queue = AdmissionQueue(settings.admission_queue_size)
-    metrics.watch_admission(queue)
-    return CountRequests(RequireAuth(AdmitRequests(app, queue, metrics), settings), metrics)
+def guard(app: WSGIApp, settings: Settings, metrics: Metrics, admission: AdmissionQueue) -> WSGIApp:
+    """`app` behind auth, admission (the runtime's AdmissionQueue, ADMISSION_QUEUE_SIZE) and
+    request metrics."""
+    return CountRequests(RequireAuth(AdmitRequests(app, admission, metrics), settings), metrics)
 
 
 def install_error_handlers(app: Flask) -> None:

@@ -21,6 +21,7 @@ from label_studio_sam2.engine.store import EmbeddingStore
 from label_studio_sam2.engine.tracker import VideoTracker
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAuth, describe
 from label_studio_sam2.labelstudio.retrieve import BackgroundJob, TaskTimes
+from label_studio_sam2.service.admission import AdmissionQueue
 from label_studio_sam2.service.errors import Unavailable
 from label_studio_sam2.service.finetuned import ProjectSegmenters, TrainingLauncher
 from label_studio_sam2.service.handoff import Handoff, job_settings
@@ -89,6 +90,9 @@ class Runtime:
         self._video_lock = threading.Lock()
         self.video_calls = Coalescer()  # Label Studio's concurrent identical video requests
         self.schemas = SchemaCache(int(settings.setup_cache_mb * (1 << 20)))  # project id -> label config
+        # the /predict admission queue (ADMISSION_QUEUE_SIZE): how many requests this process admits
+        self.admission = AdmissionQueue(settings.admission_queue_size)
+        self.metrics.watch_admission(self.admission)
         self._job: BackgroundJob | None = None
         self._job_lock = threading.Lock()
         # the one hand-off of background work: RQ with REDIS_URL, else threads and child processes
