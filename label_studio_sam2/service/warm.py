@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from label_studio_sam2.engine.models import encoder_precision
-from label_studio_sam2.labelstudio.api import LabelStudioAPI
+from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAuth
 from label_studio_sam2.labelstudio.protocol import LabelConfig, parse_label_config
 from label_studio_sam2.service.errors import BackendError
 from label_studio_sam2.service.runtime import Runtime
@@ -111,7 +111,9 @@ def warm_project(
     images = config.images()
     if not images:
         raise SystemExit(f"project {project}'s label config has no <Image>: nothing to pre-encode")
-    runtime = Runtime(settings, loaded=loaded, load_in_background=False)  # what the server builds
+    # what the server builds, with Label Studio's media credentials
+    auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+    runtime = Runtime(settings, loaded=loaded, load_in_background=False, auth=auth)
     if loaded is None:
         runtime.load()
     segmenter = runtime.require(0)
