@@ -6,7 +6,7 @@ with its embedding cache and store, the video tracker (built on the first video 
 prefetcher, and what an adapter keeps for the process's lifetime (`extensions`: Label Studio's
 "Retrieve predictions" keeps its task times and background job there). The runtime speaks no
 annotation tool: the adapter gives it the media credentials (`auth`). The server
-(`label_studio_sam2.labelstudio.app`), the pre-encoding job (`label_studio_sam2.service.warm`) and the bulk CLI
+(`label_studio_sam2.labelstudio.app`), the pre-encoding job (`label_studio_sam2.labelstudio.warm`) and the bulk CLI
 (`label_studio_sam2.cli.preannotate`) all build one (Label Studio's through
 `label_studio_sam2.labelstudio.runtime.runtime_for`); nothing else keeps per-process state in module globals.
 """
