@@ -125,9 +125,6 @@ NOT_YET_NEUTRAL = {
     # video jobs are Label Studio's; it goes with the worker's other edges
     ("service/worker.py", "label_studio_sam2.labelstudio.video"),
     ("service/worker.py", "label_studio_sam2.labelstudio.bulk"),  # the same, from service/bulk.py
-    ("service/train.py", "label_studio_sam2.labelstudio.project_job"),
-    ("service/train.py", "label_studio_sam2.labelstudio.protocol"),
-    ("service/train.py", "label_studio_sam2.labelstudio.rle"),
 }
 WEB = ("flask", "werkzeug", "label_studio_sdk")
 

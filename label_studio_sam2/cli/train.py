@@ -8,10 +8,10 @@ from label_studio_sam2.cli.options import stop_on_signals
 from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe
 from label_studio_sam2.labelstudio.runtime import runtime_for
+from label_studio_sam2.labelstudio.train import train_project
 from label_studio_sam2.service.errors import BackendError
 from label_studio_sam2.service.logs import setup_logging
 from label_studio_sam2.service.settings import Settings
-from label_studio_sam2.service.train import train_project
 from label_studio_sam2.service.trainlock import TrainingBusy, training_slot
 from label_studio_sam2.service.trainruns import end_run, read_runs, runs_table, start_run, versions_table
 
