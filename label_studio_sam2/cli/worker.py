@@ -9,6 +9,7 @@ import socket
 from label_studio_sam2.engine.models import set_cpu_threads
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe
+from label_studio_sam2.labelstudio.jobs import JobRunner
 from label_studio_sam2.labelstudio.runtime import runtime_for
 from label_studio_sam2.service import worker
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
@@ -42,4 +43,4 @@ def cmd_worker(args) -> None:
         ) from None
     runtime = runtime_for(settings, loaded=loaded)
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{loaded.device}"
-    worker.work(settings, runtime, api, queue, name, args.burst)
+    worker.work(settings, runtime, JobRunner(runtime, api, queue), queue, name, args.burst)
