@@ -39,7 +39,7 @@ def _child(model: str | None, images: int, threads: int, out) -> None:
     import numpy as np
     import torch
 
-    import label_studio_sam2.service.warm  # noqa: F401  (what `warm` imports)
+    import label_studio_sam2.labelstudio.warm  # noqa: F401  (what `warm` imports)
     from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
     from label_studio_sam2.engine.models import encoder_precision, load_image_model, random_model, real_config
 

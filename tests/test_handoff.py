@@ -140,9 +140,9 @@ def test_jobs_the_server_queues_carry_its_settings_and_a_worker_of_another_model
 ):
     from dataclasses import replace
 
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.service.handoff import video_limits
     from label_studio_sam2.service.jobqueue import chunk_from_job
-    from label_studio_sam2.service.worker import JobRunner
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import FakeLabelStudio
 
@@ -181,8 +181,8 @@ def test_jobs_the_server_queues_carry_its_settings_and_a_worker_of_another_model
 
 
 def test_a_worker_says_which_of_the_servers_settings_it_runs_with_its_own(app_factory, redis_server, caplog):
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.service.jobqueue import chunk_from_job
-    from label_studio_sam2.service.worker import JobRunner
     from tests.test_preannotate import FakeLabelStudio
 
     app = app_factory(redis_url=redis_server.url, cpu_precision="fp32")

@@ -124,8 +124,8 @@ def test_the_queue_s_worker_writes_only_what_label_studio_holds_for_the_project(
     """The attack of issue 23 through the queue (REDIS_URL): the hand-off carries task ids and
     the project only; the worker reads each task and the label config from Label Studio and
     writes nothing for a task of another project, nor anything from the request's task dicts."""
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.service.jobqueue import chunk_from_job
-    from label_studio_sam2.service.worker import JobRunner
     from tests.test_preannotate import handoff_attack, written_labels
 
     app = app_factory(predict_deadline_s=0.6, redis_url=redis_server.url, retrieve_mode="boxes")
@@ -193,9 +193,9 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     from label_studio_sam2.cli.main import FIXTURE
     from label_studio_sam2.engine.models import load_image_model
     from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.service.jobqueue import chunk_from_job
     from label_studio_sam2.service.settings import Settings
-    from label_studio_sam2.service.worker import JobRunner
     from tests.test_preannotate import FakeLabelStudio
 
     w, h = 96, 64
@@ -261,8 +261,8 @@ def test_warm_jobs_encode_into_the_shared_store_once(
 ):
     from label_studio_sam2.engine.image import ImagePredictor
     from label_studio_sam2.engine.models import encoder_precision, load_image_model
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.service.jobqueue import chunk_from_job
-    from label_studio_sam2.service.worker import JobRunner
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import FakeLabelStudio
 
@@ -300,9 +300,9 @@ def test_a_queued_run_reports_why_tasks_were_skipped_or_failed_as_the_in_process
     app_factory, redis_server, media_server
 ):
     # `--status` and the `--queue` summary said "4 skipped" without the in-process run's reasons
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.labelstudio.queued_job import report
     from label_studio_sam2.service.jobqueue import chunk_from_job
-    from label_studio_sam2.service.worker import JobRunner
     from tests.conftest import IMAGE_CONFIG
     from tests.test_preannotate import MODEL_VERSION, FakeLabelStudio, project
 

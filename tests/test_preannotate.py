@@ -33,6 +33,7 @@ from label_studio_sam2.labelstudio.polygons import mask_polygons
 from label_studio_sam2.labelstudio.project_job import Progress, Selection, Summary, run_project
 from label_studio_sam2.labelstudio.protocol import Control, parse_label_config
 from label_studio_sam2.labelstudio.regions import polygon_results
+from label_studio_sam2.labelstudio.retrieve import background_job
 from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BadRequest, Kind, MediaError
 from label_studio_sam2.service.media import MediaClient
@@ -320,7 +321,7 @@ def test_retrieve_answers_in_time_and_the_background_job_writes_the_rest(app_fac
     runtime.require()
     tasks = retrieve_tasks(slow_media, 6)
     ls = FakeLabelStudio(tasks=tasks)
-    job = runtime.background_job(api=ls)
+    job = background_job(runtime, api=ls)
     client = app.test_client()
     body = client.post("/predict", json=predict_body(tasks, None)).get_json()
     results = body["results"]
@@ -393,7 +394,7 @@ def test_a_handed_off_task_is_read_from_label_studio_and_another_project_s_is_ne
     runtime = app.extensions["sam2"]
     runtime.require()
     ls, body = handoff_attack(slow_media)
-    job = runtime.background_job(api=ls)
+    job = background_job(runtime, api=ls)
     results = app.test_client().post("/predict", json=body).get_json()["results"]
     assert len(results) == 3 and results[1:] == [[], []]  # task 1 answered, the rest handed off
     assert job.wait_idle(60)
@@ -407,7 +408,7 @@ def test_without_a_project_nothing_is_handed_off(app_factory, slow_media):
     runtime = app.extensions["sam2"]
     runtime.require()
     ls, body = handoff_attack(slow_media)
-    job = runtime.background_job(api=ls)
+    job = background_job(runtime, api=ls)
     del body["project"]
     results = app.test_client().post("/predict", json=body).get_json()["results"]
     assert results[1:] == [[], []]
@@ -458,7 +459,7 @@ def test_automatic_masks_of_unknown_cost_go_to_the_background_at_once(app_factor
     url = media_server.add_image("a.png", noise_image(40, 60))
     tasks = [{"id": i, "data": {"image": url}} for i in (1, 2)]
     ls = FakeLabelStudio(tasks=tasks)
-    job = runtime.background_job(api=ls)
+    job = background_job(runtime, api=ls)
     results = app.test_client().post("/predict", json=predict_body(tasks, None)).get_json()["results"]
     assert results == [[], []]
     assert job.wait_idle(30) and job.counts["done"] == 2

@@ -18,7 +18,8 @@ from tests.conftest import IMAGE_CONFIG, noise_image
 
 def _worker(runtime, api, monkeypatch):
     import label_studio_sam2.service.worker as worker_module
-    from label_studio_sam2.service.worker import JobRunner, ModelWorker
+    from label_studio_sam2.labelstudio.jobs import JobRunner
+    from label_studio_sam2.service.worker import ModelWorker
 
     queue = runtime.job_queue()
     runner = JobRunner(runtime, api, queue)

@@ -79,7 +79,7 @@ def test_hostile_regions_are_skipped_and_counted_and_the_rest_trains(app_factory
 
     import numpy as np
 
-    import label_studio_sam2.service.train as train
+    import label_studio_sam2.labelstudio.train as train
     from label_studio_sam2.labelstudio.rle import encode_mask
     from tests.conftest import noise_image
     from tests.test_preannotate import FakeLabelStudio

@@ -24,8 +24,8 @@ def project(media_server):
 
 
 def _warm(store, api, loaded):
+    from label_studio_sam2.labelstudio.warm import warm_project
     from label_studio_sam2.service.settings import Settings
-    from label_studio_sam2.service.warm import warm_project
 
     return warm_project(Settings.from_env(store_dir=str(store)), 1, api=api, loaded=loaded, progress=False)
 

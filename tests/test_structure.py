@@ -116,23 +116,9 @@ def test_no_function_local_first_party_imports():
 
 # Edges from the service into the Label Studio adapter that are still to be cut (issue 21): the
 # service modules that still take or give Label Studio's formats. The list may only shrink: a new
-# edge fails, and so does one listed here that is gone (delete it from the list).
-NOT_YET_NEUTRAL = {
-    ("service/runtime.py", "label_studio_sam2.labelstudio.api"),
-    ("service/runtime.py", "label_studio_sam2.labelstudio.retrieve"),
-    ("service/warm.py", "label_studio_sam2.labelstudio.api"),
-    ("service/warm.py", "label_studio_sam2.labelstudio.protocol"),
-    ("service/worker.py", "label_studio_sam2.labelstudio.api"),
-    ("service/worker.py", "label_studio_sam2.labelstudio.retrieve"),
-    ("service/worker.py", "label_studio_sam2.labelstudio.protocol"),
-    # moved here from service/video.py (which no longer speaks Label Studio): the RQ worker's
-    # video jobs are Label Studio's; it goes with the worker's other edges
-    ("service/worker.py", "label_studio_sam2.labelstudio.video"),
-    ("service/worker.py", "label_studio_sam2.labelstudio.bulk"),  # the same, from service/bulk.py
-    ("service/train.py", "label_studio_sam2.labelstudio.project_job"),
-    ("service/train.py", "label_studio_sam2.labelstudio.protocol"),
-    ("service/train.py", "label_studio_sam2.labelstudio.rle"),
-}
+# edge fails, and so does one listed here that is gone (delete it from the list). None is left:
+# the service imports nothing of the adapter.
+NOT_YET_NEUTRAL: set[tuple[str, str]] = set()
 WEB = ("flask", "werkzeug", "label_studio_sdk")
 
 

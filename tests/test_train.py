@@ -9,7 +9,7 @@ from label_studio_sam2.engine.finetune import decoder_state
 from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
 from label_studio_sam2.labelstudio.protocol import latest_annotation, parse_label_config
 from label_studio_sam2.labelstudio.rle import encode_mask
-from label_studio_sam2.service.train import annotation_masks
+from label_studio_sam2.labelstudio.train import annotation_masks
 from tests.conftest import IMAGE_CONFIG, decode_brush, keypoint, noise_image, predict_body
 
 POLYGON_CONFIG = IMAGE_CONFIG.replace(

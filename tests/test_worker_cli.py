@@ -86,6 +86,7 @@ def test_a_chunk_stopped_part_way_is_logged_as_handed_back_not_as_job_ok(
 
     from rq.serializers import JSONSerializer
 
+    from label_studio_sam2.labelstudio.jobs import JobRunner
     from label_studio_sam2.service import redisconn, worker
     from label_studio_sam2.service.jobqueue import QUEUE_NAME
     from tests.conftest import IMAGE_CONFIG
@@ -99,7 +100,7 @@ def test_a_chunk_stopped_part_way_is_logged_as_handed_back_not_as_job_ok(
     run = queue.start_run(
         [1, 2, 3], project=1, label_config=IMAGE_CONFIG, options={}, model_version="v", source="preannotate"
     )
-    runner = worker.JobRunner(runtime, ls, queue)
+    runner = JobRunner(runtime, ls, queue)
     monkeypatch.setattr(worker, "_runner", runner)
     rq_worker = worker.ModelWorker(
         [QUEUE_NAME],

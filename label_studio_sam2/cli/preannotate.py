@@ -14,11 +14,12 @@ from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIErro
 from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.project_job import Selection, run_project
 from label_studio_sam2.labelstudio.protocol import parse_label_config
+from label_studio_sam2.labelstudio.runtime import runtime_for
 from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BadRequest
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from label_studio_sam2.service.logs import setup_logging
-from label_studio_sam2.service.runtime import Runtime, load_configured_model
+from label_studio_sam2.service.runtime import load_configured_model
 from label_studio_sam2.service.settings import Settings
 
 log = logging.getLogger("label_studio_sam2.bulk")
@@ -70,7 +71,7 @@ def cmd_preannotate(args) -> None:
         sys.exit(f"preannotate: project {args.project}: {e.message}")
     except Exception as e:  # the SDK refuses an expired token while constructing
         sys.exit(f"preannotate: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}")
-    runtime = Runtime(settings, loaded=loaded)
+    runtime = runtime_for(settings, loaded=loaded)
     segmenter = runtime.segmenter_for(args.project)  # the project's fine-tuned decoder, if any
     log.info("model %s on %s; model_version %s", loaded.source, loaded.device, segmenter.model_version)
     try:

@@ -7,11 +7,11 @@ import sys
 from label_studio_sam2.cli.options import stop_on_signals
 from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe
+from label_studio_sam2.labelstudio.runtime import runtime_for
+from label_studio_sam2.labelstudio.train import train_project
 from label_studio_sam2.service.errors import BackendError
 from label_studio_sam2.service.logs import setup_logging
-from label_studio_sam2.service.runtime import Runtime
 from label_studio_sam2.service.settings import Settings
-from label_studio_sam2.service.train import train_project
 from label_studio_sam2.service.trainlock import TrainingBusy, training_slot
 from label_studio_sam2.service.trainruns import end_run, read_runs, runs_table, start_run, versions_table
 
@@ -60,7 +60,7 @@ def _run(settings: Settings, args, versions: DecoderVersions) -> None:
     run = start_run(versions.dir, settings.model)
     error = None
     try:
-        runtime = Runtime(settings, load_in_background=False)
+        runtime = runtime_for(settings, load_in_background=False)
         runtime.load()
         segmenter = runtime.require(0)
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)

@@ -9,11 +9,11 @@ import label_studio_sam2.labelstudio.queued_job as queued
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPIError, describe
 from label_studio_sam2.labelstudio.protocol import parse_label_config
+from label_studio_sam2.labelstudio.warm import _api, warm_project
 from label_studio_sam2.service.errors import BadRequest
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from label_studio_sam2.service.logs import setup_logging
 from label_studio_sam2.service.settings import Settings
-from label_studio_sam2.service.warm import _api, warm_project
 
 
 def cmd_warm(args) -> None:

@@ -9,10 +9,12 @@ import socket
 from label_studio_sam2.engine.models import set_cpu_threads
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe
+from label_studio_sam2.labelstudio.jobs import JobRunner
+from label_studio_sam2.labelstudio.runtime import runtime_for
 from label_studio_sam2.service import worker
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from label_studio_sam2.service.logs import setup_logging
-from label_studio_sam2.service.runtime import Runtime, load_configured_model
+from label_studio_sam2.service.runtime import load_configured_model
 from label_studio_sam2.service.settings import Settings
 
 
@@ -39,6 +41,6 @@ def cmd_worker(args) -> None:
         raise SystemExit(
             f"worker: cannot use Label Studio at {settings.label_studio_url}: {describe(e)}"
         ) from None
-    runtime = Runtime(settings, loaded=loaded)
+    runtime = runtime_for(settings, loaded=loaded)
     name = args.name or f"{socket.gethostname()}.{os.getpid()}.{loaded.device}"
-    worker.work(settings, runtime, api, queue, name, args.burst)
+    worker.work(settings, runtime, JobRunner(runtime, api, queue), queue, name, args.burst)

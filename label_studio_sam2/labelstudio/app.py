@@ -11,9 +11,9 @@ from __future__ import annotations
 from flask import Flask
 
 from label_studio_sam2.labelstudio.middleware import guard, install_error_handlers
+from label_studio_sam2.labelstudio.runtime import runtime_for
 from label_studio_sam2.labelstudio.views import register_views
 from label_studio_sam2.service.metrics import Metrics
-from label_studio_sam2.service.runtime import Runtime
 from label_studio_sam2.service.settings import Settings
 
 
@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     settings.check()  # auth fails closed: half a basic auth pair or an empty password never serves
     app = Flask("label-studio-sam2")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb << 20  # JSON: tasks and regions, not media
-    runtime = Runtime(settings, Metrics(), loaded_model)
+    runtime = runtime_for(settings, Metrics(), loaded_model)  # with Label Studio's media credentials
     app.extensions["sam2"] = runtime
     register_views(app, runtime)
     install_error_handlers(app)

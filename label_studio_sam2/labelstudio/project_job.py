@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.protocol import parse_label_config, task_data_url
 from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError
+from label_studio_sam2.service.humanize import duration
 from label_studio_sam2.service.media import ImageFile
 from label_studio_sam2.service.segment import ImageSegmenter
 
@@ -356,14 +356,3 @@ def run_project(
             bar.close()
     summary.seconds = time.monotonic() - started
     return summary
-
-
-def duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -25,6 +25,7 @@ from typing import Any
 from label_studio_sam2.labelstudio.api import (
     LabelStudioAPI,
     LabelStudioAPIError,
+    describe,
     project_task,
     write_if_absent,
 )
@@ -76,7 +77,7 @@ def retrieve_worker(
     elif queue is not None and runtime.settings.background_job:
         job = QueuedHandoff(queue, project, segmenter.model_version)
     else:
-        job = runtime.background_job()
+        job = background_job(runtime)
     mode = engine.options.mode
     checked = handing_off = False
     skipped: Counter = Counter()  # why tasks got no prediction (the app logs them once per request)
@@ -89,7 +90,7 @@ def retrieve_worker(
         task_id = task.get("id")
         if job is not None and isinstance(task_id, int) and job.holds(task_id):
             return []  # handed off by an earlier request, still on its way
-        estimate = runtime.task_times.slowest(mode)
+        estimate = task_times(runtime).slowest(mode)
         if estimate is None:
             too_long = mode == "auto" and job is not None
         else:
@@ -102,7 +103,7 @@ def retrieve_worker(
         except TaskDeadline:  # cut between two decoder batches: as if not started in time
             return hand_off(task)
         finally:
-            runtime.task_times.record(mode, time.monotonic() - start)
+            task_times(runtime).record(mode, time.monotonic() - start)
         if outcome.entry is None or not outcome.entry["result"]:
             why = outcome.skip or "no mask found"
             log.info("retrieve: no prediction for task %s: %s", task_id, why)
@@ -210,6 +211,30 @@ class TaskTimes:
             self._recent.setdefault(mode, deque(maxlen=self._keep)).append(seconds)
 
 
+def task_times(runtime) -> TaskTimes:
+    """The runtime's "Retrieve predictions" task times (kept in `runtime.extensions`)."""
+    return runtime.extension("labelstudio.task_times", TaskTimes)
+
+
+def background_job(runtime, api: LabelStudioAPI | None = None) -> BackgroundJob | None:
+    """The process's background job for "Retrieve predictions", created on first use (with
+    `api`, else a client for the configured Label Studio) and kept in `runtime.extensions`; None
+    when it is switched off or Label Studio's API is not configured."""
+    settings = runtime.settings
+    if not (settings.background_job and settings.label_studio_url and settings.label_studio_api_key):
+        return None
+
+    def create() -> BackgroundJob | None:
+        try:
+            client = api or LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+        except Exception as e:  # an expired token, say: say so, answer what can be answered
+            log.warning("no background job: cannot use the Label Studio API (%s)", describe(e))
+            return None
+        return BackgroundJob(runtime, client)
+
+    return runtime.extension("labelstudio.background_job", create)
+
+
 @dataclass
 class _Handed:
     task_id: int
@@ -313,7 +338,7 @@ class BackgroundJob:
             )
             return "failed"
         return predict_and_write(
-            self.api, engine, task, config, engine.model_version, self.runtime.task_times
+            self.api, engine, task, config, engine.model_version, task_times(self.runtime)
         )
 
     def _log(self, started: float, seen: int, final: bool = False) -> None:

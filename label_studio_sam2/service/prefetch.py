@@ -1,6 +1,6 @@
 """Pre-encoding the next tasks after a labeler's click (PREFETCH_TASKS).
 
-After a click the server starts `label-studio-sam2 warm --after-task T --limit N` (label_studio_sam2.service.warm)
+After a click the server starts `label-studio-sam2 warm --after-task T --limit N` (label_studio_sam2.labelstudio.warm)
 as a separate process at the lowest CPU priority (nice 19), so it only uses time the server
 leaves idle; at most one such job runs at a time. It is the in-process backend's child of
 `label_studio_sam2.service.handoff`: it gets the server's effective settings (the model the server

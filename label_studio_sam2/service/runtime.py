@@ -3,9 +3,12 @@
 `Runtime` owns what lives as long as the process: the settings it was given, the metrics, the
 media client, the prompt memory (shared through Redis with REDIS_URL), the loaded image model
 with its embedding cache and store, the video tracker (built on the first video task), the
-prefetcher, the task-time history of "Retrieve predictions" and its background job. The server
-(`label_studio_sam2.labelstudio.app`), the pre-encoding job (`label_studio_sam2.service.warm`) and the bulk CLI
-(`label_studio_sam2.cli.preannotate`) all build one; nothing else keeps per-process state in module globals.
+prefetcher, and what an adapter keeps for the process's lifetime (`extensions`: Label Studio's
+"Retrieve predictions" keeps its task times and background job there). The runtime speaks no
+annotation tool: the adapter gives it the media credentials (`auth`). The server
+(`label_studio_sam2.labelstudio.app`), the pre-encoding job (`label_studio_sam2.labelstudio.warm`) and the bulk CLI
+(`label_studio_sam2.cli.preannotate`) all build one (Label Studio's through
+`label_studio_sam2.labelstudio.runtime.runtime_for`); nothing else keeps per-process state in module globals.
 """
 
 from __future__ import annotations
@@ -19,15 +22,13 @@ from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
 from label_studio_sam2.engine.models import HubAccess, LoadedModel, load_image_model, load_video_model
 from label_studio_sam2.engine.store import EmbeddingStore
 from label_studio_sam2.engine.tracker import VideoTracker
-from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAuth, describe
-from label_studio_sam2.labelstudio.retrieve import BackgroundJob, TaskTimes
 from label_studio_sam2.service.admission import AdmissionQueue
 from label_studio_sam2.service.errors import Unavailable
 from label_studio_sam2.service.finetuned import ProjectSegmenters, TrainingLauncher
 from label_studio_sam2.service.handoff import Handoff, job_settings
 from label_studio_sam2.service.inflight import Coalescer
 from label_studio_sam2.service.jobqueue import JobQueue
-from label_studio_sam2.service.media import MediaClient, MediaLimits
+from label_studio_sam2.service.media import MediaAuth, MediaClient, MediaLimits, NoAuth
 from label_studio_sam2.service.metrics import Metrics
 from label_studio_sam2.service.prefetch import Prefetcher
 from label_studio_sam2.service.promptmemory import PromptMemory
@@ -64,7 +65,9 @@ class Runtime:
 
     `loaded`: an already loaded model (tests, the CLIs), used as is. Otherwise, with
     `load_in_background`, the model loads in a thread so /health answers while weights load;
-    without, call `load()`.
+    without, call `load()`. `auth`: the media credentials the adapter gives (Label Studio's
+    token: `label_studio_sam2.labelstudio.runtime.runtime_for`); none, only absolute http(s) and
+    data: URLs are fetched.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Runtime:
         loaded: LoadedModel | None = None,
         *,
         load_in_background: bool = True,
+        auth: MediaAuth | None = None,
     ):
         self.settings = settings
         self.metrics = metrics or Metrics()
@@ -85,7 +89,6 @@ class Runtime:
         self.prefetcher: Prefetcher | None = None
         self.project_segmenters: ProjectSegmenters | None = None  # once the model is loaded
         self._trainer: TrainingLauncher | None = None
-        self.task_times = TaskTimes()  # "Retrieve predictions": recent seconds per task, by mode
         self._video_tracker: VideoTracker | None = None
         self._video_lock = threading.Lock()
         self.video_calls = Coalescer()  # Label Studio's concurrent identical video requests
@@ -93,8 +96,10 @@ class Runtime:
         # the /predict admission queue (ADMISSION_QUEUE_SIZE): how many requests this process admits
         self.admission = AdmissionQueue(settings.admission_queue_size)
         self.metrics.watch_admission(self.admission)
-        self._job: BackgroundJob | None = None
-        self._job_lock = threading.Lock()
+        # what an adapter keeps for the process's lifetime, by name (Label Studio's Retrieve: its
+        # task times and background job); `extension` creates an entry once
+        self.extensions: dict[str, object] = {}
+        self._extensions_lock = threading.Lock()
         # the one hand-off of background work: RQ with REDIS_URL, else threads and child processes
         self.handoff = Handoff(
             settings, lambda: JobQueue(settings.redis_url, settings.job_chunk_tasks, self._carried)
@@ -106,9 +111,7 @@ class Runtime:
             allowed_hosts=settings.media_allowed_hosts,
             deadline_s=settings.predict_deadline_s,  # no download outlives its request
         )
-        self.media = MediaClient(
-            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key), limits
-        )
+        self.media = MediaClient(auth if auth is not None else NoAuth(), limits)
         # the box a labeler drew, for the clicks that follow: shared by every worker and replica
         # through Redis when there is one, else this process's own
         memory_bytes = int(settings.prompt_memory_mb * (1 << 20))
@@ -204,24 +207,17 @@ class Runtime:
                 self._video_tracker = VideoTracker(loaded, store=self.store)
             return self._video_tracker
 
-    def background_job(self, api: LabelStudioAPI | None = None) -> BackgroundJob | None:
-        """The process's background job for "Retrieve predictions", created on first use (with
-        `api`, else a client for the configured Label Studio); None when it is switched off or
-        Label Studio's API is not configured."""
-        settings = self.settings
-        if not (settings.background_job and settings.label_studio_url and settings.label_studio_api_key):
-            return None
-        with self._job_lock:
-            if self._job is None:
-                try:
-                    api = api or LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-                except Exception as e:  # an expired token, say: say so, answer what can be answered
-                    logging.getLogger("label_studio_sam2.bulk").warning(
-                        "no background job: cannot use the Label Studio API (%s)", describe(e)
-                    )
-                    return None
-                self._job = BackgroundJob(self, api)
-            return self._job
+    def extension(self, name: str, create):
+        """The adapter's `name` entry of `extensions`, made by `create()` on first use (once, under
+        a lock, however many threads ask). `create()` may return None: nothing is kept, and the
+        next call tries again."""
+        with self._extensions_lock:
+            value = self.extensions.get(name)
+            if value is None:
+                value = create()
+                if value is not None:
+                    self.extensions[name] = value
+            return value
 
     def _carried(self) -> dict:
         """What every job this server queues carries: its effective non-secret settings."""

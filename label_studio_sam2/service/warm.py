@@ -1,9 +1,11 @@
 """Pre-encoding: fill the embedding store so a labeler's first click on an image is instant.
 
-`label-studio-sam2 warm --project ID` encodes every image of a project into the persistent store
-(EMBEDDING_STORE_DIR) with a progress bar; it is resumable (images already stored are skipped,
-and an index of URL -> content key lets a second run skip even the download). The server starts
-the same job for the next few tasks after a labeler's click (label_studio_sam2.service.prefetch).
+The tool-neutral part: `encode_items` encodes the images at a list of (item id, URL) pairs into
+the persistent store (EMBEDDING_STORE_DIR) with a progress bar; it is resumable (images already
+stored are skipped, and an index of URL -> content key, `UrlIndex`, lets a second run skip even the
+download). Which items a project has is the adapter's: `label-studio-sam2 warm --project ID`
+(label_studio_sam2.labelstudio.warm) reads Label Studio's tasks. The server starts the same job
+for the next few tasks after a labeler's click (label_studio_sam2.service.prefetch).
 """
 
 from __future__ import annotations
@@ -20,25 +22,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from label_studio_sam2.engine.models import encoder_precision
-from label_studio_sam2.labelstudio.api import LabelStudioAPI
-from label_studio_sam2.labelstudio.protocol import LabelConfig, parse_label_config
 from label_studio_sam2.service.errors import BackendError
-from label_studio_sam2.service.runtime import Runtime
-from label_studio_sam2.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 INDEX = "urls.jsonl"
-
-
-def _api(settings: Settings):
-    """The Label Studio API client bulk pre-annotation uses (label-studio-sdk, with retries)."""
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        raise SystemExit(
-            "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token or legacy token), "
-            "or pass --url and --api-key"
-        )
-    return LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
 
 
 class UrlIndex:
@@ -93,40 +81,13 @@ class WarmSummary:
         )
 
 
-def warm_project(
-    settings: Settings,
-    project: int,
-    *,
-    after_task: int | None = None,
-    limit: int | None = None,
-    progress: bool = True,
-    api=None,
-    loaded=None,
-) -> WarmSummary:
-    """Encode the images of a project's tasks into the store. Downloads overlap encoding."""
-    if not settings.store_dir:
-        raise SystemExit("set EMBEDDING_STORE_DIR (or --store DIR): pre-encoding fills that store")
-    api = api or _api(settings)
-    config: LabelConfig = parse_label_config(api.label_config(project))
-    images = config.images()
-    if not images:
-        raise SystemExit(f"project {project}'s label config has no <Image>: nothing to pre-encode")
-    runtime = Runtime(settings, loaded=loaded, load_in_background=False)  # what the server builds
-    if loaded is None:
-        runtime.load()
+def encode_items(runtime, todo: list[tuple[int, str]], progress: bool = True) -> WarmSummary:
+    """Encode the images at `todo`'s (item id, URL) pairs into the runtime's store, those stored
+    already skipped (the URL index lets a second run skip even the download). Downloads overlap
+    encoding; a failed download is reported by item id, and the rest go on."""
     segmenter = runtime.require(0)
     predictor, store = segmenter.predictor, runtime.store
     index = UrlIndex(store.dir)
-    todo = []
-    tasks = sorted(api.iter_tasks(project), key=lambda t: t["id"])  # "next tasks" means by id
-    for task in tasks:
-        if after_task is not None and task["id"] <= after_task:
-            continue
-        url = (task.get("data") or {}).get(images[0].value_key)
-        if isinstance(url, str) and url:
-            todo.append((task["id"], url))
-        if limit and len(todo) >= limit:
-            break
     summary = WarmSummary(model=predictor.loaded.model_id, precision=encoder_precision(predictor.loaded))
     start = time.perf_counter()
 
