@@ -114,17 +114,12 @@ def test_no_function_local_first_party_imports():
     assert not local, local
 
 
-# Edges from the service into the Label Studio adapter that are still to be cut (issue 21): the
-# service modules that still take or give Label Studio's formats. The list may only shrink: a new
-# edge fails, and so does one listed here that is gone (delete it from the list). None is left:
-# the service imports nothing of the adapter.
-NOT_YET_NEUTRAL: set[tuple[str, str]] = set()
 WEB = ("flask", "werkzeug", "label_studio_sdk")
 
 
-def layer_edges() -> tuple[list[str], set[tuple[str, str]]]:
-    """(imports against the direction, the service's imports of the adapter)."""
-    wrong, service_to_adapter = [], set()
+def layer_edges() -> list[str]:
+    """The imports against the direction."""
+    wrong = []
     package = REPO / PACKAGE
     for path in py_files(PACKAGE):
         rel = path.relative_to(package)
@@ -139,32 +134,25 @@ def layer_edges() -> tuple[list[str], set[tuple[str, str]]]:
                 wrong.append(f"{rel} imports {name}: the engine is given its options, it reads no settings")
             if layer in ("service", "labelstudio", "cli") and top == "torch":
                 wrong.append(f"{rel} imports {name}: only the engine imports torch")
-            if layer == "service" and (top in WEB or target == "cli"):
-                wrong.append(f"{rel} imports {name}")
-            if layer == "service" and target == "labelstudio":
-                service_to_adapter.add((str(rel), name))
+            if layer == "service" and (top in WEB or target in ("labelstudio", "cli")):
+                wrong.append(f"{rel} imports {name}: the service is tool-neutral")
             if layer == "labelstudio" and target == "cli":
                 wrong.append(f"{rel} imports {name}")
             if layer == "cli" and top in WEB and name != "werkzeug.serving":
                 wrong.append(f"{rel} imports {name}: the CLI starts the adapter, it does not speak HTTP")
-    return wrong, service_to_adapter
+    return wrong
 
 
 def test_imports_point_one_way():
     """engine <- service <- labelstudio <- cli: Flask and label_studio_sdk only in the adapter,
-    torch only in the engine, the settings never in the engine."""
-    wrong, service_to_adapter = layer_edges()
+    nothing of the adapter in the service, torch only in the engine, the settings never in the
+    engine."""
+    wrong = layer_edges()
     for path in py_files(PACKAGE, "tools", "bench", "devkit", "deploy"):
         wrong += [
             f"{path.relative_to(REPO)} imports {n}" for n, _ in imports(path) if n.split(".")[0] == "tests"
         ]
     assert not wrong, wrong
-    assert service_to_adapter <= NOT_YET_NEUTRAL, (
-        f"new imports of the adapter by the service: {sorted(service_to_adapter - NOT_YET_NEUTRAL)}"
-    )
-    assert service_to_adapter >= NOT_YET_NEUTRAL, (
-        f"cut, so delete from NOT_YET_NEUTRAL: {sorted(NOT_YET_NEUTRAL - service_to_adapter)}"
-    )
 
 
 def test_only_the_package_is_installed():
