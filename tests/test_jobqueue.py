@@ -184,19 +184,12 @@ VIDEO_CONFIG = f"""<View>
 </View>"""
 
 
-# CPU_PRECISION's default (fp32) only: the video tracker's encoder is fp32 on CPU either way
-def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
-    redis_server, media_server, tmp_path, caplog
-):
+def _video_task_and_cut_request(media_server, tmp_path):
+    """A one-object video task, and `post(app)`: its Retrieve request (no regions in the context)
+    whose first decoded frame stalls longer than the request's deadline, so the deadline cuts the
+    track on any machine, however fast its CPU (the deadline itself leaves ample time to start)."""
     import label_studio_sam2.engine.frames
     from devkit.videos import Shape, moving_shapes, write_video
-    from label_studio_sam2.cli.main import FIXTURE
-    from label_studio_sam2.engine.models import load_image_model
-    from label_studio_sam2.labelstudio.app import create_app
-    from label_studio_sam2.labelstudio.jobs import JobRunner
-    from label_studio_sam2.service.jobqueue import chunk_from_job
-    from label_studio_sam2.service.settings import Settings
-    from tests.test_preannotate import FakeLabelStudio
 
     w, h = 96, 64
     red = Shape((230, 20, 20), (8, 10, 28, 30), (0.5, 0.25))
@@ -218,25 +211,50 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
         "value": {"framesCount": VIDEO_FRAMES, "sequence": [keyframe], "labels": ["Car"]},
     }
     task = {"id": 5, "data": {"video": url}, "annotations": [{"id": 1, "result": [region]}]}
-    # During the request the video's first decoded frame stalls longer than the whole request's
-    # deadline (a slow disk or network), so the deadline cuts the track on any machine, however
-    # fast its CPU. The deadline itself leaves ample time to start tracking.
     deadline_s = 5.0
+
+    def post(app) -> dict:
+        rgb, decoded = label_studio_sam2.engine.frames.VideoReader._rgb, []
+
+        def stalling_rgb(self, frame):
+            decoded.append(frame)
+            if len(decoded) == 1:
+                time.sleep(deadline_s + 1.0)
+            return rgb(self, frame)
+
+        with pytest.MonkeyPatch.context() as stalled:
+            stalled.setattr(label_studio_sam2.engine.frames.VideoReader, "_rgb", stalling_rgb)
+            body = (
+                app.test_client().post("/predict", json=predict_body([task], None, VIDEO_CONFIG)).get_json()
+            )
+        assert 0 < len(decoded) < VIDEO_FRAMES  # the request stopped tracking after the stall
+        return body
+
+    return task, deadline_s, post
+
+
+def _whole_track(prediction: dict) -> None:
+    frames = [k["frame"] for k in prediction["result"][0]["value"]["sequence"]]
+    assert max(frames) == VIDEO_FRAMES, frames
+
+
+# CPU_PRECISION's default (fp32) only: the video tracker's encoder is fp32 on CPU either way
+def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
+    redis_server, media_server, tmp_path, caplog
+):
+    from label_studio_sam2.cli.main import FIXTURE
+    from label_studio_sam2.engine.models import load_image_model
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.labelstudio.jobs import JobRunner
+    from label_studio_sam2.service.jobqueue import chunk_from_job
+    from label_studio_sam2.service.settings import Settings
+    from tests.test_preannotate import FakeLabelStudio
+
+    task, deadline_s, post = _video_task_and_cut_request(media_server, tmp_path)
     settings = Settings.from_env(redis_url=redis_server.url, predict_deadline_s=deadline_s)
     app = create_app(settings, loaded_model=load_image_model(str(FIXTURE), "cpu"))
     runtime = app.extensions["sam2"]
-    rgb, decoded = label_studio_sam2.engine.frames.VideoReader._rgb, []
-
-    def stalling_rgb(self, frame):
-        decoded.append(frame)
-        if len(decoded) == 1:
-            time.sleep(deadline_s + 1.0)
-        return rgb(self, frame)
-
-    with pytest.MonkeyPatch.context() as stalled:
-        stalled.setattr(label_studio_sam2.engine.frames.VideoReader, "_rgb", stalling_rgb)
-        body = app.test_client().post("/predict", json=predict_body([task], None, VIDEO_CONFIG)).get_json()
-    assert 0 < len(decoded) < VIDEO_FRAMES  # the request stopped tracking after the stall
+    body = post(app)
     assert body["results"] == [[]]  # no partial track for Label Studio to store
     queue = runtime.job_queue()
     [run] = queue.runs(1)
@@ -250,9 +268,36 @@ def test_a_video_track_the_deadline_would_cut_is_queued_and_written_whole(
     line = [r.getMessage() for r in caplog.records if r.name == "label_studio_sam2.labelstudio.video"][-1]
     assert "partial" not in line, line  # the worker tracked to the end
     [prediction] = ls.tasks[5]["predictions"]
-    frames = [k["frame"] for k in prediction["result"][0]["value"]["sequence"]]
-    assert max(frames) == VIDEO_FRAMES, frames
+    _whole_track(prediction)
     assert queue.status(run.id).counts == {"done": 1} and not queue.holds(5)
+
+
+def test_without_redis_a_video_track_the_deadline_would_cut_goes_to_the_background_job_whole(
+    media_server, tmp_path
+):
+    """The in-process side of the same hand-off: no REDIS_URL, so the server's background job
+    (a thread on the server's model) tracks the task to the end and writes it once."""
+    from label_studio_sam2.cli.main import FIXTURE
+    from label_studio_sam2.engine.models import load_image_model
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.labelstudio.retrieve import background_job
+    from label_studio_sam2.service.settings import Settings
+    from tests.test_preannotate import FakeLabelStudio
+
+    task, deadline_s, post = _video_task_and_cut_request(media_server, tmp_path)
+    settings = Settings.from_env(
+        predict_deadline_s=deadline_s, label_studio_url="http://ls.invalid", label_studio_api_key="k"
+    )
+    app = create_app(settings, loaded_model=load_image_model(str(FIXTURE), "cpu"))
+    runtime = app.extensions["sam2"]
+    ls = FakeLabelStudio(config=VIDEO_CONFIG, tasks=[task])
+    job = background_job(runtime, api=ls)  # the process's job, writing to this Label Studio
+    body = post(app)
+    assert body["results"] == [[]]  # no partial track for Label Studio to store
+    assert job.wait_idle(120)
+    [prediction] = ls.tasks[5]["predictions"]  # written once, whole
+    _whole_track(prediction)
+    assert job.counts == {"done": 1}
 
 
 @BOTH_PRECISIONS

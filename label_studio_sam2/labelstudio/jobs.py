@@ -19,16 +19,14 @@ from label_studio_sam2.labelstudio.api import (
     LabelStudioAPI,
     LabelStudioAPIError,
     project_task,
-    write_if_absent,
 )
 from label_studio_sam2.labelstudio.bulk import Preannotator
-from label_studio_sam2.labelstudio.protocol import parse_label_config, task_data_url
-from label_studio_sam2.labelstudio.retrieve import predict_and_write_why
-from label_studio_sam2.labelstudio.video import predict_video_task
+from label_studio_sam2.labelstudio.protocol import parse_label_config
+from label_studio_sam2.labelstudio.retrieve import predict_and_write_why, track_and_write
 from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError, BadRequest
 from label_studio_sam2.service.handoff import job_differences, job_refusal, video_limits
-from label_studio_sam2.service.jobqueue import CHUNK_TIMEOUT_S, Chunk, JobQueue
+from label_studio_sam2.service.jobqueue import Chunk, JobQueue
 from label_studio_sam2.service.runtime import Runtime
 from label_studio_sam2.service.warm import UrlIndex, encode_into_store
 
@@ -127,34 +125,12 @@ class JobRunner:
         return dict(counts)
 
     def _track(self, task: dict, config, chunk: Chunk) -> str:
-        """A video task's whole track (no deadline but the job's), written unless the task has a
-        prediction of this version already."""
-        runtime, task_id = self.runtime, task["id"]
+        """A video task's whole track, written unless the task has a prediction of this version
+        already; the limits are the server's, as the job carries them."""
+        runtime = self.runtime
         version = chunk.model_version or runtime.model_version
-        limits = video_limits(runtime.settings, chunk.settings)  # the server's, as the job carries them
-
-        def track():
-            url = task_data_url(task, config, config.videos()[0].name)
-            with runtime.media.lazy_file(url, task_id) as download:
-                entry = predict_video_task(
-                    task,
-                    None,
-                    chunk.label_config,
-                    download,
-                    runtime.video_tracker(),
-                    deadline_s=CHUNK_TIMEOUT_S,
-                    model_version=version,
-                    **limits,
-                )
-            return entry, "nothing tracked"
-
-        try:
-            return write_if_absent(self.api, task_id, version, track)[0]
-        except (BackendError, LabelStudioAPIError) as e:
-            log.warning("video task %r failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
-        except Exception:  # a bug must not cost the chunk's other tasks
-            log.exception("video task %r failed", task_id)
-        return "failed"
+        limits = video_limits(runtime.settings, chunk.settings)
+        return track_and_write(runtime, self.api, task, config, chunk.label_config, version, limits)
 
     def _warm(self, task: dict, config) -> str:
         """Encode the task's image into the embedding store (shared with the server and the other

@@ -31,10 +31,13 @@ from label_studio_sam2.labelstudio.api import (
 )
 from label_studio_sam2.labelstudio.bulk import Preannotator
 from label_studio_sam2.labelstudio.project_job import duration
-from label_studio_sam2.labelstudio.protocol import LabelConfig, parse_label_config
+from label_studio_sam2.labelstudio.protocol import LabelConfig, parse_label_config, task_data_url
 from label_studio_sam2.labelstudio.regions import task_entry
+from label_studio_sam2.labelstudio.video import predict_video_task
 from label_studio_sam2.service.bulk import PreannotateOptions
 from label_studio_sam2.service.errors import BackendError, Unavailable
+from label_studio_sam2.service.handoff import video_limits
+from label_studio_sam2.service.jobqueue import CHUNK_TIMEOUT_S
 from label_studio_sam2.service.segment import TaskDeadline
 
 log = logging.getLogger("label_studio_sam2.bulk")
@@ -159,7 +162,9 @@ class QueuedHandoff:
             self._down = True
             return False
 
-    def submit(self, task_id: int, project: int, options: PreannotateOptions, segmenter=None) -> None:
+    def submit(self, task_id: int, project: int, options: PreannotateOptions | None, segmenter=None) -> None:
+        """Hand over a task: an image task predicted with `options`, or (`options` None) a video
+        task the request's deadline cut, tracked whole."""
         if not self._ids:
             self.queue.workers()  # Redis down: the request fails now, clearly, not after the last task
         self._ids.append(task_id)
@@ -216,6 +221,9 @@ def task_times(runtime) -> TaskTimes:
     return runtime.extension("labelstudio.task_times", TaskTimes)
 
 
+BACKGROUND_JOB = "labelstudio.background_job"  # its key in runtime.extensions
+
+
 def background_job(runtime, api: LabelStudioAPI | None = None) -> BackgroundJob | None:
     """The process's background job for "Retrieve predictions", created on first use (with
     `api`, else a client for the configured Label Studio) and kept in `runtime.extensions`; None
@@ -232,15 +240,59 @@ def background_job(runtime, api: LabelStudioAPI | None = None) -> BackgroundJob 
             return None
         return BackgroundJob(runtime, client)
 
-    return runtime.extension("labelstudio.background_job", create)
+    return runtime.extension(BACKGROUND_JOB, create)
+
+
+def background_job_holds(runtime, task_id) -> bool:
+    """The process's background job (if one was made) has `task_id` queued or running."""
+    job = runtime.extensions.get(BACKGROUND_JOB)
+    return job is not None and job.holds(task_id)
 
 
 @dataclass
 class _Handed:
     task_id: int
     project: int
-    options: PreannotateOptions
+    options: PreannotateOptions | None  # None: a video task, tracked whole
     segmenter: Any = None  # the project's; None: the runtime's
+
+
+def track_and_write(
+    runtime,
+    api: LabelStudioAPI,
+    task: dict,
+    config: LabelConfig,
+    label_config_xml: str,
+    version: str,
+    limits: dict,
+) -> str:
+    """A video task's whole track (no deadline but a job's, CHUNK_TIMEOUT_S), written unless the
+    task has a prediction of `version` already: "done", "skipped" or "failed" (logged). The
+    in-process background job and the queue's workers share it."""
+    task_id = task["id"]
+
+    def track():
+        url = task_data_url(task, config, config.videos()[0].name)
+        with runtime.media.lazy_file(url, task_id) as download:
+            entry = predict_video_task(
+                task,
+                None,
+                label_config_xml,
+                download,
+                runtime.video_tracker(),
+                deadline_s=CHUNK_TIMEOUT_S,
+                model_version=version,
+                **limits,
+            )
+        return entry, "nothing tracked"
+
+    try:
+        return write_if_absent(api, task_id, version, track)[0]
+    except (BackendError, LabelStudioAPIError) as e:
+        log.warning("video task %r failed: %s", task_id, e.message if isinstance(e, BackendError) else e)
+    except Exception:  # a bug must not cost the other tasks
+        log.exception("video task %r failed", task_id)
+    return "failed"
 
 
 class BackgroundJob:
@@ -276,7 +328,9 @@ class BackgroundJob:
         with self._cv:
             return bool(self._ids)
 
-    def submit(self, task_id: int, project: int, options: PreannotateOptions, segmenter=None) -> None:
+    def submit(self, task_id: int, project: int, options: PreannotateOptions | None, segmenter=None) -> None:
+        """Hand over a task: an image task predicted with `options`, or (`options` None) a video
+        task the request's deadline cut, tracked whole."""
         with self._cv:
             if task_id in self._ids:
                 return
@@ -321,7 +375,9 @@ class BackgroundJob:
 
     def _process(self, item: _Handed) -> str:
         """Read the task and the project's label config from Label Studio, check the task is the
-        project's, then predict and write (`predict_and_write`)."""
+        project's, then predict and write (`predict_and_write`), or track and write a video."""
+        if item.options is None:
+            return self._track(item)
         engine = Preannotator(item.segmenter or self.runtime.segmenter, item.options)
         try:
             task = project_task(self.api, item.task_id, item.project)
@@ -339,6 +395,23 @@ class BackgroundJob:
             return "failed"
         return predict_and_write(
             self.api, engine, task, config, engine.model_version, task_times(self.runtime)
+        )
+
+    def _track(self, item: _Handed) -> str:
+        try:
+            task = project_task(self.api, item.task_id, item.project)
+            xml = self.api.label_config(item.project)
+            config = parse_label_config(xml)
+        except (BackendError, LabelStudioAPIError) as e:
+            log.warning(
+                "background job: video task %r failed: %s",
+                item.task_id,
+                e.message if isinstance(e, BackendError) else e,
+            )
+            return "failed"
+        runtime = self.runtime
+        return track_and_write(
+            runtime, self.api, task, config, xml, runtime.model_version, video_limits(runtime.settings)
         )
 
     def _log(self, started: float, seen: int, final: bool = False) -> None:

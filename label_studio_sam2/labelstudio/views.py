@@ -34,7 +34,7 @@ from label_studio_sam2.labelstudio.protocol import (
     parse_label_config,
     task_data_url,
 )
-from label_studio_sam2.labelstudio.retrieve import retrieve_worker
+from label_studio_sam2.labelstudio.retrieve import background_job, background_job_holds, retrieve_worker
 from label_studio_sam2.labelstudio.video import predict_video_task
 from label_studio_sam2.service.errors import BackendError, BadRequest, Kind, Unavailable
 from label_studio_sam2.service.media import request_deadline
@@ -374,11 +374,16 @@ def _track_video(
     task_id = task.get("id")
     # Retrieve (no regions in the context) with REDIS_URL: a track the deadline cuts goes to the
     # job queue, which writes it whole, instead of Label Studio storing a partial one
-    queue = runtime.job_queue() if regions is None and settings.background_job else None
-    if queue is not None and (not isinstance(task_id, int) or project is None):
-        queue = None  # the worker reads the task from Label Studio and checks it is the project's
+    # Without it, to the process's background job (a thread on the server's model), likewise.
+    retrieve = (
+        regions is None and settings.background_job and isinstance(task_id, int) and project is not None
+    )
+    # (the job reads the task from Label Studio and checks it is the project's)
+    queue = runtime.job_queue() if retrieve else None
     if queue is not None and _held(queue, task_id):
         return []  # queued by an earlier request, still on its way
+    if retrieve and queue is None and background_job_holds(runtime, task_id):
+        return []  # handed to the background job by an earlier request, still on its way
     with runtime.media.lazy_file(url, task_id) as download:  # only once there is a region to track
         entry = predict_video_task(
             task,
@@ -392,7 +397,8 @@ def _track_video(
             max_pixels=int(settings.max_image_mp * 1e6),
             max_regions=settings.max_regions_per_task,
         )
-    if entry.pop("partial") and queue is not None:
+    partial = entry.pop("partial")
+    if partial and queue is not None:
         run = queue.start_run(
             [task_id],
             project=project,
@@ -410,6 +416,11 @@ def _track_video(
             queue.workers(),
         )
         return []  # Label Studio stores nothing now; the worker writes the whole track
+    job = background_job(runtime) if partial and retrieve and queue is None else None
+    if job is not None:
+        job.submit(task_id, project, None)
+        log.info("video task %r: the track outlives the request; handed whole to the background job", task_id)
+        return []  # Label Studio stores nothing now; the background job writes the whole track
     return entry
 
 
