@@ -313,7 +313,7 @@ class BackgroundJob:
         self._cv = threading.Condition()
         self._queue: deque[_Handed] = deque()
         self._ids: set[int] = set()  # queued or being predicted
-        self._configs: dict[int, LabelConfig] = {}  # project -> label config, read once a batch
+        self._configs: dict[int, tuple[str, LabelConfig]] = {}  # project -> label config, read once a batch
         self._thread: threading.Thread | None = None
         self.counts: Counter = Counter()
         self._outcomes = runtime.metrics.background_tasks
@@ -376,43 +376,32 @@ class BackgroundJob:
     def _process(self, item: _Handed) -> str:
         """Read the task and the project's label config from Label Studio, check the task is the
         project's, then predict and write (`predict_and_write`), or track and write a video."""
-        if item.options is None:
-            return self._track(item)
-        engine = Preannotator(item.segmenter or self.runtime.segmenter, item.options)
-        try:
-            task = project_task(self.api, item.task_id, item.project)
-            config = self._configs.get(item.project)
-            if config is None:
-                config = parse_label_config(self.api.label_config(item.project))
-                engine.check(config)  # the project's config, not the request's
-                self._configs[item.project] = config
-        except (BackendError, LabelStudioAPIError) as e:
-            log.warning(
-                "background job: task %r failed: %s",
-                item.task_id,
-                e.message if isinstance(e, BackendError) else e,
-            )
-            return "failed"
-        return predict_and_write(
-            self.api, engine, task, config, engine.model_version, task_times(self.runtime)
+        engine = (
+            None
+            if item.options is None
+            else Preannotator(item.segmenter or self.runtime.segmenter, item.options)
         )
-
-    def _track(self, item: _Handed) -> str:
         try:
             task = project_task(self.api, item.task_id, item.project)
-            xml = self.api.label_config(item.project)
-            config = parse_label_config(xml)
+            if item.project not in self._configs:
+                xml = self.api.label_config(item.project)
+                self._configs[item.project] = (xml, parse_label_config(xml))
+            xml, config = self._configs[item.project]
+            if engine is not None:
+                engine.check(config)  # the project's config, not the request's
         except (BackendError, LabelStudioAPIError) as e:
             log.warning(
-                "background job: video task %r failed: %s",
+                "background job: %s %r failed: %s",
+                "task" if engine is not None else "video task",
                 item.task_id,
                 e.message if isinstance(e, BackendError) else e,
             )
             return "failed"
         runtime = self.runtime
-        return track_and_write(
-            runtime, self.api, task, config, xml, runtime.model_version, video_limits(runtime.settings)
-        )
+        if engine is None:
+            limits = video_limits(runtime.settings)
+            return track_and_write(runtime, self.api, task, config, xml, runtime.model_version, limits)
+        return predict_and_write(self.api, engine, task, config, engine.model_version, task_times(runtime))
 
     def _log(self, started: float, seen: int, final: bool = False) -> None:
         if not seen:
