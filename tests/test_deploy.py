@@ -39,12 +39,14 @@ def _basic(user: str, password: str) -> dict[str, str]:
 # --- gunicorn config and WSGI entry ------------------------------------------------------------
 
 
-def test_gunicorn_config_reads_the_environment_and_never_imports_torch():
+def test_gunicorn_config_reads_the_environment_and_never_imports_torch_or_openvino():
     code = (
         "import json, runpy, sys\n"
         "cfg = runpy.run_path('deploy/gunicorn.conf.py')\n"
         "import label_studio_sam2.labelstudio.wsgi\n"  # what the master and each worker import before the app is built
         "assert 'torch' not in sys.modules, 'torch imported before fork'\n"
+        # OpenVINO compiles its encoder in each worker after the fork, never in the master
+        "assert 'openvino' not in sys.modules, 'openvino imported before fork'\n"
         "assert not label_studio_sam2.labelstudio.wsgi.app.loaded\n"
         "keys = ['bind', 'workers', 'threads', 'worker_class', 'timeout', 'graceful_timeout', 'preload_app']\n"
         "print(json.dumps({k: cfg[k] for k in keys}))\n"
