@@ -20,7 +20,10 @@ caller's to catch: `use_encoder_runtime` falls back to PyTorch with one warning.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -142,6 +145,19 @@ def _convert(vision_encoder: torch.nn.Module, image_size: int, out: Path) -> Non
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def release_freed_memory() -> None:
+    """Hand memory the allocator keeps after a conversion back to the system (glibc's
+    malloc_trim; elsewhere nothing). Tracing and converting hiera-tiny leave ~1.6 GB of freed
+    heap in the process: measured RSS 2.41 GB after converting, 0.81 GB after this (random
+    real-size hiera-tiny, 2-core EPYC); loading from the cache instead: 0.67 GB."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
+        pass
+
+
 class _Ticker:
     """Logs "still <doing> (N s)" every `every_s` while the block runs: conversion has no progress
     of its own to report, and a silent minute at start-up reads as a hang."""
@@ -195,6 +211,7 @@ def converted_encoder(vision_encoder: torch.nn.Module, cache_dir: Path, key: str
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("converted the image encoder to OpenVINO in %.1f s", time.perf_counter() - start)
+        release_freed_memory()
         return entry
 
 
