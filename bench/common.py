@@ -129,7 +129,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _own_modules(model):
+def own_modules(model):
     """A shallow copy of `model` whose submodule table is its own: putting its vision encoder on
     OpenVINO (which replaces `model.vision_encoder`) leaves `model`, the PyTorch variants' model,
     as it was. The weights are shared."""
@@ -162,9 +162,8 @@ def runtime_variants(base, runtimes, precisions, cache_dir: str | None) -> list[
     for precision in precisions:
         for runtime in runtimes:
             loaded = copy.copy(base)
-            loaded.model = _own_modules(base.model)
+            loaded.model = own_modules(base.model)
             loaded.cpu_encoder_autocast = torch.bfloat16 if precision == "bf16" else None
-            loaded.ov_encoder = None
             v = {
                 "runtime": runtime,
                 "precision": precision,
@@ -176,7 +175,7 @@ def runtime_variants(base, runtimes, precisions, cache_dir: str | None) -> list[
                 use_encoder_runtime(loaded, "openvino", cache)
                 v["first_start_s"] = round(time.perf_counter() - start, 2)
                 v["converted"] = ove.conversions - before
-                if loaded.ov_encoder is None:
+                if loaded.encoder_runtime != "openvino":
                     v["error"] = "OpenVINO did not load (see the warning above)"
             v["engine_precision"] = loaded.precision
             v["rss_mb"] = round(rss_mb())

@@ -236,7 +236,7 @@ def _runtime_child(
         use_encoder_runtime(loaded, "openvino", cache_dir)
         out["first_start_s"] = round(time.perf_counter() - t0, 2)
         out["converted"] = ove.conversions - before
-        if loaded.ov_encoder is None:
+        if loaded.encoder_runtime != "openvino":
             return out | {"error": "OpenVINO did not load (see the warning above)"}
         if loaded.model.vision_encoder is torch_encoder:
             return out | {
