@@ -7,8 +7,8 @@ runtime (torch, openvino) and precision (fp32, bf16: CPU_PRECISION's choices; Op
 INFERENCE_PRECISION_HINT). Quiet, and with --busy again beside two CPU-bound processes. Also:
 OpenVINO's first-start conversion time (into an empty cache) and its load time from the cache, the
 output's rel-L2 against PyTorch fp32 per feature level, and the process's RSS after each runtime's
-encodes (one process: the OpenVINO figure includes the PyTorch model, which stays loaded for the
-decoder and the fallback).
+encodes (one process: the OpenVINO figure includes the PyTorch model the torch rows use; a server
+on OpenVINO frees the PyTorch encoder's weights). One conversion serves both precisions.
 
     .venv/bin/python -m bench.encoder [--runtime torch openvino] [--precision fp32 bf16] [--busy]
 
@@ -18,7 +18,7 @@ Prints a table and writes bench/results/encoder.json (or --out).
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import io
 import tempfile
 import time
@@ -53,7 +53,7 @@ def _best(fn, repeats: int) -> float:
 
 def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_dir: str | None) -> dict:
     from label_studio_sam2.engine.image import ImagePredictor
-    from label_studio_sam2.engine.models import random_model, real_config, use_encoder_runtime
+    from label_studio_sam2.engine.models import random_model, real_config, with_encoder_runtime
 
     cpu, load_before = machine()
     torch.manual_seed(0)
@@ -74,24 +74,27 @@ def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_d
     variants = []
     for runtime in runtimes:
         for precision in precisions:
-            loaded = copy.copy(base)
-            loaded.cpu_encoder_autocast = torch.bfloat16 if precision == "bf16" else None
+            # the torch rows share the base model; an OpenVINO row is a view of it with its own encoder
+            loaded = dataclasses.replace(
+                base, cpu_encoder_autocast=torch.bfloat16 if precision == "bf16" else None
+            )
             row = {"runtime": runtime, "precision": precision}
             if runtime == "openvino":
                 from label_studio_sam2.engine import openvino_encoder as ove
 
                 before = ove.conversions
                 start = time.perf_counter()
-                use_encoder_runtime(loaded, "openvino", cache)
+                view = with_encoder_runtime(loaded, "openvino", cache)
                 row["first_load_s"] = round(time.perf_counter() - start, 2)
                 row["converted"] = ove.conversions - before
-                if loaded.ov_encoder is None:
+                if view.ov_encoder is None:
                     row["error"] = "OpenVINO did not load (see the warning above)"
                     r["rows"].append(row)
                     continue
                 start = time.perf_counter()
-                use_encoder_runtime(loaded, "openvino", cache)  # again: from the cache
+                loaded = with_encoder_runtime(loaded, "openvino", cache)  # again: from the cache
                 row["cached_load_s"] = round(time.perf_counter() - start, 2)
+                del view
             predictor = ImagePredictor(loaded)
             variants.append((row, predictor))
             row["quiet_s"] = round(_best(lambda p=predictor: p._encode(rgb), repeats), 3)

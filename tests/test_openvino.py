@@ -97,17 +97,25 @@ def test_f32_features_match_pytorch_fp32_at_every_level(models):
         assert max(errors) < 1e-3, errors
 
 
-def test_the_torch_tail_of_the_encoder_is_transformers_own(models):
-    """The part kept in PyTorch (decoder projections, no-memory embedding) is exactly what
-    `Sam2Model.get_image_embeddings` does after the vision encoder."""
-    model = models["torch", "fp32"].model
-    pixels = preprocess(make_scene(0).image, models["torch", "fp32"].image_size, torch.device("cpu"))
+def test_the_openvino_encoder_takes_the_pytorch_encoders_place_and_its_weights_go(models):
+    """transformers' own code calls it as it called the PyTorch encoder: the same outputs (FPN
+    levels within f32 rounding, position encodings exactly), for a batch of one or two, and the
+    model no longer holds the PyTorch encoder's weights."""
+    torch_model, ov_model = models["torch", "fp32"].model, models["openvino", "fp32"].model
+    assert isinstance(ov_model.vision_encoder, ove.OpenVINOVisionEncoder)
+    assert not list(ov_model.vision_encoder.parameters())
+    params = [sum(p.numel() for p in m.parameters()) for m in (torch_model, ov_model)]
+    encoder_params = sum(p.numel() for p in torch_model.vision_encoder.parameters())
+    assert params[1] == params[0] - encoder_params and encoder_params > params[1]
+    pixels = torch.cat([preprocess(make_scene(s).image, 128, torch.device("cpu")) for s in range(2)])
     with torch.inference_mode():
-        fpn = model.vision_encoder(pixels, return_dict=True).fpn_hidden_states
-        ours = ove.image_embeddings(model, list(fpn))
-        theirs = model.get_image_embeddings(pixels)
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        for batch in (pixels[:1], pixels):
+            ref = torch_model.vision_encoder(batch, return_dict=True)
+            got = ov_model.vision_encoder(batch, return_dict=True)
+            for a, b in zip(got.fpn_hidden_states, ref.fpn_hidden_states, strict=True):
+                assert a.shape == b.shape and _rel_l2(a, b) < 1e-3
+            for a, b in zip(got.fpn_position_encoding, ref.fpn_position_encoding, strict=True):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_bf16_features_stay_within_the_bf16_bounds_of_pytorch(models):
@@ -132,12 +140,15 @@ def test_clicks_and_boxes_give_pytorchs_masks(models, precision):
 def test_concurrent_calls_each_use_their_own_infer_request(models):
     encoder = models["openvino", "fp32"].ov_encoder
     pixels = [preprocess(make_scene(s).image, 128, torch.device("cpu")) for s in range(2)]
-    alone = [encoder(p) for p in pixels]
+    alone = [encoder.infer(p) for p in pixels]
+    made = encoder.requests_made
+    encoder.infer(pixels[0])
+    assert encoder.requests_made == made  # one at a time: an idle request is reused
     results = {}
 
     def run(i):
         for _ in range(3):
-            results.setdefault(i, []).append(encoder(pixels[i % 2]))
+            results.setdefault(i, []).append(encoder.infer(pixels[i % 2]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
@@ -146,6 +157,7 @@ def test_concurrent_calls_each_use_their_own_infer_request(models):
         for out in outs:
             for a, b in zip(out, alone[i % 2], strict=True):
                 torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert made <= encoder.requests_made <= made + 4  # pooled: never more than calls at once
 
 
 # --- the cache -----------------------------------------------------------------------------------
@@ -166,11 +178,20 @@ def test_a_second_load_reads_the_cache_and_converts_nothing(models, ov_cache, ca
     rgb = make_scene(2).image
     for a, b in zip(_features(again, rgb), _features(models["openvino", "fp32"], rgb), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    # the key names the model, OpenVINO's version, the precision and the input size
+    # the key names the model, OpenVINO's version, the stored weights' precision and the input size
     import openvino
 
     name = _entry(ov_cache, "f32").name
     assert name.startswith("sam2-shapes-") and f"-ov{openvino.__version__.split('-')[0]}-f32-128px" in name
+
+
+def test_one_conversion_serves_both_precisions(models, ov_cache):
+    """The module's fixture loaded f32 and bf16 from one empty cache: one entry (weights in f32),
+    compiled once per precision."""
+    entries = [p for p in ov_cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(entries) == 1, entries
+    bf16, f32 = models["openvino", "bf16"].ov_encoder, models["openvino", "fp32"].ov_encoder
+    assert bf16.cache_entry == f32.cache_entry == entries[0] and bf16.precision != f32.precision
 
 
 def _damage(entry, how):
@@ -303,7 +324,7 @@ def test_settings_choose_the_runtime_and_put_the_cache_beside_the_store(tmp_path
     from label_studio_sam2.service.settings import Settings, SettingsError, default_store_dir
 
     monkeypatch.delenv("ENCODER_RUNTIME")
-    assert Settings.from_env().encoder_runtime == "torch"  # the default: OpenVINO is opt-in
+    assert Settings.from_env().encoder_runtime == "auto"  # the default: OpenVINO on a CPU
     monkeypatch.setenv("ENCODER_RUNTIME", "OpenVINO")
     assert Settings.from_env().encoder_runtime == "openvino"
     monkeypatch.setenv("ENCODER_RUNTIME", "onnx")
@@ -329,7 +350,7 @@ def test_serve_takes_the_runtime_on_its_command_line():
 
 
 def test_the_server_loads_the_runtime_its_settings_name_from_the_cache_beside_its_store(
-    models, ov_cache, tmp_path
+    models, ov_cache, tmp_path, caplog
 ):
     """ENCODER_RUNTIME -> Settings -> Runtime.load -> load_image_model, as CPU_PRECISION flows; the
     converted encoder is looked up in `openvino/` beside EMBEDDING_STORE_DIR (here prefilled: no
@@ -337,7 +358,7 @@ def test_the_server_loads_the_runtime_its_settings_name_from_the_cache_beside_it
     from label_studio_sam2.service.runtime import Runtime
     from label_studio_sam2.service.settings import Settings
 
-    shutil.copytree(_entry(ov_cache, "bf16"), tmp_path / "openvino" / _entry(ov_cache, "bf16").name)
+    shutil.copytree(_entry(ov_cache, "f32"), tmp_path / "openvino" / _entry(ov_cache, "f32").name)
     settings = Settings.from_env(
         model=str(FIXTURE),
         device="cpu",
@@ -347,7 +368,95 @@ def test_the_server_loads_the_runtime_its_settings_name_from_the_cache_beside_it
     )
     before = ove.conversions
     runtime = Runtime(settings, load_in_background=False)
-    runtime.load()  # what the server's loader thread runs
+    with caplog.at_level(logging.INFO, logger="label_studio_sam2"):
+        runtime.load()  # what the server's loader thread runs
     assert runtime.error is None and runtime.image_model.encoder_runtime == "openvino"
     assert runtime.image_model.ov_encoder.precision == "bf16" and ove.conversions == before
     assert runtime.image_model.ov_encoder.cache_entry.parent == tmp_path / "openvino"
+    # the start-up log says what serves
+    assert "image encoder runtime openvino: encoder OpenVINO bf16, decoder fp32 (cpu)" in caplog.text
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "torch"])
+def test_health_says_which_runtime_and_precision_serve(models, runtime):
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
+
+    app = create_app(Settings.from_env(), loaded_model=models[runtime, "bf16"])
+    health = app.test_client().get("/health").get_json()
+    assert health["model_loaded"] is True and health["device"] == "cpu"
+    assert health["encoder_runtime"] == runtime
+    want = "encoder OpenVINO bf16" if runtime == "openvino" else "encoder bfloat16 autocast"
+    assert health["precision"] == f"{want}, decoder fp32 (cpu)"
+
+
+def test_warm_model_only_converts_ahead_so_the_server_starts_without_converting(tmp_path, capsys):
+    """`label-studio-sam2 warm --model-only` (what a Docker volume is prepared with) converts the
+    encoder into `openvino/` beside the store; the server then finds it there."""
+    from label_studio_sam2.cli.main import main
+    from label_studio_sam2.service.runtime import Runtime
+    from label_studio_sam2.service.settings import Settings
+
+    store = tmp_path / "models" / "embeddings"
+    before = ove.conversions
+    args = ["--model", str(FIXTURE), "--device", "cpu", "--encoder-runtime", "openvino"]
+    main(["warm", "--model-only", "--store", str(store), *args])
+    out = capsys.readouterr().out
+    assert ove.conversions == before + 1
+    assert "encoder runtime openvino: encoder OpenVINO f32, decoder fp32 (cpu)" in out
+    assert f"converted encoder: {tmp_path / 'models' / 'openvino'}/sam2-shapes-" in out
+    runtime = Runtime(
+        Settings.from_env(model=str(FIXTURE), device="cpu", encoder_runtime="auto", store_dir=str(store)),
+        load_in_background=False,
+    )
+    runtime.load()
+    assert runtime.image_model.encoder_runtime == "openvino" and ove.conversions == before + 1
+    with pytest.raises(SystemExit) as usage:  # one or the other
+        main(["warm", "--store", str(store), *args])
+    assert (
+        usage.value.code == 2
+        and "one of the arguments --project --model-only is required" in capsys.readouterr().err
+    )
+
+
+# --- video frames -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_video_frames_are_encoded_by_openvino_and_tracked_as_by_pytorch(models, precision, monkeypatch):
+    """The video model shares the image model's encoder, OpenVINO's included: its frames are
+    encoded there, stored under OpenVINO's precision tag, and tracked to PyTorch's boxes."""
+    from devkit.videos import ClipFrames, crossing_clip
+    from label_studio_sam2.engine.models import load_video_model
+    from label_studio_sam2.engine.tracker import VideoTracker
+    from label_studio_sam2.engine.tracks import ObjectPrompt
+    from tests.test_video import box_iou
+
+    image = models["openvino", precision]
+    encoded = []
+    infer = image.ov_encoder.infer
+    monkeypatch.setattr(image.ov_encoder, "infer", lambda pixels: encoded.append(1) or infer(pixels))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as tests/test_video.py tracks
+    try:
+        ov_video = load_video_model(str(FIXTURE), "cpu", share_with=image)
+        assert ov_video.model.vision_encoder is image.ov_encoder and ov_video.encoder_runtime == "openvino"
+        assert store_key(ov_video, "frame") == store_key(image, "frame")  # model:ov-f32:frame / ov-bf16
+        clip = crossing_clip(0, num_frames=16)
+        prompt = [ObjectPrompt(0, {4: clip.box(4)})]
+        ov_track = (
+            VideoTracker(ov_video)
+            .track(ClipFrames(clip), prompt, max_frames_each_way=11, lost_after=5)
+            .tracks[0]
+        )
+        torch_track = (
+            VideoTracker(load_video_model(str(FIXTURE), "cpu"))
+            .track(ClipFrames(clip), prompt, max_frames_each_way=11, lost_after=5)
+            .tracks[0]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert len(encoded) == 16  # every frame, by OpenVINO (PyTorch's tracker encoded its own)
+    assert set(ov_track.boxes) == set(torch_track.boxes) == set(range(16))
+    ious = [box_iou(ov_track.boxes[f], torch_track.boxes[f]) for f in range(16)]
+    assert min(ious) >= 0.9, ious

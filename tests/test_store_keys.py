@@ -99,7 +99,7 @@ def test_keys_name_model_and_precision_and_keep_the_keys_stores_already_hold(tin
 def test_an_openvino_encoder_has_keys_of_its_own_and_torch_keys_stay(tiny_model_dir):
     """ENCODER_RUNTIME=openvino: its features are not bitwise PyTorch's, so its entries are kept
     apart per precision (tests/test_openvino.py checks this through a store, with real models)."""
-    from label_studio_sam2.engine.openvino_encoder import OpenVINOEncoder
+    from label_studio_sam2.engine.openvino_encoder import OpenVINOVisionEncoder
 
     fp32 = load_image_model(str(tiny_model_dir), "cpu", "fp32", "torch")
     bf16 = load_image_model(str(tiny_model_dir), "cpu", "bf16", "torch")
@@ -108,7 +108,7 @@ def test_an_openvino_encoder_has_keys_of_its_own_and_torch_keys_stay(tiny_model_
     for hint, base in (("f32", fp32), ("bf16", bf16)):
         ov[hint] = LoadedModel(base.model, base.source, mid, base.device, base.image_size)
         ov[hint].cpu_encoder_autocast = base.cpu_encoder_autocast
-        ov[hint].ov_encoder = OpenVINOEncoder(None, hint, 2, None)
+        ov[hint].ov_encoder = OpenVINOVisionEncoder(None, hint, 2, None, None)
     assert store_key(ov["f32"], "img") == f"{mid}:ov-f32:img"
     assert store_key(ov["bf16"], "img") == f"{mid}:ov-bf16:img"
     assert (store_key(fp32, "img"), store_key(bf16, "img")) == (f"{mid}:img", f"{mid}:bf16:img")

@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from label_studio_sam2.cli.options import add_model_options
+from label_studio_sam2.cli.options import add_model_options, model_settings
 from label_studio_sam2.cli.parsers import ADD_PARSERS
 from label_studio_sam2.service.logs import setup_logging
 from label_studio_sam2.service.settings import TEST_MODEL_FIXTURE as FIXTURE
@@ -39,13 +39,7 @@ def exposure_warning(host: str, port: int, settings) -> str | None:
 
 def serve_settings(args) -> Settings:
     """The settings `serve` runs with: the environment, its flags winning."""
-    return Settings.from_env(
-        model=args.model,
-        device=args.device,
-        encoder_runtime=args.encoder_runtime,
-        host=args.host,
-        port=args.port,
-    )
+    return Settings.from_env(**model_settings(args), host=args.host, port=args.port)
 
 
 def listen_address(settings: Settings) -> tuple[str, int]:
@@ -126,12 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="(default: PORT, else 9090)")
     add_model_options(s)
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    s.add_argument(
-        "--encoder-runtime",
-        choices=["auto", "torch", "openvino"],
-        default=None,
-        help="what runs the image encoder on CPU: auto (OpenVINO where installed), torch, openvino (default: ENCODER_RUNTIME, else torch)",
-    )
     s.set_defaults(fn=cmd_serve)
 
     m = sub.add_parser(

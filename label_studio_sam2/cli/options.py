@@ -1,5 +1,5 @@
-"""What several commands share: `--model`/`--device`, `--url`/`--api-key`, and the Ctrl-C
-handling of long jobs (`stop_on_signals`)."""
+"""What several commands share: `--model`/`--device`/`--encoder-runtime`, `--url`/`--api-key`,
+and the Ctrl-C handling of long jobs (`stop_on_signals`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,22 @@ DEVICE_HELP = "auto | cpu | cuda | mps (default: DEVICE, else auto)"
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--model and --device, as every command that loads SAM2 takes them."""
+    """--model, --device and --encoder-runtime, as every command that loads SAM2 takes them
+    (`model_settings` turns them into Settings overrides)."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument(
+        "--encoder-runtime",
+        choices=["auto", "torch", "openvino"],
+        default=None,
+        help="what runs the image encoder on CPU: auto (OpenVINO, PyTorch where it cannot load), "
+        "torch, openvino (default: ENCODER_RUNTIME, else auto)",
+    )
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    """The Settings overrides `add_model_options`' flags give (None: the environment decides)."""
+    return dict(model=args.model, device=args.device, encoder_runtime=args.encoder_runtime)
 
 
 def add_label_studio_options(p: argparse.ArgumentParser) -> None:

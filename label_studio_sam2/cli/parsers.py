@@ -167,9 +167,20 @@ def add_warm_parser(sub: argparse._SubParsersAction) -> None:
         description="Encode every image of a Label Studio project into the persistent embedding store, "
         "so a labeler's first click on it only runs the mask decoder. Resumable: images already "
         "stored are skipped. Label Studio: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url / "
-        "--api-key).",
+        "--api-key). With --model-only, only load the model as the server would: weights fetched or "
+        "converted, and the image encoder converted for OpenVINO (ENCODER_RUNTIME), so the server's "
+        "first start does not wait for it.",
     )
-    w.add_argument("--project", type=int, required=True, help="project id")
+    which = w.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--project", type=int, default=None, help="project id (required, no default, unless --model-only)"
+    )
+    which.add_argument(
+        "--model-only",
+        action="store_true",
+        help="prepare the model and its converted encoder (in the store's folder's openvino/) and exit; "
+        "no Label Studio needed",
+    )
     w.add_argument("--store", default=None, help="store directory (default: EMBEDDING_STORE_DIR)")
     add_model_options(w)
     w.add_argument(

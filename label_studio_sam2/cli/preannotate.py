@@ -7,7 +7,7 @@ import sys
 import time
 
 import label_studio_sam2.labelstudio.queued_job as queued
-from label_studio_sam2.cli.options import stop_on_signals
+from label_studio_sam2.cli.options import model_settings, stop_on_signals
 from label_studio_sam2.engine.models import set_cpu_threads
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, Retry, describe
@@ -27,7 +27,7 @@ log = logging.getLogger("label_studio_sam2.bulk")
 
 def cmd_preannotate(args) -> None:
     settings = Settings.from_env(
-        model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
+        **model_settings(args), label_studio_url=args.url, label_studio_api_key=args.api_key
     )
     setup_logging(settings)
     if not (args.status or args.cancel) and not (settings.label_studio_url and settings.label_studio_api_key):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from label_studio_sam2.cli.options import stop_on_signals
+from label_studio_sam2.cli.options import model_settings, stop_on_signals
 from label_studio_sam2.engine.finetuned_decoders import DecoderVersions
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe
 from label_studio_sam2.labelstudio.runtime import runtime_for
@@ -18,8 +18,7 @@ from label_studio_sam2.service.trainruns import end_run, read_runs, runs_table, 
 
 def cmd_train(args) -> None:
     overrides = dict(
-        model=args.model,
-        device=args.device,
+        **model_settings(args),
         label_studio_url=args.url,
         label_studio_api_key=args.api_key,
         store_dir=args.store,

@@ -6,6 +6,7 @@ import sys
 import time
 
 import label_studio_sam2.labelstudio.queued_job as queued
+from label_studio_sam2.cli.options import model_settings
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPIError, describe
 from label_studio_sam2.labelstudio.protocol import parse_label_config
@@ -13,18 +14,20 @@ from label_studio_sam2.labelstudio.warm import _api, warm_project
 from label_studio_sam2.service.errors import BadRequest
 from label_studio_sam2.service.jobqueue import JobQueue, QueueUnavailable
 from label_studio_sam2.service.logs import setup_logging
+from label_studio_sam2.service.runtime import load_configured_model
 from label_studio_sam2.service.settings import Settings
 
 
 def cmd_warm(args) -> None:
     settings = Settings.from_env(
-        model=args.model,
-        device=args.device,
+        **model_settings(args),
         store_dir=args.store,
         label_studio_url=args.url,
         label_studio_api_key=args.api_key,
     )
     setup_logging(settings, "WARNING" if args.quiet else None)
+    if args.model_only:
+        return _model_only(settings)
     try:
         if args.queue:
             return _queue_warm(settings, args)
@@ -43,6 +46,20 @@ def cmd_warm(args) -> None:
     print(summary.keyed_by())
     for task_id, reason in summary.failed.items():
         print(f"  task {task_id}: {reason}")
+
+
+def _model_only(settings: Settings) -> None:
+    """`warm --model-only`: load the model as the server does (weights found or converted, the
+    image encoder converted for ENCODER_RUNTIME and cached), say what serves, and exit."""
+    start = time.perf_counter()
+    try:
+        loaded = load_configured_model(settings)
+    except ModelUnavailable as e:
+        sys.exit(f"warm: {e}")
+    print(f"model {loaded.model_id} ready in {time.perf_counter() - start:.1f} s on {loaded.device}")
+    print(f"  encoder runtime {loaded.encoder_runtime}: {loaded.precision}")
+    if loaded.ov_encoder is not None:
+        print(f"  converted encoder: {loaded.ov_encoder.cache_entry}")
 
 
 def _queue_warm(settings: Settings, args) -> None:

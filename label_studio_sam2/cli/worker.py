@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+from label_studio_sam2.cli.options import model_settings
 from label_studio_sam2.engine.models import set_cpu_threads
 from label_studio_sam2.engine.releases import ModelUnavailable
 from label_studio_sam2.labelstudio.api import LabelStudioAPI, LabelStudioAPIError, describe
@@ -20,7 +21,7 @@ from label_studio_sam2.service.settings import Settings
 
 def cmd_worker(args) -> None:
     settings = Settings.from_env(
-        model=args.model, device=args.device, label_studio_url=args.url, label_studio_api_key=args.api_key
+        **model_settings(args), label_studio_url=args.url, label_studio_api_key=args.api_key
     )
     setup_logging(settings)
     if not settings.redis_url:

@@ -24,7 +24,6 @@ import torch
 
 from label_studio_sam2.engine.mask_decoder import DecoderContext, decode, threads_for, weights_version
 from label_studio_sam2.engine.models import LoadedModel, store_key
-from label_studio_sam2.engine.openvino_encoder import image_embeddings
 from label_studio_sam2.engine.transforms import preprocess, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
@@ -251,9 +250,8 @@ class ImagePredictor:
     def _encode(self, rgb: np.ndarray) -> ImageEmbedding:
         start = time.perf_counter()
         pixel_values = preprocess(rgb, self.loaded.image_size, self.loaded.device)
-        if self.loaded.ov_encoder is not None:  # ENCODER_RUNTIME=openvino: the rest stays in torch
-            fpn = self.loaded.ov_encoder(pixel_values)
-            features = image_embeddings(self.loaded.model, [f.to(self.loaded.device) for f in fpn])
+        if self.loaded.ov_encoder is not None:  # ENCODER_RUNTIME=openvino: the model's vision_encoder
+            features = self.loaded.model.get_image_embeddings(pixel_values)  # the rest in fp32
         else:
             with self.loaded.encoder_autocast_context():
                 features = self.loaded.model.get_image_embeddings(pixel_values)

@@ -11,6 +11,8 @@ architecture that runs on CPU in milliseconds, `write_test_model()` saves one to
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import re
@@ -306,16 +308,22 @@ def use_encoder_runtime(
 ) -> LoadedModel:
     """Put `loaded`'s image encoder on the runtime `ENCODER_RUNTIME` picks (label_studio_sam2.engine.openvino_encoder:
     OpenVINO on a CPU where it is installed, for `auto`). OpenVINO computes in the precision
-    CPU_PRECISION chose (fp32 -> f32, bf16 -> bf16) on torch's thread count. When the package is
-    missing or conversion or compilation fails: one warning, and PyTorch serves."""
+    CPU_PRECISION chose (fp32 -> f32, bf16 -> bf16) on torch's thread count, and its encoder
+    replaces `loaded.model.vision_encoder` (the PyTorch encoder's weights are freed unless
+    something else holds them). When the package is missing or conversion or compilation fails:
+    one warning, and PyTorch serves. An encoder already on OpenVINO is kept."""
     chosen = ove.pick_runtime(loaded.device, runtime)
+    current = loaded.model.vision_encoder
+    if isinstance(current, ove.OpenVINOVisionEncoder):
+        loaded.ov_encoder = current
+        return loaded
     loaded.ov_encoder = None
     if chosen != "openvino":
         return loaded
     precision = "bf16" if loaded.cpu_encoder_autocast == torch.bfloat16 else "f32"
     try:
-        loaded.ov_encoder = ove.load_openvino_encoder(
-            loaded.model.vision_encoder, loaded.model_id, loaded.image_size, precision, cache_dir=cache_dir
+        encoder = ove.load_openvino_encoder(
+            current, loaded.model_id, loaded.image_size, precision, cache_dir=cache_dir
         )
     except Exception as e:  # ImportError, a conversion or compile error: PyTorch serves instead
         log.warning(
@@ -323,7 +331,22 @@ def use_encoder_runtime(
             type(e).__name__,
             str(e).splitlines()[0][:300] if str(e) else "",
         )
+        return loaded
+    loaded.model.vision_encoder = encoder
+    loaded.ov_encoder = encoder
     return loaded
+
+
+def with_encoder_runtime(
+    loaded: LoadedModel, runtime: str | None, cache_dir: str | os.PathLike | None = None
+) -> LoadedModel:
+    """`loaded` with its image encoder on `runtime`, leaving `loaded` as it was: a view of its
+    model sharing every module but the encoder (benchmarks and tests compare runtimes on one
+    set of weights)."""
+    model = copy.copy(loaded.model)
+    model._modules = dict(loaded.model._modules)
+    view = dataclasses.replace(loaded, model=model, lock=threading.RLock(), ov_encoder=None)
+    return use_encoder_runtime(view, runtime, cache_dir)
 
 
 def load_video_model(
@@ -348,7 +371,10 @@ def load_video_model(
         model, source, _model_id(source), dev, int(model.config.image_size), autocast_dtype(dev)
     )
     if share_with is not None and share_with.source == source:
+        # its encoder on OpenVINO too, when the image model's is (ENCODER_RUNTIME): frames are
+        # encoded as images are, and stored under the same precision tag
         model.vision_encoder = share_with.model.vision_encoder
+        loaded.ov_encoder = share_with.ov_encoder
         loaded.lock = share_with.lock
     return loaded
 

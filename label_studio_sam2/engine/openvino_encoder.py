@@ -1,17 +1,21 @@
 """The image encoder on OpenVINO: a CPU runtime that runs SAM2's vision encoder 2x faster than eager
 PyTorch on a quiet CPU and far faster when other work shares it (bench/encoder.py).
 
-Only `model.vision_encoder` (Hiera + FPN neck) is converted; what `Sam2Model.get_image_embeddings`
-does after it (the decoder's conv_s0/conv_s1 projections, which a fine-tune trains, and the
-no-memory embedding) stays in PyTorch, so the features have the structure the decoder consumes and
-fine-tuned decoders keep working on the base's converted encoder.
+Only `model.vision_encoder` (Hiera + FPN neck) is converted. `OpenVINOVisionEncoder` then takes its
+place in the model: transformers' own code (`Sam2Model.get_image_embeddings`, the video model's
+`get_image_features`) calls it as it called the PyTorch encoder, so image clicks, video frames,
+automatic masks and fine-tuning all run it, and the PyTorch encoder's weights are freed (held once,
+by OpenVINO). What comes after the encoder (the decoder's conv_s0/conv_s1 projections, which a
+fine-tune trains, and the no-memory embedding) stays in PyTorch, so fine-tuned decoders keep
+working on the base's converted encoder.
 
 The converted model is cached on disk, `<cache dir>/<key>/` (key: model id, a fingerprint of the
-encoder's weights, the OpenVINO version, the precision and the input size). It is written to a
-temporary directory and renamed into place, under a file lock (two processes never convert at
-once), with a manifest holding each file's sha256: a partial or corrupt entry is detected and
-rebuilt. Anything going wrong here is the caller's to catch: `load_image_model` falls back to
-PyTorch with one warning.
+encoder's weights, the OpenVINO version, the stored weights' precision and the input size). The
+weights are stored in f32 and the inference precision (f32 or bf16) is chosen when compiling, so
+one conversion serves both. An entry is written to a temporary directory and renamed into place,
+under a file lock (two processes never convert at once), with a manifest holding each file's
+sha256: a partial or corrupt entry is detected and rebuilt. Anything going wrong here is the
+caller's to catch: `use_encoder_runtime` falls back to PyTorch with one warning.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 ENCODER_RUNTIMES = ("auto", "torch", "openvino")
 MANIFEST = "manifest.json"
 XML, BIN = "encoder.xml", "encoder.bin"
+STORED_PRECISION = "f32"  # the converted weights; INFERENCE_PRECISION_HINT picks f32 or bf16 at compile
 conversions = 0  # conversions this process made (tests count them)
 
 
@@ -89,6 +96,8 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def cache_key(model_id: str, fingerprint: str, version: str, precision: str, image_size: int) -> str:
+    """The cache entry's name. precision: the STORED weights' (`f32`; an int8 entry would differ),
+    not the inference hint: f32 and bf16 compile from one entry."""
     version = version.split("-")[0]  # 2026.4.1-22982-e213a147257-releases/2026/4 -> 2026.4.1
     key = f"{model_id}-{fingerprint}-ov{version}-{precision}-{image_size}px"
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
@@ -133,6 +142,26 @@ def _convert(vision_encoder: torch.nn.Module, image_size: int, out: Path) -> Non
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+class _Ticker:
+    """Logs "still <doing> (N s)" every `every_s` while the block runs: conversion has no progress
+    of its own to report, and a silent minute at start-up reads as a hang."""
+
+    def __init__(self, doing: str, start: float, every_s: float = 10.0):
+        self.doing, self.start, self.every_s = doing, start, every_s
+        self._done = threading.Event()
+
+    def _tick(self) -> None:
+        while not self._done.wait(self.every_s):
+            log.info("still %s (%.0f s)", self.doing, time.perf_counter() - self.start)
+
+    def __enter__(self):
+        threading.Thread(target=self._tick, name="openvino-convert-ticker", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+
 def converted_encoder(vision_encoder: torch.nn.Module, cache_dir: Path, key: str, image_size: int) -> Path:
     """The directory of `vision_encoder` converted to OpenVINO under `cache_dir/key`: from the
     cache when it holds a valid entry, else converted (once: a file lock across processes and
@@ -150,14 +179,15 @@ def converted_encoder(vision_encoder: torch.nn.Module, cache_dir: Path, key: str
             log.info("OpenVINO image encoder loaded from the cache %s", entry)
             return entry
         log.info(
-            "converting the image encoder to OpenVINO (once, cached in %s): this takes a while "
-            "(hiera-tiny: 13-30 s on 2 cores)",
+            "converting the image encoder to OpenVINO (once per model and OpenVINO version, cached "
+            "in %s): this takes a while (hiera-tiny: 15-40 s on 2 cores, larger models longer)",
             entry,
         )
         start = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
         try:
-            _convert(vision_encoder, image_size, tmp)
+            with _Ticker("converting the image encoder to OpenVINO", start):
+                _convert(vision_encoder, image_size, tmp)
             if entry.exists():  # a partial or corrupt entry: replaced
                 log.warning("OpenVINO cache entry %s was incomplete or corrupt: rebuilt", entry)
                 shutil.rmtree(entry)
@@ -168,29 +198,59 @@ def converted_encoder(vision_encoder: torch.nn.Module, cache_dir: Path, key: str
         return entry
 
 
-class OpenVINOEncoder:
-    """The compiled vision encoder: `__call__(pixel_values)` -> the FPN levels as torch tensors,
-    as `vision_encoder(...).fpn_hidden_states` gives them. Each call has its own infer request,
-    so concurrent calls never share one."""
+class OpenVINOVisionEncoder(torch.nn.Module):
+    """The compiled vision encoder, standing in for transformers' Sam2 vision encoder
+    (`model.vision_encoder`): `forward(pixel_values)` returns its `fpn_hidden_states` (from
+    OpenVINO) and `fpn_position_encoding` (from the PyTorch encoder's parameter-free sine
+    encoding, kept as `neck.position_encoding`, where transformers' video code also reads it).
 
-    def __init__(self, compiled, precision: str, threads: int, cache_entry: Path | None):
+    Concurrent calls never share an infer request: each takes an idle one from a pool, or makes
+    one when every request is busy, and puts it back when done. No parameters: the PyTorch
+    encoder's weights are not kept."""
+
+    def __init__(self, compiled, precision: str, threads: int, cache_entry: Path | None, position_encoding):
+        super().__init__()
         self.compiled = compiled
         self.precision = precision  # f32 | bf16: the INFERENCE_PRECISION_HINT it was compiled with
         self.threads = threads
         self.cache_entry = cache_entry
+        self.neck = torch.nn.Module()
+        self.neck.position_encoding = position_encoding
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self.requests_made = 0  # infer requests created (tests: concurrency never shares one)
 
     @property
     def tag(self) -> str:
         """How store keys and logs name it: `ov-f32`, `ov-bf16`."""
         return f"ov-{self.precision}"
 
-    def __call__(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        request = self.compiled.create_infer_request()
-        request.infer({0: pixel_values.detach().float().cpu().numpy()})
-        return [
-            torch.from_numpy(request.get_output_tensor(i).data.copy())
-            for i in range(len(self.compiled.outputs))
-        ]
+    def _request(self):
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            self.requests_made += 1
+            return self.compiled.create_infer_request()
+
+    def infer(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The FPN levels (high to low resolution) for a batch of 1 (the converted input shape)."""
+        request = self._request()
+        try:
+            request.infer({0: pixel_values.detach().float().cpu().numpy()})
+            return [
+                torch.from_numpy(request.get_output_tensor(i).data.copy())
+                for i in range(len(self.compiled.outputs))
+            ]
+        finally:
+            self._idle.put(request)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        from transformers.models.sam2.modeling_sam2 import Sam2VisionEncoderOutput
+
+        per_image = [self.infer(pixel_values[i : i + 1]) for i in range(pixel_values.shape[0])]
+        fpn = tuple(torch.cat(level).to(pixel_values.device) for level in zip(*per_image, strict=True))
+        encode = self.neck.position_encoding
+        positions = tuple(encode(f.shape, f.device, f.dtype).to(f.dtype) for f in fpn)
+        return Sam2VisionEncoderOutput(fpn_hidden_states=fpn, fpn_position_encoding=positions)
 
 
 def load_openvino_encoder(
@@ -200,7 +260,7 @@ def load_openvino_encoder(
     precision: str,
     threads: int | None = None,
     cache_dir: str | os.PathLike | None = None,
-) -> OpenVINOEncoder:
+) -> OpenVINOVisionEncoder:
     """Convert (or load from the cache) and compile `vision_encoder` for the CPU.
 
     precision: `f32` or `bf16` (OpenVINO's INFERENCE_PRECISION_HINT; the caller maps CPU_PRECISION
@@ -214,9 +274,10 @@ def load_openvino_encoder(
         raise ValueError(f"OpenVINO precision {precision!r}: expected f32 or bf16")
     threads = threads or torch.get_num_threads()
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    # weights are stored in f32 whatever the precision: the key carries the precision only so that
-    # entries are named for what serves (and a future int8 entry cannot be mistaken for them)
-    key = cache_key(model_id, weights_fingerprint(vision_encoder), ov.__version__, precision, image_size)
+    # weights are stored in f32 whatever the inference precision: one entry serves f32 and bf16
+    key = cache_key(
+        model_id, weights_fingerprint(vision_encoder), ov.__version__, STORED_PRECISION, image_size
+    )
     entry = converted_encoder(vision_encoder, root, key, image_size)
     core = ov.Core()
     compiled = core.compile_model(
@@ -228,7 +289,10 @@ def load_openvino_encoder(
             "PERFORMANCE_HINT": "LATENCY",
         },
     )
-    return OpenVINOEncoder(compiled, precision, int(threads), entry)
+    log.info("OpenVINO image encoder compiled: %s precision, %d threads", precision, int(threads))
+    return OpenVINOVisionEncoder(
+        compiled, precision, int(threads), entry, vision_encoder.neck.position_encoding
+    )
 
 
 def default_cache_dir() -> Path:
@@ -236,18 +300,3 @@ def default_cache_dir() -> Path:
     environment: the service passes the directory beside the configured store, XDG_CACHE_HOME
     included)."""
     return Path.home() / ".cache" / "label-studio-sam2" / "openvino"
-
-
-def image_embeddings(model, fpn_hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What `Sam2Model.get_image_embeddings` makes of the vision encoder's FPN levels (kept in
-    step with transformers' code; tests/test_openvino.py compares the two)."""
-    feature_maps = list(fpn_hidden_states)
-    batch_size = feature_maps[0].shape[0]
-    feature_maps[0] = model.mask_decoder.conv_s0(feature_maps[0])
-    feature_maps[1] = model.mask_decoder.conv_s1(feature_maps[1])
-    feature_maps = [f.flatten(2).permute(2, 0, 1) for f in feature_maps]
-    feature_maps[-1] = feature_maps[-1] + model.no_memory_embedding
-    return [
-        f.permute(1, 2, 0).view(batch_size, -1, *size)
-        for f, size in zip(feature_maps, model.backbone_feature_sizes, strict=True)
-    ]

@@ -2,7 +2,8 @@
 serialises the answer. Auth, admission and metrics are middleware (label_studio_sam2.labelstudio.middleware);
 the work is in label_studio_sam2.service.segment (images) and label_studio_sam2.service.video.
 
-/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool}   (no auth: LS probes it;
+/health  GET  -> {"status": "UP", "model_class": ..., "model_loaded": bool, once loaded "device",
+                 "encoder_runtime" and "precision"}   (no auth: LS probes it;
                  a model that failed to load: 503 {"status": "ERROR", "error": ...}, the loading
                  error itself only for callers with the basic auth credentials)
 /setup   POST -> {"model_version": ...}   (cheap: LS gives it 3 s; the label config is remembered)
@@ -106,6 +107,11 @@ class Views:
             model_loaded=runtime.segmenter is not None,
             model_version=runtime.model_version,
         )
+        if runtime.image_model is not None:  # what serves: ENCODER_RUNTIME and CPU_PRECISION's outcome
+            loaded = runtime.image_model
+            answer.update(
+                device=str(loaded.device), encoder_runtime=loaded.encoder_runtime, precision=loaded.precision
+            )
         if failed:
             answer["error"] = (
                 runtime.error

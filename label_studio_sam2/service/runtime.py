@@ -138,7 +138,14 @@ class Runtime:
         try:
             start = time.perf_counter()
             loaded = load_configured_model(self.settings)
-            log.info("loaded %s on %s in %.1f s", loaded.source, loaded.device, time.perf_counter() - start)
+            log.info(
+                "loaded %s on %s in %.1f s; image encoder runtime %s: %s",
+                loaded.source,
+                loaded.device,
+                time.perf_counter() - start,
+                loaded.encoder_runtime,
+                loaded.precision,
+            )
             self._build(loaded)
         except Exception as e:  # ModelUnavailable and anything else: /predict reports it
             self.error = str(e)

@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     )
     encoder_runtime: Literal["auto", "torch", "openvino"] = _env(
         "ENCODER_RUNTIME",
-        default="torch",
-        description="what runs the image encoder on CPU: `torch` (the default); `openvino` (opt-in: `pip install 'label-studio-sam2[openvino]'`, or `openvino==2026.4.1`; on the shared 2-core EPYC it was 1.5-2x faster in bf16 and no faster in f32, see bench.encoder); `auto` = OpenVINO where the package is installed, PyTorch otherwise. OpenVINO computes in the precision `CPU_PRECISION` picks, on `TORCH_THREADS`/`--threads` threads; its converted encoder is made on the first start and cached in `openvino/` beside the embedding store. GPUs always run PyTorch; a failed conversion falls back to PyTorch with a warning",
+        default="auto",
+        description="what runs the image encoder on CPU: `auto` (the default) = OpenVINO, installed with the package, PyTorch where it cannot load; `openvino` (the same, and a missing package is warned about); `torch`. OpenVINO computes in the precision `CPU_PRECISION` picks, on `TORCH_THREADS`/`--threads` threads, and serves image clicks, video frames and automatic masks. Its converted encoder is made once per model and OpenVINO version (hiera-tiny: 15-40 s on 2 cores; `label-studio-sam2 warm --model-only` makes it ahead of time) and kept in `openvino/` beside the embedding store. GPUs always run PyTorch; a failed conversion falls back to PyTorch with one warning. `/health` and the start-up log say which runtime serves",
     )
     converted_dir: str | None = _env(
         "SAM2_CONVERTED_DIR",

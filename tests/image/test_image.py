@@ -176,17 +176,37 @@ def test_the_images_gunicorn_serves_label_studio_as_its_unprivileged_user(
     assert cmd[0] == "gunicorn" and "deploy/gunicorn.conf.py" in cmd
     port = lsserver.free_port()
     log_path = tmp_path / "image-server.log"
+    # the /models volume, prepared ahead as docs/deployment.md says: `warm --model-only` converts the
+    # image encoder for OpenVINO (the image's default runtime on a CPU) into it
+    models = tmp_path / "models"
+    models.mkdir()
+    models.chmod(0o777)  # the image's unprivileged user writes there, as into a Docker volume
+    volumes = [f"{model_dir}:{MODEL_IN_IMAGE}:ro", f"{models}:/models"]
+    prepare = Container("prepare")
+    try:
+        warm = prepare.run(
+            ["label-studio-sam2", "warm", "--model-only"], ls_env(ls), volumes, tmp_path / "prepare.log"
+        )
+        assert warm.wait(300) == 0, (tmp_path / "prepare.log").read_text()[-4000:]
+    finally:
+        prepare.remove()
+    prepared = (tmp_path / "prepare.log").read_text()
+    assert "encoder runtime openvino: encoder OpenVINO" in prepared, prepared[-4000:]
+    assert list(models.glob("openvino/*/manifest.json")), prepared[-4000:]
     container = Container("server")
     try:
         # the image's command and user as configured: no --user, no command of ours
         server = container.run(
             cmd,
             {**ls_env(ls), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "1", "PREFETCH_TASKS": "0"},
-            [f"{model_dir}:{MODEL_IN_IMAGE}:ro"],
+            volumes,
             log_path,
         )
         url = f"http://127.0.0.1:{port}"
         wait_for("gunicorn in the image answered /health", lambda: _up(url, server), 180, log_path)
+        health = requests.get(f"{url}/health", timeout=5).json()
+        assert health["encoder_runtime"] == "openvino" and health["device"] == "cpu", health
+        assert "loaded from the cache" in log_path.read_text()  # the volume's conversion, not a new one
         processes = descendants(server.pid)
         # buildah's chroot runtime, its exec helper, then gunicorn's master and worker
         gunicorns = {
