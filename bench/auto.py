@@ -292,8 +292,8 @@ def runtime_main(args) -> None:
         for n in points:
             figures += [
                 (f"total_s_{phase}_{n}", f"automatic masks {n}x{n}, whole image, {phase}", "s", False),
-                (f"encoder_s_{phase}_{n}", "  of which the encoder", "s", False),
-                (f"decoder_s_{phase}_{n}", "  of which the decoder (PyTorch in both)", "s", False),
+                (f"encoder_s_{phase}_{n}", f"  of which the encoder, {phase}", "s", False),
+                (f"decoder_s_{phase}_{n}", f"  of which the decoder (PyTorch in both), {phase}", "s", False),
             ]
     ratio_rows, r["openvino_over_torch_speed"] = runtime_ratio_rows(usable(variants), figures)
     rows += [("figure (best of the rounds)", "seconds per runtime", "")] + ratio_rows

@@ -129,18 +129,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def own_modules(model):
-    """A shallow copy of `model` whose submodule table is its own: putting its vision encoder on
-    OpenVINO (which replaces `model.vision_encoder`) leaves `model`, the PyTorch variants' model,
-    as it was. The weights are shared."""
-    import copy
-    from collections import OrderedDict
-
-    twin = copy.copy(model)
-    twin.__dict__["_modules"] = OrderedDict(model._modules)
-    return twin
-
-
 def runtime_variants(base, runtimes, precisions, cache_dir: str | None) -> list[dict]:
     """One variant of `base` (a LoadedModel, its encoder in PyTorch) per precision and runtime,
     paired by precision: [{"runtime", "precision", "name", "loaded", ...}]. OpenVINO variants are
@@ -148,22 +136,23 @@ def runtime_variants(base, runtimes, precisions, cache_dir: str | None) -> list[
     `converted`), outside every timed figure; `error` when OpenVINO did not load (PyTorch would
     serve: the variant is left out of the timings). `rss_mb` after each variant is made (one
     process: cumulative)."""
-    import copy
+    import dataclasses
     import tempfile
     import time
 
     import torch
 
     from label_studio_sam2.engine import openvino_encoder as ove
-    from label_studio_sam2.engine.models import use_encoder_runtime
+    from label_studio_sam2.engine.models import with_encoder_runtime
 
     cache = cache_dir or tempfile.mkdtemp(prefix="ov-cache-")
     out = []
     for precision in precisions:
         for runtime in runtimes:
-            loaded = copy.copy(base)
-            loaded.model = own_modules(base.model)
-            loaded.cpu_encoder_autocast = torch.bfloat16 if precision == "bf16" else None
+            # the torch variants share base's model; an OpenVINO one is a view of it with its own encoder
+            loaded = dataclasses.replace(
+                base, cpu_encoder_autocast=torch.bfloat16 if precision == "bf16" else None
+            )
             v = {
                 "runtime": runtime,
                 "precision": precision,
@@ -172,7 +161,7 @@ def runtime_variants(base, runtimes, precisions, cache_dir: str | None) -> list[
             }
             if runtime == "openvino":
                 before, start = ove.conversions, time.perf_counter()
-                use_encoder_runtime(loaded, "openvino", cache)
+                v["loaded"] = loaded = with_encoder_runtime(loaded, "openvino", cache)
                 v["first_start_s"] = round(time.perf_counter() - start, 2)
                 v["converted"] = ove.conversions - before
                 if loaded.encoder_runtime != "openvino":

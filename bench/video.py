@@ -376,6 +376,17 @@ def _runtime_report(r: dict, model: str) -> None:
             print(
                 f"{v['name']}: engine: {first.get('engine_precision')}, encoder output {first.get('encoder_output_dtype')}"
             )
+    for v in variants:
+        first = v["runs"].get("quiet", [{}])[0]
+        if (
+            v["runtime"] == "torch"
+            and v["precision"] == "bf16"
+            and first.get("encoder_output_dtype") == "float32"
+        ):
+            print(
+                "note: PyTorch's video encoder ran in fp32 although bf16 was asked (the tracker applies no "
+                "CPU_PRECISION autocast): the bf16 ratios compare torch fp32 with OpenVINO bf16"
+            )
     figures = []
     for phase in r["load_at_end_of"]:
         figures += [
