@@ -27,8 +27,10 @@ CPU_PRECISION=auto's pick), after a warm-up, the variants in turn forward and ba
 round (best kept), split into encoder / decoder / the rest; --busy: again beside two CPU-bound
 processes, in the same run. OpenVINO's conversion (into a new temp cache unless --cache-dir) is
 timed apart, before. Prints each figure per runtime with OpenVINO's speed over PyTorch's at the
-same precision and writes bench/results/auto-runtime.json. ~2 min on 2 cores for one precision,
-16x16 points and 2 rounds, quiet + busy.
+same precision and writes bench/results/auto-runtime.json. On the shared 2-core EPYC at load ~8:
+5.4 min with --points 4 --repeats 1 --busy --precision fp32 bf16 (conversion ~85 s, once for both
+precisions); at the default 16x16 points the PyTorch decoder takes ~40 s of a ~50 s image there, so
+the defaults (one precision, 2 rounds, quiet) take ~6 min and --busy doubles it.
 """
 
 from __future__ import annotations

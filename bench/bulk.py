@@ -26,8 +26,9 @@ variants in turn forward and backward order per --repeats round (best kept); --b
 beside two CPU-bound processes, in the same run; automatic masks only with --auto-images N
 (bench.auto --runtime times them). OpenVINO's conversion (into a new temp cache unless
 --cache-dir) is timed apart, before. Prints each figure per runtime with OpenVINO's speed over
-PyTorch's at the same precision and writes bench/results/bulk-runtime.json. ~3 min on 2 cores
-for one precision and 4 images, quiet + busy.
+PyTorch's at the same precision and writes bench/results/bulk-runtime.json. Took 2.6 min on the
+shared 2-core EPYC at load ~7 with --images 2, quiet only (of which ~70 s converting); the default
+4 images with --busy ~7 min there.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ decode through HTTP) and one cached click on it, the apps in turn forward and ba
 best of the rounds. --busy: the rounds again beside two CPU-bound processes, in the same run.
 OpenVINO's conversion (into a new temp cache unless --cache-dir) is timed apart, before. Prints
 each figure per runtime with OpenVINO's speed over PyTorch's at the same precision, and writes
-bench/results/click-runtime.json. ~2 min on 2 cores for one precision, 3 rounds, quiet + busy.
+bench/results/click-runtime.json. Took 3 min on the shared 2-core EPYC at load ~8 with --rounds 1
+--busy (of which ~85 s converting); the default 3 rounds with --busy ~5 min there.
 """
 
 from __future__ import annotations

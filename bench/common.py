@@ -190,8 +190,8 @@ def runtime_ratio_rows(variants: list[dict], figures: list[tuple]) -> tuple[list
     measured) holds the value; a time (lower is better) gives torch/openvino, a rate openvino/torch."""
     rows, ratios = [], {}
     precisions = list(dict.fromkeys(v["precision"] for v in variants))
-    for key, label, unit, higher in figures:
-        for precision in precisions:
+    for precision in precisions:
+        for key, label, unit, higher in figures:
             by_runtime = {
                 v["runtime"]: v["figures"].get(key)
                 for v in variants
