@@ -35,9 +35,9 @@ forward and backward order per round (best kept); after a warm-up track of two f
 runtime: frames per second, s/frame over the second half (memory bank full), and each part's
 share of the tracked time (vision encoder, memory attention, memory encoder, mask decoder, the
 rest; timed around the modules): what the other parts would give converted. --busy: every child
-again beside two CPU-bound processes, in the same run. OpenVINO's conversion (a new temp cache
-per run unless --cache-dir; the first OpenVINO child of each precision converts, the others read
-the cache) is timed apart, before the warm-up. Prints each figure per runtime with OpenVINO's
+again beside two CPU-bound processes, in the same run. OpenVINO's first start (conversion into a
+new temp cache per run unless --cache-dir) runs in a child of its own before the others, which
+read the cache (so their RSS is that of a server starting from the cache). Prints each figure per runtime with OpenVINO's
 speed over PyTorch's at the same precision and writes bench/results/video-runtime.json (or
 --out). Took 8.2 min on the shared 2-core EPYC at load ~8 for one precision and 8 frames, quiet
 only (~24 s/frame PyTorch, ~19 s OpenVINO, conversion ~85 s); --busy doubles it, --precision
@@ -103,9 +103,10 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
     torch.set_num_threads(threads)
     from label_studio_sam2.engine.models import random_model
 
-    if mode.startswith("runtime:"):  # runtime:<torch|openvino>:<fp32|bf16>:<cache dir>
-        _, runtime, precision, cache_dir = mode.split(":", 3)
-        return _runtime_child(runtime, precision, cache_dir, count, video, image_size) | {"threads": threads}
+    if mode.startswith(("runtime:", "convert:")):  # runtime|convert:<torch|openvino>:<fp32|bf16>:<cache dir>
+        what, runtime, precision, cache_dir = mode.split(":", 3)
+        out = _runtime_child(runtime, precision, cache_dir, count, video, image_size, what == "convert")
+        return out | {"threads": threads}
     t0 = time.monotonic()
     torch.manual_seed(0)
     loaded = random_model(hiera_tiny(image_size), "video")
@@ -218,9 +219,10 @@ PARTS = ("vision_encoder", "memory_attention", "memory_encoder", "mask_decoder")
 
 
 def _runtime_child(
-    runtime: str, precision: str, cache_dir: str, count: int, video: str, image_size: int
+    runtime: str, precision: str, cache_dir: str, count: int, video: str, image_size: int, convert_only: bool
 ) -> dict:
-    """One runtime and precision: the streaming tracker's frames per second and per-part shares."""
+    """One runtime and precision: the streaming tracker's frames per second and per-part shares
+    (convert_only: OpenVINO's first start into `cache_dir`, then nothing else)."""
     import torch
 
     from label_studio_sam2.engine import openvino_encoder as ove
@@ -236,7 +238,7 @@ def _runtime_child(
     if runtime == "openvino":
         before, t0 = ove.conversions, time.perf_counter()
         use_encoder_runtime(loaded, "openvino", cache_dir)
-        out["first_start_s"] = round(time.perf_counter() - t0, 2)
+        out["load_s"] = round(time.perf_counter() - t0, 2)
         out["converted"] = ove.conversions - before
         if loaded.encoder_runtime != "openvino":
             return out | {"error": "OpenVINO did not load (see the warning above)"}
@@ -248,6 +250,8 @@ def _runtime_child(
     out["engine_precision"] = loaded.precision
     out["encoder_module"] = type(loaded.model.vision_encoder).__name__
     out["rss_after_runtime_mb"] = round(rss_mb())
+    if convert_only:
+        return out | {"peak_rss_mb": round(_rss_mb())}
     spent = dict.fromkeys(PARTS, 0.0)
     dtypes: set[str] = set()
     for name in PARTS:
@@ -302,6 +306,24 @@ def _runtimes(args, video: str, counts: list[int]) -> dict:
     variants = {
         (rt, pr): {"runtime": rt, "precision": pr, "name": f"{rt} {pr}", "runs": {}} for rt, pr in pairs
     }
+
+    def child(mode: str, frames: int) -> dict:
+        cmd = [sys.executable, "-m", "bench.video", "--child", mode, str(frames), "--video", video]
+        cmd += ["--image-size", str(args.image_size), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{mode.rsplit(':', 1)[0]} with {frames} frames failed")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # OpenVINO's first start in a child of its own: the timed children read the cache, so their
+    # RSS is a server's that starts from the cache (a conversion leaves ~1.5 GB more behind)
+    for (rt, pr), v in variants.items():
+        if rt == "openvino":
+            v["first_start"] = first = child(f"convert:{rt}:{pr}:{cache}", 0)
+            if "error" in first:
+                v["error"] = first["error"]
+                print(f"{v['name']}: {first['error']}", flush=True)
     loads = {}
     for phase in ["quiet", "busy"] if args.busy else ["quiet"]:
         neighbours = busy_neighbours(2) if phase == "busy" else []
@@ -311,14 +333,7 @@ def _runtimes(args, video: str, counts: list[int]) -> dict:
                     v = variants[(rt, pr)]
                     if "error" in v:
                         continue
-                    mode = f"runtime:{rt}:{pr}:{cache}"
-                    cmd = [sys.executable, "-m", "bench.video", "--child", mode, str(count), "--video", video]
-                    cmd += ["--image-size", str(args.image_size), "--threads", str(args.threads)]
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                    if out.returncode != 0:
-                        print(out.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"{rt} {pr} with {count} frames failed")
-                    run = json.loads(out.stdout.strip().splitlines()[-1])
+                    run = child(f"runtime:{rt}:{pr}:{cache}", count)
                     v["runs"].setdefault(phase, []).append(run)
                     if "error" in run:
                         v["error"] = run["error"]
@@ -367,13 +382,15 @@ def _runtime_report(r: dict, model: str) -> None:
             )
     for v in variants:
         first = v["runs"].get("quiet", [{}])[0]
-        if "first_start_s" in first:
-            what = f"{first['converted']} conversion(s) + compile" if first["converted"] else "from the cache"
+        if "first_start" in v:
+            f = v["first_start"]
+            what = f"{f['converted']} conversion(s) + compile" if f["converted"] else "from the cache"
             print(
-                f"{v['name']}: first start {first['first_start_s']:.1f} s ({what}, not in the timings)",
+                f"{v['name']}: first start {f['load_s']:.1f} s ({what}; a child of its own, peak RSS "
+                f"{f['peak_rss_mb']} MB); the timed children loaded it from the cache in {first.get('load_s')} s",
                 end="",
             )
-            print(f"; engine: {first['engine_precision']}, encoder module {first['encoder_module']}")
+            print(f"; engine: {first.get('engine_precision')}, encoder module {first.get('encoder_module')}")
         else:
             print(
                 f"{v['name']}: engine: {first.get('engine_precision')}, encoder output {first.get('encoder_output_dtype')}"
