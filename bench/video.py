@@ -39,9 +39,9 @@ again beside two CPU-bound processes, in the same run. OpenVINO's first start (c
 new temp cache per run unless --cache-dir) runs in a child of its own before the others, which
 read the cache (so their RSS is that of a server starting from the cache). Prints each figure per runtime with OpenVINO's
 speed over PyTorch's at the same precision and writes bench/results/video-runtime.json (or
---out). Took 8.2 min on the shared 2-core EPYC at load ~8 for one precision and 8 frames, quiet
-only (~24 s/frame PyTorch, ~19 s OpenVINO, conversion ~85 s); --busy doubles it, --precision
-fp32 bf16 doubles it again.
+--out). Took 8-10 min on the shared 2-core EPYC at load 8-10 for one precision and 8 frames,
+quiet only (24-26 s/frame PyTorch, 19-24 s OpenVINO, first start ~88 s); --busy doubles it,
+--precision fp32 bf16 doubles it again.
 """
 
 from __future__ import annotations
