@@ -30,15 +30,15 @@ Prints a table and writes bench/results/video.json (or --out).
 ENCODER_RUNTIME side by side in one run (issue 24), instead of the modes above: the streaming
 tracker over N frames (default 8) per runtime and precision (default precision: CPU_PRECISION=
 auto's pick), each in a fresh process (its RSS its own: after the model, after the runtime is
-loaded, after the track, and the peak, conversion included), one child after the other in turn
+loaded, after the track, and the peak), one child after the other in turn
 forward and backward order per round (best kept); after a warm-up track of two frames. Per
 runtime: frames per second, s/frame over the second half (memory bank full), and each part's
 share of the tracked time (vision encoder, memory attention, memory encoder, mask decoder, the
 rest; timed around the modules): what the other parts would give converted. --busy: every child
 again beside two CPU-bound processes, in the same run. OpenVINO's first start (conversion into a
 new temp cache per run unless --cache-dir) runs in a child of its own before the others, which
-read the cache (so their RSS is that of a server starting from the cache). Prints each figure per runtime with OpenVINO's
-speed over PyTorch's at the same precision and writes bench/results/video-runtime.json (or
+read the cache (so their RSS is that of a server starting from the cache). Prints each figure
+per runtime with OpenVINO's speed over PyTorch's at the same precision and writes bench/results/video-runtime.json (or
 --out). Took 8-10 min on the shared 2-core EPYC at load 8-10 for one precision and 8 frames,
 quiet only (24-26 s/frame PyTorch, 19-24 s OpenVINO, first start ~88 s); --busy doubles it,
 --precision fp32 bf16 doubles it again.
