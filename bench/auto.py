@@ -17,6 +17,20 @@ Side by side in one run, each image encoded once outside the timings:
 
     .venv/bin/python -m bench.auto [--points 16 32] [--threads 2] [--images 10] [--repeats 2]
 Prints a table and writes bench/results/auto.json.
+
+    .venv/bin/python -m bench.auto --runtime torch openvino [--precision fp32 bf16] [--points 16]
+                                   [--repeats 2] [--busy] [--cache-dir DIR]
+ENCODER_RUNTIME side by side in one process (issue 24), instead of the figures above: automatic
+masks of a whole image (its encoder included: a new 1024x768 photo per round; the decoder stays
+in PyTorch) with the default options per runtime and precision (default precision:
+CPU_PRECISION=auto's pick), after a warm-up, the variants in turn forward and backward order per
+round (best kept), split into encoder / decoder / the rest; --busy: again beside two CPU-bound
+processes, in the same run. OpenVINO's conversion (into a new temp cache unless --cache-dir) is
+timed apart, before. Prints each figure per runtime with OpenVINO's speed over PyTorch's at the
+same precision and writes bench/results/auto-runtime.json. On the shared 2-core EPYC at load ~8:
+5.4 min with --points 4 --repeats 1 --busy --precision fp32 bf16 (conversion ~85 s, once for both
+precisions); at the default 16x16 points the PyTorch decoder takes ~40 s of a ~50 s image there, so
+the defaults (one precision, 2 rounds, quiet) take ~6 min and --busy doubles it.
 """
 
 from __future__ import annotations
@@ -29,7 +43,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine, report
+from bench.click import busy_neighbours
+from bench.common import (
+    add_runtime_options,
+    interleaved,
+    machine,
+    photo,
+    plain,
+    report,
+    rss_mb,
+    runtime_precisions,
+    runtime_ratio_rows,
+    runtime_summary_rows,
+    runtime_variants,
+    usable,
+)
 
 RESULTS = Path(__file__).parent / "results" / "auto.json"
 FIXTURE = Path(__file__).parent.parent / "devkit" / "sam2-shapes"
@@ -169,7 +197,6 @@ def _mosaic(seed: int) -> np.ndarray:
 
 def fixture_kinds(n: int) -> dict[str, dict[str, np.ndarray]]:
     """Image kinds for the trained fixture, n images each (test split: never trained on)."""
-    from bench.common import photo
     from devkit.rings import make_ring
     from devkit.scenes import make_scene
     from label_studio_sam2.service.media import open_image
@@ -185,15 +212,118 @@ def fixture_kinds(n: int) -> dict[str, dict[str, np.ndarray]]:
     return {kind: {f"{kind}/{s}": make(s) for s in range(n)} for kind, make in makers.items()}
 
 
+def runtime_run(
+    runtimes, precisions, points: list[int], repeats: int = 2, busy: bool = False, cache_dir=None
+):
+    """Automatic masks of a new image, encoder included, per ENCODER_RUNTIME and precision, side
+    by side (see the module's docstring)."""
+    from label_studio_sam2.engine.automask import AutoMaskConfig
+    from label_studio_sam2.engine.image import EmbeddingCache
+    from label_studio_sam2.engine.models import random_model, real_config
+    from label_studio_sam2.service.media import open_image
+
+    cpu, load_before = machine()
+    torch.manual_seed(0)
+    base = random_model(real_config(), "image", cpu_precision="fp32")
+    variants = runtime_variants(base, runtimes, precisions, cache_dir)
+    warm = open_image(photo(1024, 768, 999)).load()
+    for v in usable(variants):  # first-call allocations, OpenVINO's first inference
+        _generate(v["loaded"], EmbeddingCache(), "warm", warm, AutoMaskConfig(points_per_side=4), True)
+        v["rss_mb_after_warm_up"] = round(rss_mb())
+    loads, seed = {}, 0
+    for phase in ["quiet", "busy"] if busy else ["quiet"]:
+        neighbours = busy_neighbours(2) if phase == "busy" else []
+        try:
+            if neighbours:
+                time.sleep(2)  # let them get going
+            for r in range(repeats):
+                for n in points:
+                    config = AutoMaskConfig(points_per_side=n)
+                    seed += 1
+                    rgb = open_image(photo(1024, 768, seed)).load()  # new to every variant's cache
+                    for v in interleaved(usable(variants), r):
+                        masks, total, decoder, encoder, decoded = _generate(
+                            v["loaded"], EmbeddingCache(), f"img{seed}", rgb, config, True
+                        )
+                        assert encoder > 0, "the image was not encoded"
+                        run = {
+                            "total_s": total,
+                            "encoder_s": encoder,
+                            "decoder_s": decoder,
+                            "masks": len(masks),
+                        }
+                        v.setdefault(f"rounds_{phase}_{n}", []).append(run)
+                        f = v.setdefault("figures", {})
+                        for part in ("total", "encoder", "decoder"):
+                            key = f"{part}_s_{phase}_{n}"
+                            f[key] = min(f.get(key, float("inf")), run[f"{part}_s"])
+            loads[phase] = machine()[1]
+        finally:
+            for proc in neighbours:
+                proc.terminate()
+    for v in usable(variants):
+        v["rss_mb_end"] = round(rss_mb())
+    return {
+        "model": "hiera-tiny (random init), 1024 px input",
+        "image": "1024x768 synthetic photo, a new one per round",
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "load_before": load_before,
+        "load_at_end_of": loads,
+        "points_per_side": points,
+        "points_per_batch": AutoMaskConfig().points_per_batch,
+        "repeats": repeats,
+        "variants": variants,
+    }
+
+
+def runtime_main(args) -> None:
+    from label_studio_sam2.engine.automask import AutoMaskConfig
+
+    points = args.points or [AutoMaskConfig().points_per_side]
+    r = runtime_run(
+        args.runtime, runtime_precisions(args.precision), points, args.repeats, args.busy, args.cache_dir
+    )
+    variants = r.pop("variants")
+    rows = [("machine", r["cpu"], f"load average before {r['load_before']}")]
+    for phase, load in r["load_at_end_of"].items():
+        rows.append((f"{phase} rounds", f"{r['repeats']}", f"load average at their end {load}"))
+    rows += runtime_summary_rows(variants)
+    figures = []
+    for phase in r["load_at_end_of"]:
+        for n in points:
+            figures += [
+                (f"total_s_{phase}_{n}", f"automatic masks {n}x{n}, whole image, {phase}", "s", False),
+                (f"encoder_s_{phase}_{n}", f"  of which the encoder, {phase}", "s", False),
+                (f"decoder_s_{phase}_{n}", f"  of which the decoder (PyTorch in both), {phase}", "s", False),
+            ]
+    ratio_rows, r["openvino_over_torch_speed"] = runtime_ratio_rows(usable(variants), figures)
+    rows += [("figure (best of the rounds)", "seconds per runtime", "")] + ratio_rows
+    r["variants"] = plain(variants)
+    report(r, rows, RESULTS.with_name("auto-runtime.json"), value_width=12)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--points", type=int, nargs="+", default=[16, 32], help="points per side (SAM2: 32)")
+    p.add_argument(
+        "--points",
+        type=int,
+        nargs="+",
+        default=None,
+        help="points per side (SAM2: 32); default 16 32 (with --runtime: AutoMaskConfig's default, 16)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=10, help="fixture images per kind")
     p.add_argument("--repeats", type=int, default=2, help="rounds of the real-size runs (fastest kept)")
+    add_runtime_options(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from bench.common import photo
+    if args.runtime:
+        runtime_main(args)
+        return
+    if args.busy:
+        p.error("--busy needs --runtime")
+    args.points = args.points or [16, 32]
     from label_studio_sam2.engine.automask import AutoMaskConfig
     from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
     from label_studio_sam2.engine.models import load_image_model, random_model, real_config

@@ -10,6 +10,18 @@ Also: brush RLE of a realistic 12 MP object mask, ours vs label-studio-sdk's enc
 --bf16: also time the encoder in fp32 and under forced bf16 autocast, side by side (on a CPU
 without native bf16 the second is slower: CPU_PRECISION=auto keeps fp32 there).
 Prints a table and writes bench/results/click.json (click-busy.json with --busy).
+
+    .venv/bin/python -m bench.click --runtime torch openvino [--precision fp32 bf16] [--rounds 3]
+                                    [--busy] [--cache-dir DIR]
+ENCODER_RUNTIME side by side in one process (issue 24), instead of the figures above: one app per
+runtime and precision (default precision: CPU_PRECISION=auto's pick), each warmed by a click on
+an image of its own; then per round every app gets the first click on a new image (encode +
+decode through HTTP) and one cached click on it, the apps in turn forward and backward order;
+best of the rounds. --busy: the rounds again beside two CPU-bound processes, in the same run.
+OpenVINO's conversion (into a new temp cache unless --cache-dir) is timed apart, before. Prints
+each figure per runtime with OpenVINO's speed over PyTorch's at the same precision, and writes
+bench/results/click-runtime.json. Took 3 min on the shared 2-core EPYC at load ~8 with --rounds 1
+--busy (of which ~85 s converting); the default 3 rounds with --busy ~5 min there.
 """
 
 from __future__ import annotations
@@ -24,7 +36,21 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine, photo, report, serve_directory
+from bench.common import (
+    add_runtime_options,
+    interleaved,
+    machine,
+    photo,
+    plain,
+    report,
+    rss_mb,
+    runtime_precisions,
+    runtime_ratio_rows,
+    runtime_summary_rows,
+    runtime_variants,
+    serve_directory,
+    usable,
+)
 
 RESULTS = Path(__file__).parent / "results" / "click.json"
 
@@ -182,15 +208,125 @@ def encoder_precisions(loaded, repeats: int = 2) -> dict:
     return {"encoder_fp32_s": f, "encoder_bf16_s": b, "encoder_bf16_speedup": f / b}
 
 
+def runtime_clicks(
+    runtimes, precisions, rounds: int = 3, busy: bool = False, cache_dir=None, width=1024, height=768
+) -> dict:
+    """First and cached clicks through the Flask app per ENCODER_RUNTIME and precision, side by
+    side (see the module's docstring)."""
+    from label_studio_sam2.engine.models import random_model, real_config
+    from label_studio_sam2.labelstudio.app import create_app
+    from label_studio_sam2.service.settings import Settings
+
+    cpu, load_before = machine()
+    torch.manual_seed(0)
+    base = random_model(real_config(), "image", cpu_precision="fp32")
+    assert base.image_size == 1024
+    variants = runtime_variants(base, runtimes, precisions, cache_dir)
+    tmp = tempfile.mkdtemp()
+    phases = ["quiet", "busy"] if busy else ["quiet"]
+    n_images = len(variants) + rounds * len(phases)  # a warm-up image per app, one per round
+    for i in range(n_images):
+        Path(tmp, f"img{i}.jpg").write_bytes(photo(width, height, i))
+    httpd, url = serve_directory(tmp)
+    apps = {}
+    for v in usable(variants):
+        app = create_app(Settings.from_env(cache_mb=512, store_dir="off"), loaded_model=v["loaded"])
+        apps[v["name"]] = (app.test_client(), app.extensions["sam2"].segmenter.predictor)
+
+    def click(client, image: int, n: int) -> float:
+        start = time.perf_counter()
+        resp = client.post("/predict", json=_body(f"{url}/img{image}.jpg", image + 1, n))
+        elapsed = time.perf_counter() - start
+        assert resp.status_code == 200 and resp.get_json()["results"][0]["result"], resp.get_data(
+            as_text=True
+        )[:300]
+        return elapsed
+
+    for i, v in enumerate(usable(variants)):  # warm-up: first-call allocations, OpenVINO's first inference
+        click(apps[v["name"]][0], i, 1)
+        v["rss_mb_after_warm_up"] = round(rss_mb())
+    image = len(variants)
+    loads = {}
+    for phase in phases:
+        neighbours = busy_neighbours(2) if phase == "busy" else []
+        try:
+            if neighbours:
+                time.sleep(2)  # let them get going
+            times = {v["name"]: {"first": [], "cached": []} for v in usable(variants)}
+            for r in range(rounds):
+                for v in interleaved(usable(variants), r):
+                    client, predictor = apps[v["name"]]
+                    calls = predictor.encoder_calls
+                    times[v["name"]]["first"].append(click(client, image, 1))
+                    times[v["name"]]["cached"].append(click(client, image, 2))
+                    assert predictor.encoder_calls == calls + 1, "a first click did not encode once"
+                image += 1
+            loads[phase] = machine()[1]
+        finally:
+            for proc in neighbours:
+                proc.terminate()
+        for v in usable(variants):
+            t = times[v["name"]]
+            v.setdefault("figures", {}).update(
+                {
+                    f"first_click_{phase}_s": min(t["first"]),
+                    f"cached_click_{phase}_s": min(t["cached"]),
+                }
+            )
+            v[f"first_clicks_{phase}_s"] = t["first"]
+            v[f"cached_clicks_{phase}_s"] = t["cached"]
+    httpd.close()
+    for v in usable(variants):
+        v["rss_mb_end"] = round(rss_mb())
+    return {
+        "model": "hiera-tiny (random init), 1024 px input",
+        "image": f"{width}x{height} JPEG over loopback HTTP, a new image per first click",
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "load_before": load_before,
+        "load_at_end_of": loads,
+        "rounds": rounds,
+        "variants": variants,
+    }
+
+
+def runtime_main(args) -> None:
+    precisions = runtime_precisions(args.precision)
+    r = runtime_clicks(args.runtime, precisions, args.rounds, args.busy, args.cache_dir)
+    variants = r.pop("variants")
+    rows = [("machine", r["cpu"], f"load average before {r['load_before']}")]
+    for phase, load in r["load_at_end_of"].items():
+        rows.append((f"{phase} rounds", f"{r['rounds']}", f"load average at their end {load}"))
+    rows += runtime_summary_rows(variants)
+    figures = []
+    for phase in r["load_at_end_of"]:
+        figures += [
+            (f"first_click_{phase}_s", f"first click (encode + decode), {phase}", "s", False),
+            (f"cached_click_{phase}_s", f"cached click (decode only), {phase}", "s", False),
+        ]
+    ratio_rows, r["openvino_over_torch_speed"] = runtime_ratio_rows(usable(variants), figures)
+    rows += [("figure (best of the rounds)", "seconds per runtime", "")] + ratio_rows
+    r["variants"] = plain(variants)
+    report(r, rows, RESULTS.with_name("click-runtime.json"), value_width=12)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--baseline-clicks", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--busy", action="store_true", help="two CPU-bound processes beside the benchmark")
     p.add_argument("--bf16", action="store_true", help="also time the encoder in fp32 vs forced bf16")
+    p.add_argument("--rounds", type=int, default=3, help="with --runtime: rounds of first clicks (best kept)")
+    add_runtime_options(
+        p,
+        busy_help="two CPU-bound processes beside the benchmark (with --runtime: the rounds again "
+        "beside them, after the quiet ones)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.runtime:
+        runtime_main(args)
+        return
     neighbours = busy_neighbours(2) if args.busy else []
     try:
         r = run(args.clicks, args.baseline_clicks, bf16=args.bf16)

@@ -24,6 +24,24 @@ N frames. Each (mode, N) runs in a fresh process, so its peak RSS is its own.
 On 2 CPU cores a 1024 px frame costs ~10 s, so the default counts are small; `--image-size`
 keeps the hiera-tiny architecture at a smaller input to measure how memory scales with N.
 Prints a table and writes bench/results/video.json (or --out).
+
+    .venv/bin/python -m bench.video --runtime torch openvino [--precision fp32 bf16] [--frames 8]
+                                    [--repeats 1] [--busy] [--cache-dir DIR]
+ENCODER_RUNTIME side by side in one run (issue 24), instead of the modes above: the streaming
+tracker over N frames (default 8) per runtime and precision (default precision: CPU_PRECISION=
+auto's pick), each in a fresh process (its RSS its own: after the model, after the runtime is
+loaded, after the track, and the peak), one child after the other in turn
+forward and backward order per round (best kept); after a warm-up track of two frames. Per
+runtime: frames per second, s/frame over the second half (memory bank full), and each part's
+share of the tracked time (vision encoder, memory attention, memory encoder, mask decoder, the
+rest; timed around the modules): what the other parts would give converted. --busy: every child
+again beside two CPU-bound processes, in the same run. OpenVINO's first start (conversion into a
+new temp cache per run unless --cache-dir) runs in a child of its own before the others, which
+read the cache (so their RSS is that of a server starting from the cache). Prints each figure
+per runtime with OpenVINO's speed over PyTorch's at the same precision and writes bench/results/video-runtime.json (or
+--out). Took 8-10 min on the shared 2-core EPYC at load 8-10 for one precision and 8 frames,
+quiet only (24-26 s/frame PyTorch, 19-24 s OpenVINO, first start ~88 s); --busy doubles it,
+--precision fp32 bf16 doubles it again.
 """
 
 from __future__ import annotations
@@ -38,7 +56,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine
+from bench.click import busy_neighbours
+from bench.common import (
+    add_runtime_options,
+    interleaved,
+    machine,
+    rss_mb,
+    runtime_precisions,
+    runtime_ratio_rows,
+)
 
 RESULTS = Path(__file__).parent / "results" / "video.json"
 BOX = (120.0, 100.0, 220.0, 190.0)  # the object on frame 0, pixels of the 640x360 video
@@ -77,6 +103,10 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
     torch.set_num_threads(threads)
     from label_studio_sam2.engine.models import random_model
 
+    if mode.startswith(("runtime:", "convert:")):  # runtime|convert:<torch|openvino>:<fp32|bf16>:<cache dir>
+        what, runtime, precision, cache_dir = mode.split(":", 3)
+        out = _runtime_child(runtime, precision, cache_dir, count, video, image_size, what == "convert")
+        return out | {"threads": threads}
     t0 = time.monotonic()
     torch.manual_seed(0)
     loaded = random_model(hiera_tiny(image_size), "video")
@@ -185,6 +215,208 @@ def _retrack(loaded, video: str, count: int) -> dict:
     }
 
 
+PARTS = ("vision_encoder", "memory_attention", "memory_encoder", "mask_decoder")
+
+
+def _runtime_child(
+    runtime: str, precision: str, cache_dir: str, count: int, video: str, image_size: int, convert_only: bool
+) -> dict:
+    """One runtime and precision: the streaming tracker's frames per second and per-part shares
+    (convert_only: OpenVINO's first start into `cache_dir`, then nothing else)."""
+    import torch
+
+    from label_studio_sam2.engine import openvino_encoder as ove
+    from label_studio_sam2.engine.frames import VideoReader
+    from label_studio_sam2.engine.models import random_model, use_encoder_runtime
+    from label_studio_sam2.engine.tracker import ObjectPrompt, VideoTracker
+
+    torch.manual_seed(0)  # the same weights in every child: one conversion per precision
+    loaded = random_model(hiera_tiny(image_size), "video", cpu_precision=precision)
+    out: dict = {"runtime": runtime, "precision": precision, "frames": count, "image_size": image_size}
+    out["rss_after_model_mb"] = round(rss_mb())
+    torch_encoder = loaded.model.vision_encoder
+    if runtime == "openvino":
+        before, t0 = ove.conversions, time.perf_counter()
+        use_encoder_runtime(loaded, "openvino", cache_dir)
+        out["load_s"] = round(time.perf_counter() - t0, 2)
+        out["converted"] = ove.conversions - before
+        if loaded.encoder_runtime != "openvino":
+            return out | {"error": "OpenVINO did not load (see the warning above)"}
+        if loaded.model.vision_encoder is torch_encoder:
+            return out | {
+                "error": "the engine keeps the video model's vision_encoder in PyTorch: the tracker "
+                "would not run OpenVINO (needs use_encoder_runtime to replace model.vision_encoder)"
+            }
+    out["engine_precision"] = loaded.precision
+    out["encoder_module"] = type(loaded.model.vision_encoder).__name__
+    out["rss_after_runtime_mb"] = round(rss_mb())
+    if convert_only:
+        return out | {"peak_rss_mb": round(_rss_mb())}
+    spent = dict.fromkeys(PARTS, 0.0)
+    dtypes: set[str] = set()
+    for name in PARTS:
+        _time_module(getattr(loaded.model, name), name, spent)
+    loaded.model.vision_encoder.register_forward_hook(
+        lambda m, a, o: (
+            dtypes.add(str(o.fpn_hidden_states[0].dtype).removeprefix("torch."))
+            if getattr(o, "fpn_hidden_states", None)
+            else None
+        )
+    )
+    box = [ObjectPrompt(1, {0: BOX})]
+    tracker = VideoTracker(loaded)
+    with VideoReader(video) as reader:  # warm-up: first-call costs, memory attention included
+        tracker.track(reader, box, max_frames_each_way=1, lost_after=None)
+    for name in spent:
+        spent[name] = 0.0
+    ends: list[float] = []
+    with VideoReader(video) as reader:
+        t0 = time.perf_counter()
+        result = tracker.track(
+            reader,
+            box,
+            max_frames_each_way=count - 1,
+            lost_after=None,  # a random model's presence score means nothing
+            on_progress=lambda p: ends.append(time.perf_counter()),
+        )
+        took = time.perf_counter() - t0
+    assert result.frames_processed == count, result.message
+    steps = [b - a for a, b in zip([t0, *ends], ends, strict=False)]
+    late = steps[len(steps) // 2 :] or steps
+    shares = {name: round(spent[name] / took, 3) for name in PARTS}
+    shares["rest"] = round(1 - sum(shares.values()), 3)
+    return out | {
+        "track_s": round(took, 2),
+        "frames_per_s": round(count / took, 4),
+        "s_per_frame": round(took / count, 3),
+        "s_per_frame_second_half": round(sum(late) / len(late), 3) if late else None,
+        "shares": shares,
+        "encoder_output_dtype": ",".join(sorted(dtypes)),
+        "rss_after_track_mb": round(rss_mb()),
+        "peak_rss_mb": round(_rss_mb()),
+    }
+
+
+def _runtimes(args, video: str, counts: list[int]) -> dict:
+    """The children of a runtime comparison, quiet (and busy), in turn forward and backward order."""
+    count = max(counts)
+    precisions = runtime_precisions(args.precision)
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="ov-cache-")
+    pairs = [(rt, pr) for pr in precisions for rt in args.runtime]
+    variants = {
+        (rt, pr): {"runtime": rt, "precision": pr, "name": f"{rt} {pr}", "runs": {}} for rt, pr in pairs
+    }
+
+    def child(mode: str, frames: int) -> dict:
+        cmd = [sys.executable, "-m", "bench.video", "--child", mode, str(frames), "--video", video]
+        cmd += ["--image-size", str(args.image_size), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{mode.rsplit(':', 1)[0]} with {frames} frames failed")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # OpenVINO's first start in a child of its own: the timed children read the cache, so their
+    # RSS is a server's that starts from the cache (a conversion leaves ~1.5 GB more behind)
+    for (rt, pr), v in variants.items():
+        if rt == "openvino":
+            v["first_start"] = first = child(f"convert:{rt}:{pr}:{cache}", 0)
+            if "error" in first:
+                v["error"] = first["error"]
+                print(f"{v['name']}: {first['error']}", flush=True)
+    loads = {}
+    for phase in ["quiet", "busy"] if args.busy else ["quiet"]:
+        neighbours = busy_neighbours(2) if phase == "busy" else []
+        try:
+            for r in range(args.repeats):
+                for rt, pr in interleaved(pairs, r):
+                    v = variants[(rt, pr)]
+                    if "error" in v:
+                        continue
+                    run = child(f"runtime:{rt}:{pr}:{cache}", count)
+                    v["runs"].setdefault(phase, []).append(run)
+                    if "error" in run:
+                        v["error"] = run["error"]
+                        print(f"{v['name']}: {run['error']}", flush=True)
+                        continue
+                    best = min(v["runs"][phase], key=lambda x: x["s_per_frame"])
+                    f = v.setdefault("figures", {})
+                    f[f"fps_{phase}"] = best["frames_per_s"]
+                    f[f"s_per_frame_second_half_{phase}"] = best["s_per_frame_second_half"]
+                    shares = ", ".join(
+                        f"{k.replace('_', ' ')} {100 * x:.0f}%" for k, x in run["shares"].items()
+                    )
+                    print(
+                        f"{phase} {v['name']}: {run['frames_per_s']:.3f} frames/s ({run['s_per_frame']:.2f} s/frame); "
+                        f"shares {shares}; RSS {run['rss_after_track_mb']} MB, peak {run['peak_rss_mb']} MB",
+                        flush=True,
+                    )
+            loads[phase] = machine()[1]
+        finally:
+            for proc in neighbours:
+                proc.terminate()
+    return {"frames": count, "load_at_end_of": loads, "cache_dir": cache, "variants": list(variants.values())}
+
+
+def _runtime_report(r: dict, model: str) -> None:
+    variants = [v for v in r["variants"] if "error" not in v]
+    for v in r["variants"]:
+        if "error" in v:
+            print(f"{v['name']}: failed: {v['error']}")
+    print()
+    print(
+        f"| {r['frames']} frames, one object | phase | frames/s | s/frame | s/frame, 2nd half | "
+        "encoder | memory attention | memory encoder | mask decoder | rest | RSS after track MB | peak RSS MB |"
+        f"  ({model})"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        for phase, runs in v["runs"].items():
+            b = min(runs, key=lambda x: x["s_per_frame"])
+            sh = b["shares"]
+            print(
+                f"| {v['name']} | {phase} | {b['frames_per_s']:.3f} | {b['s_per_frame']:.2f} | "
+                f"{b['s_per_frame_second_half']:.2f} | "
+                + " | ".join(f"{100 * sh[k]:.0f} %" for k in (*PARTS, "rest"))
+                + f" | {b['rss_after_track_mb']} | {b['peak_rss_mb']} |"
+            )
+    for v in variants:
+        first = v["runs"].get("quiet", [{}])[0]
+        if "first_start" in v:
+            f = v["first_start"]
+            what = f"{f['converted']} conversion(s) + compile" if f["converted"] else "from the cache"
+            print(
+                f"{v['name']}: first start {f['load_s']:.1f} s ({what}; a child of its own, peak RSS "
+                f"{f['peak_rss_mb']} MB); the timed children loaded it from the cache in {first.get('load_s')} s",
+                end="",
+            )
+            print(f"; engine: {first.get('engine_precision')}, encoder module {first.get('encoder_module')}")
+        else:
+            print(
+                f"{v['name']}: engine: {first.get('engine_precision')}, encoder output {first.get('encoder_output_dtype')}"
+            )
+    for v in variants:
+        first = v["runs"].get("quiet", [{}])[0]
+        if (
+            v["runtime"] == "torch"
+            and v["precision"] == "bf16"
+            and first.get("encoder_output_dtype") == "float32"
+        ):
+            print(
+                "note: PyTorch's video encoder ran in fp32 although bf16 was asked (the tracker applies no "
+                "CPU_PRECISION autocast): the bf16 ratios compare torch fp32 with OpenVINO bf16"
+            )
+    figures = []
+    for phase in r["load_at_end_of"]:
+        figures += [
+            (f"fps_{phase}", f"video frames per second, {phase}", "frames/s", True),
+            (f"s_per_frame_second_half_{phase}", f"s/frame, memory full (2nd half), {phase}", "s", False),
+        ]
+    rows, r["openvino_over_torch_speed"] = runtime_ratio_rows(variants, figures)
+    for label, value, note in rows:
+        print(f"{label}: {value}  {note}")
+
+
 def _time_module(module, name: str, spent: dict) -> None:
     started = {}
     module.register_forward_pre_hook(lambda *a: started.__setitem__(name, time.monotonic()))
@@ -235,7 +467,9 @@ def _video(path: str, frames: int, width: int, height: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", default="4,16", help="comma-separated frame counts (default 4,16)")
+    p.add_argument(
+        "--frames", default=None, help="comma-separated frame counts (default 4,16; with --runtime 8)"
+    )
     p.add_argument(
         "--image-size", type=int, default=1024, help="model input side (default 1024, the real one)"
     )
@@ -243,7 +477,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=360)
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--repeats", type=int, default=1, help="with --runtime: rounds (best kept)")
+    p.add_argument("--out", default=None, help="default bench/results/video.json (video-runtime.json)")
+    add_runtime_options(p)
     p.add_argument("--child", nargs=2, metavar=("MODE", "FRAMES"), help=argparse.SUPPRESS)
     p.add_argument("--video", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -254,8 +490,27 @@ def main() -> None:
         return
 
     cpu, load_before = machine()
-    counts = [int(c) for c in args.frames.split(",")]
+    counts = [int(c) for c in (args.frames or ("8" if args.runtime else "4,16")).split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
+    args.out = args.out or str(RESULTS.with_name("video-runtime.json") if args.runtime else RESULTS)
+    if args.busy and not args.runtime:
+        p.error("--busy needs --runtime")
+    model = f"random-init sam2.1 hiera-tiny, {args.image_size} px input, CPU, {args.threads} threads"
+    if args.runtime:
+        with tempfile.TemporaryDirectory() as tmp:
+            video = _video(os.path.join(tmp, "bench.mp4"), max(counts) + 1, args.width, args.height)
+            r = _runtimes(args, video, counts)
+        r = {
+            "command": "python -m bench.video " + " ".join(sys.argv[1:]),
+            "cpu": cpu,
+            "load_average_before": load_before,
+            "video": f"{args.width}x{args.height} H.264, one object",
+            "model": model,
+        } | r
+        print(f"{cpu}; load average {load_before} before, at the end of: {r['load_at_end_of']}")
+        _runtime_report(r, model)
+        _write(r, args.out)
+        return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         video = _video(os.path.join(tmp, "bench.mp4"), max(counts), args.width, args.height)
