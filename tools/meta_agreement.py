@@ -25,6 +25,13 @@ Meta's code is not a dependency of this project. Set it up in scratch directorie
         antlr4-python3-runtime==4.9.3 portalocker torchvision==0.28.0   # torchvision of torch 2.13
     PYTHONPATH=/tmp/meta-sam2:/tmp/metapkgs .venv/bin/python tools/meta_agreement.py --video
 
+hydra 1.3 needs antlr4-python3-runtime 4.9 (a newer one fails with "Could not deserialize ATN").
+PyPI's torchvision is a CUDA build: beside the CPU build of torch its ops do not load and `import
+torchvision` fails ("operator torchvision::nms does not exist"). Install torchvision==0.28.0 from
+https://download.pytorch.org/whl/cpu instead, or, where only PyPI is reachable, make the scratch
+copy's `torchvision/__init__.py` skip its op registrations (Meta's predictors use only
+`torchvision.transforms`, which is plain torch; the automatic mask generator's NMS is not used).
+
 Writes bench/results/meta_agreement.json (or --out) and prints a table. Exits 2 with a message when
 Meta's `sam2` cannot be imported, 1 when an agreement bound fails (--check).
 """
@@ -62,11 +69,13 @@ def meta_modules():
         build = importlib.import_module("sam2.build_sam")
         image = importlib.import_module("sam2.sam2_image_predictor")
     except Exception as e:  # ImportError, or hydra failing on an antlr4 other than 4.9
-        sys.exit(
+        print(
             f"tools/meta_agreement.py: Meta's sam2 is not importable ({type(e).__name__}: {e}).\n"
             "Put facebookresearch/sam2 and its dependencies (hydra-core, omegaconf, iopath, "
-            "torchvision; antlr4-python3-runtime==4.9.3 for hydra) on PYTHONPATH, see this script's docstring."
+            "torchvision; antlr4-python3-runtime==4.9.3 for hydra) on PYTHONPATH, see this script's docstring.",
+            file=sys.stderr,
         )
+        sys.exit(2)
     if not hasattr(build, "build_sam2"):
         sys.exit(f"tools/meta_agreement.py: {build.__file__} is not Meta's sam2 (no build_sam2)")
     return build, image
