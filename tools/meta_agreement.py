@@ -526,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     if not tags or set(tags) - {"meta-init", "centred"}:
         sys.exit(f"--weights {args.weights!r}: expected meta-init and/or centred")
     result["runs"] = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for tag in tags:
         print(f"--- weights: {tag}", flush=True)
         run: dict = {}
@@ -541,11 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             run["video"] = compare_video(ckpt, model_dir, shared, args.video_frames, args.seed)
         result["runs"][tag] = run
         del meta_model, variants
-    result["machine"]["load_average_at_end"] = os.getloadavg()
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+        out.write_text(json.dumps(result, indent=2))  # after each run: a long second run may be cut
     print_table(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     if args.check:
         failed = [
