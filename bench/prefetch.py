@@ -10,8 +10,10 @@ with SIGSTOP and resumed with SIGCONT between clicks, so both see the same machi
 - the same with the prefetch process at nice 0, to show what the priority buys.
 A random real-size hiera-tiny at 1024 px (real latency), a 1024x768 JPEG over loopback HTTP.
 
-    .venv/bin/python -m bench.prefetch [--clicks 6] [--first-clicks 2] [--threads 2]
-Prints a table and writes bench/results/prefetch.json.
+    .venv/bin/python -m bench.prefetch [--clicks 6] [--first-clicks 2] [--threads 2] [--runtime openvino]
+--runtime openvino: the server's and the prefetch process's image encoders on OpenVINO
+(ENCODER_RUNTIME; one conversion into a temporary cache, which the prefetch process reads).
+Prints a table and writes bench/results/prefetch.json (prefetch-openvino.json for OpenVINO).
 """
 
 from __future__ import annotations
@@ -33,16 +35,24 @@ from bench.common import machine, photo, report, serve_directory
 RESULTS = Path(__file__).parent / "results" / "prefetch.json"
 
 
-def _prefetch_process(nice: int, threads: int, ready, encoded) -> None:
+def _model(runtime: str, cache: str):
+    """The same random real-size hiera-tiny in the server and the prefetch process (one seed, so
+    OpenVINO's cache entry serves both), its encoder on `runtime`."""
+    from label_studio_sam2.engine.models import random_model, real_config, use_encoder_runtime
+
+    torch.manual_seed(0)
+    return use_encoder_runtime(random_model(real_config(), "image"), runtime, cache)
+
+
+def _prefetch_process(nice: int, threads: int, ready, encoded, runtime: str, cache: str) -> None:
     """What `warm` does per task, forever: encode an image not seen before."""
     import numpy as np
 
     from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
-    from label_studio_sam2.engine.models import random_model, real_config
 
     os.nice(nice)
     torch.set_num_threads(threads)
-    pred = ImagePredictor(random_model(real_config(), "image"), EmbeddingCache(0))
+    pred = ImagePredictor(_model(runtime, cache), EmbeddingCache(0))
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
     ready.set()
@@ -51,12 +61,13 @@ def _prefetch_process(nice: int, threads: int, ready, encoded) -> None:
         encoded.value += 1
 
 
-def run(clicks: int, first_clicks: int, threads: int) -> dict:
-    from label_studio_sam2.engine.models import random_model, real_config
+def run(clicks: int, first_clicks: int, threads: int, runtime: str = "torch") -> dict:
     from label_studio_sam2.labelstudio.app import create_app
     from label_studio_sam2.service.settings import Settings
 
-    loaded = random_model(real_config(), "image")
+    cache = tempfile.mkdtemp(prefix="ov-cache-")
+    loaded = _model(runtime, cache)
+    assert loaded.encoder_runtime == runtime, f"the encoder did not load on {runtime}"
     tmp = tempfile.mkdtemp()
     n_images = 2 + 4 * first_clicks
     for i in range(n_images):
@@ -80,7 +91,9 @@ def run(clicks: int, first_clicks: int, threads: int) -> dict:
     ctx = mp.get_context("spawn")
     for nice in (19, 0):
         ready, encoded = ctx.Event(), ctx.Value("i", 0)
-        proc = ctx.Process(target=_prefetch_process, args=(nice, threads, ready, encoded), daemon=True)
+        proc = ctx.Process(
+            target=_prefetch_process, args=(nice, threads, ready, encoded, runtime, cache), daemon=True
+        )
         proc.start()
         try:
             if not ready.wait(300):
@@ -126,12 +139,19 @@ def main() -> None:
     p.add_argument("--clicks", type=int, default=6)
     p.add_argument("--first-clicks", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server and of the prefetch")
+    p.add_argument(
+        "--runtime",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="the image encoder's runtime in both processes (default: torch)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cpu, load = machine()
-    r = run(args.clicks, args.first_clicks, args.threads)
+    r = run(args.clicks, args.first_clicks, args.threads, args.runtime)
     result = {
         "model": "hiera-tiny (random init), 1024 px input",
+        "encoder_runtime": args.runtime,
         "image": "1024x768 JPEG over loopback HTTP",
         "torch_threads": args.threads,
         "cpu": cpu,
@@ -139,7 +159,7 @@ def main() -> None:
         **r,
         "load_after": machine()[1],
     }
-    rows = [("machine", cpu, f"load average {load}")]
+    rows = [("machine", cpu, f"load average {load}"), ("image encoder runtime", args.runtime, "")]
     for nice in (19, 0):
         v = r[f"nice_{nice}"]
         m = v["median_s"]
@@ -164,7 +184,8 @@ def main() -> None:
             ),
         ]
     rows.append(("load average after", result["load_after"], ""))
-    report(result, rows, RESULTS, value_width=12)
+    out = RESULTS if args.runtime == "torch" else RESULTS.with_name(f"prefetch-{args.runtime}.json")
+    report(result, rows, out, value_width=12)
 
 
 if __name__ == "__main__":
