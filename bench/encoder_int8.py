@@ -49,7 +49,7 @@ from PIL import Image
 
 from bench.click import busy_neighbours
 from bench.common import machine, photo, report
-from bench.encoder_runtimes import best, rel_l2, rss_mb
+from bench.encoder_runtimes import best, cpu_flags, rel_l2, rss_mb
 
 RESULTS = Path(__file__).parent / "results" / "encoder_int8.json"
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
@@ -155,12 +155,20 @@ def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, 
         r["nncf_skipped"] = missing
         print(f"int8 rows skipped (nncf does not import: {missing})")
     else:
+        import openvino as ov
+
         before = rss_mb()
-        images = calibration_images(calibration, 1024, "train")
-        start = time.perf_counter()
-        quantized = quantize(encoders["f32"].cache_entry / "encoder.xml", images)
-        r["speed"]["quantize_s"] = round(time.perf_counter() - start, 1)
-        del images
+        kept = work / f"int8-1024-{calibration}" / "encoder.xml"
+        if kept.exists():  # --keep: quantised by an earlier run
+            quantized = ov.Core().read_model(kept)
+            r["speed"]["int8_from"] = str(kept)
+        else:
+            images = calibration_images(calibration, 1024, "train")
+            start = time.perf_counter()
+            quantized = quantize(encoders["f32"].cache_entry / "encoder.xml", images)
+            r["speed"]["quantize_s"] = round(time.perf_counter() - start, 1)
+            del images
+            ov.save_model(quantized, kept, compress_to_fp16=False)
         for hint in ("f32", "bf16"):
             add(
                 {"runtime": "openvino", "precision": f"int8+{hint}"},
@@ -286,6 +294,11 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=4, help="test scenes for the agreement (as the tests)")
     p.add_argument("--busy", action="store_true", help="also time beside two CPU-bound processes")
     p.add_argument("--skip-speed", action="store_true", help="only the agreement on the fixture")
+    p.add_argument(
+        "--keep",
+        default=None,
+        help="a directory kept between runs: the conversions and the 1024 px int8 model are reused from it",
+    )
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -296,6 +309,7 @@ def main() -> None:
         "image": "1024x768 photo -> 1024 px input (speed); fixture test scenes -> 128 px (agreement)",
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "load_before": load_before,
         "repeats": args.repeats,
         "calibration_images": args.calibration,
@@ -310,7 +324,8 @@ def main() -> None:
         import nncf
 
         r["versions"]["nncf"] = nncf.__version__
-    work = Path(tempfile.mkdtemp(prefix="encoder-int8-"))
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="encoder-int8-"))
+    work.mkdir(parents=True, exist_ok=True)
     if not args.skip_speed:
         speed(args.repeats, args.calibration, args.busy, args.threads, work, r)
     agreement(args.calibration, args.scenes, work, r)
@@ -319,6 +334,7 @@ def main() -> None:
     rows = [("machine", r["cpu"], f"load average before {r['load_before']}, after {r['load_after']}")]
     if args.busy:
         rows.append(("busy", "2 procs", f"load average during {r.get('load_during_busy')}"))
+    rows.append(("cpu flags", "", " ".join(r["cpu_flags"])))
     rows.append(("versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items())))
     if "nncf_skipped" in r or nncf_missing():
         rows.append(("int8 skipped", "", r.get("nncf_skipped") or nncf_missing()))

@@ -60,6 +60,26 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's flags that decide these runtimes' kernels: AVX2, AVX-512 (VNNI: int8), AVX-512
+    BF16, AMX."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = (
+        "avx2",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_bf16",
+        "amx_int8",
+        "amx_tile",
+    )
+    return [f for f in wanted if f in line.split(":", 1)[1].split()]
+
+
 def best(fn, repeats: int) -> float:
     fn()  # warm-up (first-call allocations, a runtime's first inference)
     times = []
@@ -174,6 +194,7 @@ def run(repeats: int, busy: bool, exporter: str, ort_int8: bool, threads: int) -
         "image": "1024x768 photo -> 1024 px input",
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu,
+        "cpu_flags": cpu_flags(),
         "load_before": load_before,
         "repeats": repeats,
         "versions": {"torch": torch.__version__},
@@ -327,6 +348,7 @@ def main() -> None:
     rows = [("machine", r["cpu"], f"load average before {r['load_before']}, after {r['load_after']}")]
     if args.busy:
         rows.append(("busy", "2 procs", f"load average during {r.get('load_during_busy')}"))
+    rows.append(("cpu flags", "", " ".join(r["cpu_flags"])))
     rows.append(("versions", "", ", ".join(f"{k} {v}" for k, v in r["versions"].items())))
     for key in ("openvino_skipped", "onnxruntime_skipped"):
         if key in r:
