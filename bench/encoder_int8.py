@@ -49,7 +49,7 @@ from PIL import Image
 
 from bench.click import busy_neighbours
 from bench.common import machine, photo, report
-from bench.encoder_runtimes import best, cpu_flags, rel_l2, rss_mb
+from bench.encoder_runtimes import best, cpu_flags, optional, rel_l2, rss_mb
 
 RESULTS = Path(__file__).parent / "results" / "encoder_int8.json"
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
@@ -58,7 +58,7 @@ FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
 def nncf_missing() -> str | None:
     """Why the int8 rows cannot run here (None: they can)."""
     try:
-        import nncf  # noqa: F401
+        optional("nncf")
     except Exception as e:  # ImportError, or a broken install's own errors
         return f"{type(e).__name__}: {e}"
     return None
@@ -66,9 +66,9 @@ def nncf_missing() -> str | None:
 
 def quantize(ir_xml: Path, calibration: list[torch.Tensor]):
     """NNCF post-training int8 quantisation of the converted encoder (an `ov.Model`)."""
-    import nncf
     import openvino as ov
 
+    nncf = optional("nncf")
     model = ov.Core().read_model(ir_xml)
     dataset = nncf.Dataset(calibration, lambda x: x.numpy())
     return nncf.quantize(
@@ -321,9 +321,7 @@ def main() -> None:
 
     r["versions"]["openvino"] = ov.__version__
     if not nncf_missing():
-        import nncf
-
-        r["versions"]["nncf"] = nncf.__version__
+        r["versions"]["nncf"] = optional("nncf").__version__
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="encoder-int8-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.skip_speed:
