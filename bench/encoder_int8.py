@@ -7,7 +7,8 @@ Two parts, one process:
 
 1. Speed: a randomly initialised model of the real hiera-tiny architecture at 1024 px (latency is
    real, masks are not), the vision encoder (Hiera + FPN neck, `openvino_encoder._FPN`) on one
-   preprocessed 1024x768 photo, best of N after a warm-up: torch fp32 / bf16 autocast, OpenVINO
+   preprocessed 1024x768 photo, best of N after a warm-up, the rows taking turns (each round
+   runs every row once: the load of a shared machine drifts over minutes): torch fp32 / bf16 autocast, OpenVINO
    f32 / bf16 (INFERENCE_PRECISION_HINT), and the int8 model compiled with the f32 and the bf16
    hint (what int8 leaves unquantised runs in that precision). The int8 model is
    `nncf.quantize(converted IR, calibration, model_type=TRANSFORMER)` with `--calibration`
@@ -49,7 +50,7 @@ from PIL import Image
 
 from bench.click import busy_neighbours
 from bench.common import machine, photo, report
-from bench.encoder_runtimes import best, cpu_flags, optional, rel_l2, rss_mb
+from bench.encoder_runtimes import cpu_flags, optional, rel_l2, rss_mb
 
 RESULTS = Path(__file__).parent / "results" / "encoder_int8.json"
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
@@ -110,6 +111,20 @@ def calibration_images(n: int, size: int, split: str) -> list[torch.Tensor]:
     return out
 
 
+def interleaved(calls, pixels, repeats: int, key: str) -> None:
+    """Best of `repeats` per row, the rows taking turns (one run of each per round), so that a
+    shared machine's load drifting over the minutes this takes weighs on every row alike."""
+    times = {id(row): [] for row, _ in calls}
+    for _ in range(repeats):
+        for row, fn in calls:
+            start = time.perf_counter()
+            fn(pixels)
+            times[id(row)].append(time.perf_counter() - start)
+    for row, _ in calls:
+        row[key] = round(min(times[id(row)]), 3)
+        row[key.replace("_s", "_all_s")] = [round(t, 3) for t in times[id(row)]]
+
+
 def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, r: dict) -> None:
     from label_studio_sam2.engine.models import random_model, real_config
     from label_studio_sam2.engine.openvino_encoder import _FPN, load_openvino_encoder
@@ -125,7 +140,7 @@ def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, 
 
     def add(row: dict, fn, before: float | None = None) -> None:
         before = before or rss_mb()
-        row["quiet_s"] = round(best(lambda: fn(pixels), repeats), 3)
+        fn(pixels)  # warm-up; timed below, all rows interleaved
         row["rss_mb_after"] = round(rss_mb())
         row["rss_mb_added"] = round(row["rss_mb_after"] - before)
         rows.append(row)
@@ -176,6 +191,7 @@ def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, 
                 before,
             )
             before = None
+    interleaved(calls, pixels, repeats, "quiet_s")
     ref = torch_fp32(pixels)
     for row, fn in calls:
         row["rel_l2_vs_torch_fp32"] = rel_l2(fn(pixels), ref)
@@ -185,8 +201,7 @@ def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, 
         neighbours = busy_neighbours(2)
         try:
             time.sleep(2)  # let them get going
-            for row, fn in calls:
-                row["busy_s"] = round(best(lambda fn=fn: fn(pixels), repeats), 3)
+            interleaved(calls, pixels, repeats, "busy_s")
             _, r["load_during_busy"] = machine()
         finally:
             for proc in neighbours:
