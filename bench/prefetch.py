@@ -49,8 +49,9 @@ def _prefetch_process(nice: int, threads: int, ready, encoded, runtime: str, cac
     import numpy as np
 
     from label_studio_sam2.engine.image import EmbeddingCache, ImagePredictor
+    from label_studio_sam2.service.handoff import lower_priority
 
-    os.nice(nice)
+    lower_priority(nice)  # as the server starts its prefetch child (nice 19: SCHED_IDLE too)
     torch.set_num_threads(threads)
     pred = ImagePredictor(_model(runtime, cache), EmbeddingCache(0))
     rng = np.random.default_rng(1)

@@ -4,6 +4,7 @@ server's work is given the server's effective settings, not what the environment
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 import time
@@ -199,3 +200,26 @@ def test_a_worker_says_which_of_the_servers_settings_it_runs_with_its_own(app_fa
         JobRunner(runtime, FakeLabelStudio(tasks=[{"id": 1, "data": {}}]), queue).run(chunk)
     said = [r.getMessage() for r in caplog.records if run.id in r.getMessage()]
     assert any("CPU_PRECISION=bf16 (worker: fp32)" in line for line in said), said
+
+
+def test_the_prefetch_child_runs_only_on_idle_cpu_and_the_training_child_at_nice_10(tmp_path):
+    """Prefetch (nice 19) also gets SCHED_IDLE, inherited by every thread it starts (OpenVINO's
+    and torch's pools), so an encoding prefetch does not slow a click's encoder; training (nice 10)
+    stays an ordinary process."""
+    from label_studio_sam2.service.handoff import spawn
+
+    probe = (
+        "import os, threading, json\n"
+        "seen = {}\n"
+        "t = threading.Thread(target=lambda: seen.update(thread=os.sched_getscheduler(0)))\n"
+        "t.start(); t.join()\n"
+        "print(json.dumps({'nice': os.nice(0), 'policy': os.sched_getscheduler(0), **seen}))\n"
+    )
+    base = os.nice(0)
+    for niceness, policy in ((19, os.SCHED_IDLE), (10, os.SCHED_OTHER)):
+        out = tmp_path / f"nice{niceness}.json"
+        with out.open("w") as f:
+            proc = spawn([sys.executable, "-c", probe], dict(os.environ), niceness=niceness, stdout=f)
+            assert proc.wait(30) == 0
+        got = json.loads(out.read_text())
+        assert got == {"nice": min(base + niceness, 19), "policy": policy, "thread": policy}, got

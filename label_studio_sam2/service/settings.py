@@ -181,7 +181,7 @@ class Settings(BaseSettings):
         "PREFETCH_TASKS",
         default=3,
         ge=0,
-        description="pre-encode this many next tasks after a click, at the lowest CPU priority (needs the store and LS credentials; 0 = off). The default applies on CPU, where it measured no delay to cached clicks, and to first clicks with PyTorch's encoder (1.2x with OpenVINO's; bench.prefetch); on a GPU it runs only when set",
+        description="pre-encode this many next tasks after a click, at the lowest CPU priority (needs the store and LS credentials; 0 = off). The default applies on CPU, where it measured no delay to clicks (bench.prefetch; the child runs at nice 19 and, on Linux, SCHED_IDLE); on a GPU it runs only when set",
     )
     prompt_memory_s: float = _env(
         "PROMPT_MEMORY_S",
