@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from label_studio_sam2.engine.image import PAD_LABEL, ImageEmbedding, ImagePredictor, Prompt
-from label_studio_sam2.engine.models import LoadedModel
+from label_studio_sam2.engine.models import LoadedModel, module_view
 from label_studio_sam2.engine.transforms import mask_box, to_model_coords, upscale_logits
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,7 @@ def with_decoder(model: torch.nn.Module, state: dict[str, torch.Tensor] | None =
     """A view of `model` that shares its image encoder (and every other module) but has its own
     prompt encoder and mask decoder: copies of `model`'s, with `state` (names as in
     `decoder_state`) loaded when given. The original model is never changed."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    view._parameters = dict(model._parameters)
-    view._buffers = dict(model._buffers)
+    view = module_view(model)
     for name in TRAINED:
         view._modules[name] = copy.deepcopy(model._modules[name])
     if state is not None:

@@ -250,11 +250,8 @@ class ImagePredictor:
     def _encode(self, rgb: np.ndarray) -> ImageEmbedding:
         start = time.perf_counter()
         pixel_values = preprocess(rgb, self.loaded.image_size, self.loaded.device)
-        if self.loaded.ov_encoder is not None:  # ENCODER_RUNTIME=openvino: the model's vision_encoder
-            features = self.loaded.model.get_image_embeddings(pixel_values)  # the rest in fp32
-        else:
-            with self.loaded.encoder_autocast_context():
-                features = self.loaded.model.get_image_embeddings(pixel_values)
+        with self.loaded.encoder_autocast_context():  # OpenVINO's encoder: no autocast
+            features = self.loaded.model.get_image_embeddings(pixel_values)
         if self.loaded.cpu_encoder_autocast is not None:
             features = [f.float() for f in features]  # the decoder runs in fp32 on CPU
         self.encoder_calls += 1

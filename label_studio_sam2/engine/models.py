@@ -161,7 +161,11 @@ class LoadedModel:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
     def encoder_autocast_context(self):
-        """The image encoder's precision: the model's autocast, or bf16 on a CPU chosen for it."""
+        """The image encoder's precision: the model's autocast, or bf16 on a CPU chosen for it.
+        None on OpenVINO, which computes in the precision it was compiled for (the PyTorch rest of
+        `get_image_embeddings`, the decoder's projections, stays fp32)."""
+        if self.ov_encoder is not None:
+            return torch.autocast(device_type="cpu", enabled=False)
         if self.autocast is None and self.cpu_encoder_autocast is not None:
             return torch.autocast(device_type="cpu", dtype=self.cpu_encoder_autocast)
         return self.autocast_context()
@@ -337,15 +341,26 @@ def use_encoder_runtime(
     return loaded
 
 
+def module_view(model: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `model` whose submodules, parameters and buffers are its own dicts: it
+    shares every one of them until the caller puts another in its place (another encoder:
+    `with_encoder_runtime`; another decoder: `finetune.with_decoder`), leaving `model` as it was."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._parameters = dict(model._parameters)
+    view._buffers = dict(model._buffers)
+    return view
+
+
 def with_encoder_runtime(
     loaded: LoadedModel, runtime: str | None, cache_dir: str | os.PathLike | None = None
 ) -> LoadedModel:
     """`loaded` with its image encoder on `runtime`, leaving `loaded` as it was: a view of its
     model sharing every module but the encoder (benchmarks and tests compare runtimes on one
     set of weights)."""
-    model = copy.copy(loaded.model)
-    model._modules = dict(loaded.model._modules)
-    view = dataclasses.replace(loaded, model=model, lock=threading.RLock(), ov_encoder=None)
+    view = dataclasses.replace(
+        loaded, model=module_view(loaded.model), lock=threading.RLock(), ov_encoder=None
+    )
     return use_encoder_runtime(view, runtime, cache_dir)
 
 

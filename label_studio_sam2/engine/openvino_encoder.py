@@ -289,7 +289,7 @@ def load_openvino_encoder(
 
     if precision not in ("f32", "bf16"):
         raise ValueError(f"OpenVINO precision {precision!r}: expected f32 or bf16")
-    threads = threads or torch.get_num_threads()
+    threads = int(threads or torch.get_num_threads())
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     # weights are stored in f32 whatever the inference precision: one entry serves f32 and bf16
     key = cache_key(
@@ -302,14 +302,12 @@ def load_openvino_encoder(
         "CPU",
         {
             "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": int(threads),
+            "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
         },
     )
-    log.info("OpenVINO image encoder compiled: %s precision, %d threads", precision, int(threads))
-    return OpenVINOVisionEncoder(
-        compiled, precision, int(threads), entry, vision_encoder.neck.position_encoding
-    )
+    log.info("OpenVINO image encoder compiled: %s precision, %d threads", precision, threads)
+    return OpenVINOVisionEncoder(compiled, precision, threads, entry, vision_encoder.neck.position_encoding)
 
 
 def default_cache_dir() -> Path:

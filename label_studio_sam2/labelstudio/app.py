@@ -28,7 +28,6 @@ def create_app(settings: Settings | None = None, loaded_model=None) -> Flask:
     app.extensions["sam2"] = runtime
     register_views(app, runtime)
     install_error_handlers(app)
-    app.wsgi_app = guard(
-        app.wsgi_app, settings, runtime.metrics, runtime.admission
-    )  # metrics, auth, admission
+    # metrics, auth, admission
+    app.wsgi_app = guard(app.wsgi_app, settings, runtime.metrics, runtime.admission)
     return app
