@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,31 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def best_of(fn, repeats: int) -> float:
+    """`fn()`'s best time of `repeats` calls, after one warm-up call (first-call allocations, a
+    runtime's first inference)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def rel_l2(got, ref) -> float:
+    """||got - ref|| / ||ref|| over all elements (got may be a numpy array: another runtime's)."""
+    import torch
+
+    a, b = torch.as_tensor(got).float().reshape(-1), ref.float().reshape(-1)
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def rel_l2_levels(got, ref) -> list[float]:
+    """`rel_l2` per feature level."""
+    return [rel_l2(a, b) for a, b in zip(got, ref, strict=True)]
 
 
 def peak_rss_mb() -> float:

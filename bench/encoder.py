@@ -29,26 +29,9 @@ import torch
 from PIL import Image
 
 from bench.click import busy_neighbours
-from bench.common import machine, photo, report
+from bench.common import best_of, machine, photo, rel_l2_levels, report, rss_mb
 
 RESULTS = Path(__file__).parent / "results" / "encoder.json"
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up (first-call allocations, OpenVINO's first inference)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_dir: str | None) -> dict:
@@ -69,7 +52,7 @@ def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_d
         "load_before": load_before,
         "repeats": repeats,
         "rows": [],
-        "rss_mb_torch_model_loaded": round(_rss_mb()),
+        "rss_mb_torch_model_loaded": round(rss_mb()),
     }
     variants = []
     for runtime in runtimes:
@@ -97,8 +80,8 @@ def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_d
                 del view
             predictor = ImagePredictor(loaded)
             variants.append((row, predictor))
-            row["quiet_s"] = round(_best(lambda p=predictor: p._encode(rgb), repeats), 3)
-            row["rss_mb_after"] = round(_rss_mb())
+            row["quiet_s"] = round(best_of(lambda p=predictor: p._encode(rgb), repeats), 3)
+            row["rss_mb_after"] = round(rss_mb())
             r["rows"].append(row)
     reference = next(
         (p for row, p in variants if row["runtime"] == "torch" and row["precision"] == "fp32"), None
@@ -107,16 +90,14 @@ def run(runtimes, precisions, repeats: int, busy: bool, image_size: int, cache_d
         ref = reference._encode(rgb).features
         for row, p in variants:
             got = p._encode(rgb).features
-            row["rel_l2_vs_torch_fp32"] = [
-                float((a - b).norm() / b.norm()) for a, b in zip(got, ref, strict=True)
-            ]
+            row["rel_l2_vs_torch_fp32"] = rel_l2_levels(got, ref)
     if busy:
         _, r["load_before_busy"] = machine()
         neighbours = busy_neighbours(2)
         try:
             time.sleep(2)  # let them get going
             for row, p in variants:
-                row["busy_s"] = round(_best(lambda p=p: p._encode(rgb), repeats), 3)
+                row["busy_s"] = round(best_of(lambda p=p: p._encode(rgb), repeats), 3)
             _, r["load_during_busy"] = machine()
         finally:
             for proc in neighbours:

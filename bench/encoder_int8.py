@@ -48,8 +48,9 @@ import torch
 from PIL import Image
 
 from bench.click import busy_neighbours
-from bench.common import machine, photo, report
-from bench.encoder_runtimes import cpu_flags, optional, rel_l2, rss_mb
+from bench.common import machine, photo, report, rss_mb
+from bench.common import rel_l2_levels as rel_l2
+from bench.encoder_runtimes import cpu_flags, optional, torch_encoders
 
 RESULTS = Path(__file__).parent / "results" / "encoder_int8.json"
 FIXTURE = Path(__file__).resolve().parent.parent / "devkit" / "sam2-shapes"
@@ -146,14 +147,7 @@ def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, 
         rows.append(row)
         calls.append((row, fn))
 
-    def torch_fp32(x):
-        with torch.inference_mode():
-            return list(fpn(x))
-
-    def torch_bf16(x):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return [f.float() for f in fpn(x)]
-
+    torch_fp32, torch_bf16 = torch_encoders(fpn)
     add({"runtime": "torch", "precision": "fp32"}, torch_fp32)
     add({"runtime": "torch", "precision": "bf16"}, torch_bf16)
     encoders = {}
@@ -210,30 +204,16 @@ def speed(repeats: int, calibration: int, busy: bool, threads: int, work: Path, 
             row["busy_speedup_vs_torch_fp32"] = round(rows[0]["busy_s"] / row["busy_s"], 2)
 
 
-def _scene_prompts(seed: int):
-    """Every click (an interior point) and box of a test scene's shapes, as tests/test_openvino.py
-    prompts them."""
-    from devkit.scenes import box_of, interior_point, make_scene
-    from label_studio_sam2.engine.image import Prompt
-
-    scene = make_scene(seed)
-    prompts = []
-    for m in scene.masks:
-        if m.sum() > 50:
-            prompts.append(Prompt(np.asarray([interior_point(m)], np.float32), np.asarray([1])))
-            prompts.append(
-                Prompt(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), box_of(m).astype(np.float32))
-            )
-    return scene, prompts
-
-
 def mask_ious(reference, other, scenes: int) -> list[float]:
+    """Mask IoU per prompt of the test scenes (their clicks and boxes, as tests/test_openvino.py
+    prompts them)."""
+    from devkit.scenes import scene_prompts
     from label_studio_sam2.engine.image import ImagePredictor
 
     ref, pred = ImagePredictor(reference), ImagePredictor(other)
     ious = []
     for seed in range(scenes):
-        scene, prompts = _scene_prompts(seed)
+        scene, prompts = scene_prompts(seed)
         for p in prompts:
             a = ref.predict(f"s{seed}", scene.image, [p])[0].mask
             b = pred.predict(f"s{seed}", scene.image, [p])[0].mask

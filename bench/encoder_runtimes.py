@@ -49,16 +49,10 @@ import torch
 from PIL import Image
 
 from bench.click import busy_neighbours
-from bench.common import machine, photo, report
+from bench.common import best_of, machine, photo, report, rss_mb
+from bench.common import rel_l2_levels as rel_l2
 
 RESULTS = Path(__file__).parent / "results" / "encoder_runtimes.json"
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def cpu_flags() -> list[str]:
@@ -81,18 +75,18 @@ def cpu_flags() -> list[str]:
     return [f for f in wanted if f in line.split(":", 1)[1].split()]
 
 
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up (first-call allocations, a runtime's first inference)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def torch_encoders(fpn: torch.nn.Module):
+    """The `_FPN` module on PyTorch, fp32 and under bf16 autocast: pixels -> FPN levels."""
 
+    def fp32(x):
+        with torch.inference_mode():
+            return list(fpn(x))
 
-def rel_l2(got, ref) -> list[float]:
-    return [float((torch.as_tensor(a).float() - b).norm() / b.norm()) for a, b in zip(got, ref, strict=True)]
+    def bf16(x):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return [f.float() for f in fpn(x)]
+
+    return fp32, bf16
 
 
 def optional(name: str):
@@ -213,20 +207,13 @@ def run(repeats: int, busy: bool, exporter: str, ort_int8: bool, threads: int) -
 
     def add(row: dict, fn) -> None:
         before = row.pop("rss_mb_before_setup", None) or rss_mb()
-        row["quiet_s"] = round(best(lambda: fn(pixels), repeats), 3)
+        row["quiet_s"] = round(best_of(lambda: fn(pixels), repeats), 3)
         row["rss_mb_after"] = round(rss_mb())
         row["rss_mb_added"] = round(row["rss_mb_after"] - before)
         r["rows"].append(row)
         calls.append((row, fn))
 
-    def torch_fp32(x):
-        with torch.inference_mode():
-            return list(fpn(x))
-
-    def torch_bf16(x):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            return [f.float() for f in fpn(x)]
-
+    torch_fp32, torch_bf16 = torch_encoders(fpn)
     add({"runtime": "torch", "precision": "fp32"}, torch_fp32)
     add({"runtime": "torch", "precision": "bf16"}, torch_bf16)
 
@@ -313,7 +300,7 @@ def run(repeats: int, busy: bool, exporter: str, ort_int8: bool, threads: int) -
         try:
             time.sleep(2)  # let them get going
             for row, fn in calls:
-                row["busy_s"] = round(best(lambda fn=fn: fn(pixels), repeats), 3)
+                row["busy_s"] = round(best_of(lambda fn=fn: fn(pixels), repeats), 3)
             _, r["load_during_busy"] = machine()
         finally:
             for proc in neighbours:

@@ -41,22 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine
+from bench.common import machine, rss_mb
+from bench.common import rel_l2 as _rel
 
 RESULTS = Path(__file__).parent / "results" / "ovparts.json"
 PRECISIONS = ("f32", "bf16")
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().reshape(-1), b.float().reshape(-1)
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
@@ -364,7 +353,7 @@ def main() -> None:
         "repeats": args.repeats,
         "parts": results,
         "track": shares,
-        "rss_mb_end": round(_rss_mb()),
+        "rss_mb_end": round(rss_mb()),
     }
     _print(report)
     out = Path(args.out)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from bench.common import (
     add_runtime_options,
     interleaved,
     machine,
+    peak_rss_mb,
     rss_mb,
     runtime_precisions,
     runtime_ratio_rows,
@@ -69,10 +69,6 @@ from bench.common import (
 RESULTS = Path(__file__).parent / "results" / "video.json"
 BOX = (120.0, 100.0, 220.0, 190.0)  # the object on frame 0, pixels of the 640x360 video
 VELOCITY = (1.5, 0.4)  # its motion, pixels per frame
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def hiera_tiny(image_size: int):
@@ -113,7 +109,7 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
     load_s = time.monotonic() - t0
     if mode == "retrack":
         return _retrack(loaded, video, count) | {"image_size": image_size, "threads": threads}
-    rss_model = _rss_mb()
+    rss_model = peak_rss_mb()
     t0 = time.monotonic()
     state_mb = _streaming(loaded, video, count) if mode == "streaming" else _baseline(loaded, video, count)
     took = time.monotonic() - t0
@@ -126,7 +122,7 @@ def _child(mode: str, count: int, video: str, image_size: int, threads: int) -> 
         "track_s": round(took, 2),
         "s_per_frame": round(took / count, 3),
         "rss_after_model_mb": round(rss_model, 1),
-        "peak_rss_mb": round(_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_session_state_mb": state_mb,
     }
 
@@ -251,7 +247,7 @@ def _runtime_child(
     out["encoder_module"] = type(loaded.model.vision_encoder).__name__
     out["rss_after_runtime_mb"] = round(rss_mb())
     if convert_only:
-        return out | {"peak_rss_mb": round(_rss_mb())}
+        return out | {"peak_rss_mb": round(peak_rss_mb())}
     spent = dict.fromkeys(PARTS, 0.0)
     dtypes: set[str] = set()
     for name in PARTS:
@@ -293,7 +289,7 @@ def _runtime_child(
         "shares": shares,
         "encoder_output_dtype": ",".join(sorted(dtypes)),
         "rss_after_track_mb": round(rss_mb()),
-        "peak_rss_mb": round(_rss_mb()),
+        "peak_rss_mb": round(peak_rss_mb()),
     }
 
 

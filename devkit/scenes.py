@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from label_studio_sam2.engine.finetune import mask_iou
+from label_studio_sam2.engine.image import Prompt
 from label_studio_sam2.engine.transforms import mask_box
 
 SPLITS = {"train": 1, "val": 2, "test": 3}
@@ -330,6 +331,20 @@ def box_of(mask: np.ndarray) -> np.ndarray:
 
 
 iou = mask_iou  # the tests' name for sam2's mask IoU
+
+
+def scene_prompts(seed: int) -> tuple[Scene, list[Prompt]]:
+    """A test scene and, for each of its shapes larger than 50 pixels, one click (its interior
+    point) and one box (its tight box), as predictor prompts."""
+    scene = make_scene(seed)
+    prompts = []
+    for m in scene.masks:
+        if m.sum() > 50:
+            prompts.append(Prompt(np.asarray([interior_point(m)], np.float32), np.asarray([1])))
+            prompts.append(
+                Prompt(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), box_of(m).astype(np.float32))
+            )
+    return scene, prompts
 
 
 # --- moving shapes (tracking) ----------------------------------------------------------------

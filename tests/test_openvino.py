@@ -14,13 +14,12 @@ import shutil
 import sys
 import threading
 
-import numpy as np
 import pytest
 import torch
 
-from devkit.scenes import box_of, interior_point, make_scene
+from devkit.scenes import make_scene, scene_prompts
 from label_studio_sam2.engine import openvino_encoder as ove
-from label_studio_sam2.engine.image import ImagePredictor, Prompt
+from label_studio_sam2.engine.image import ImagePredictor
 from label_studio_sam2.engine.models import load_image_model, store_key
 from label_studio_sam2.engine.store import EmbeddingStore
 from label_studio_sam2.engine.transforms import preprocess
@@ -52,23 +51,11 @@ def _features(loaded, rgb) -> list[torch.Tensor]:
     return ImagePredictor(loaded)._encode(rgb).features
 
 
-def _scene_prompts(seed):
-    scene = make_scene(seed)
-    prompts = []
-    for m in scene.masks:
-        if m.sum() > 50:
-            prompts.append(Prompt(np.asarray([interior_point(m)], np.float32), np.asarray([1])))
-            prompts.append(
-                Prompt(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), box_of(m).astype(np.float32))
-            )
-    return scene, prompts
-
-
 def _min_mask_iou(reference, other) -> list[float]:
     ref, pred = ImagePredictor(reference), ImagePredictor(other)
     ious = []
     for seed in range(4):
-        scene, prompts = _scene_prompts(seed)
+        scene, prompts = scene_prompts(seed)
         for p in prompts:
             a = ref.predict(f"s{seed}", scene.image, [p])[0].mask
             b = pred.predict(f"s{seed}", scene.image, [p])[0].mask
@@ -271,7 +258,7 @@ def test_a_failed_conversion_warns_once_and_pytorch_embeds(models, tmp_path, mon
     assert loaded.encoder_runtime == "torch" and loaded.precision == "fp32"
     assert not any(tmp_path.glob("*/manifest.json"))  # nothing half-made left as an entry
     # a click still gets its mask, PyTorch's
-    scene, prompts = _scene_prompts(0)
+    scene, prompts = scene_prompts(0)
     got = ImagePredictor(loaded).predict("s", scene.image, prompts[:1])[0].mask
     want = ImagePredictor(models["torch", "fp32"]).predict("s", scene.image, prompts[:1])[0].mask
     assert got.any() and (got == want).all()
